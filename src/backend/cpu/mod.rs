@@ -1,0 +1,288 @@
+//! The reference backend: plain loops and a GEMM crate, float32 with float64
+//! accumulation for statistics and softmax sums. Every CUDA kernel is checked
+//! against these functions.
+
+mod attention;
+mod conv;
+mod gemm;
+mod norm;
+
+pub use conv::CpuConv;
+
+use super::Backend;
+use crate::ddim::{self, DdimCoefs};
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+fn nhwc(t: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match t.shape[..] {
+        [b, h, w, c] => Ok((b, h, w, c)),
+        _ => bail!("expected an NHWC tensor, got shape {:?}", t.shape),
+    }
+}
+
+fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+    ensure!(a.shape == b.shape, "{what}: shapes {:?} and {:?} differ", a.shape, b.shape);
+    Ok(())
+}
+
+fn gn_args<'a>(x: &Tensor, gamma: &'a Tensor, beta: &'a Tensor, ss: Option<&'a Tensor>, silu: bool) -> Result<norm::GnArgs<'a>> {
+    let (b, h, w, c) = nhwc(x)?;
+    ensure!(c % norm::GROUPS == 0, "group_norm: {c} channels are not a multiple of {}", norm::GROUPS);
+    ensure!(gamma.len() == c && beta.len() == c, "group_norm: affine of {} / {} for {c} channels", gamma.len(), beta.len());
+    if let Some(ss) = ss {
+        ensure!(ss.shape == [b, 1, 1, 2 * c], "group_norm: scale/shift {:?} for x {:?}", ss.shape, x.shape);
+    }
+    Ok(norm::GnArgs { hw: h * w, c, gamma: &gamma.data, beta: &beta.data, ss: ss.map(|s| &s.data[..]), silu })
+}
+
+impl Backend for Cpu {
+    type T = Tensor;
+    type Conv = CpuConv;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn dims<'a>(&self, t: &'a Tensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn prepare_conv(&self, w: &Tensor, bias: &Tensor) -> Result<CpuConv> {
+        let (cout, cin, k) = match w.shape[..] {
+            [o, i, kh, kw] if kh == kw && (kh == 1 || kh == 3) => (o, i, kh),
+            [o, i, 1] | [o, i] => (o, i, 1),
+            _ => bail!("convolution weight of shape {:?} is not (out, in, 3, 3), (out, in, 1, 1), (out, in, 1) or (out, in)", w.shape),
+        };
+        ensure!(bias.shape == [cout], "convolution bias of shape {:?} for {cout} outputs", bias.shape);
+        Ok(CpuConv::new(&w.data, cout, cin, k, &bias.data))
+    }
+
+    fn conv(&self, x: &Tensor, c: &CpuConv) -> Result<Tensor> {
+        let (b, h, w, cin) = nhwc(x)?;
+        ensure!(cin == c.cin, "conv: input has {cin} channels, the weights expect {}", c.cin);
+        let y = conv::conv_nhwc(&x.data, b, h, w, cin, c.k, &c.fwd, c.cout, Some(&c.bias));
+        Tensor::new(vec![b, h, w, c.cout], y)
+    }
+
+    fn group_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, ss: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+        let a = gn_args(x, gamma, beta, ss, silu)?;
+        Tensor::new(x.shape.clone(), norm::forward(&x.data, x.shape[0], &a))
+    }
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        Tensor::new(x.shape.clone(), x.data.iter().map(|&z| z * norm::sigmoid(z)).collect())
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if a.shape == b.shape {
+            return Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect());
+        }
+        let (n, h, w, c) = nhwc(a)?;
+        ensure!(b.shape == [n, 1, 1, c], "add: cannot broadcast {:?} onto {:?}", b.shape, a.shape);
+        let mut out = a.data.clone();
+        for (i, px) in out.chunks_mut(c).enumerate() {
+            let bi = i / (h * w);
+            for (o, &v) in px.iter_mut().zip(&b.data[bi * c..(bi + 1) * c]) {
+                *o += v;
+            }
+        }
+        Tensor::new(a.shape.clone(), out)
+    }
+
+    fn avg_pool2(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = nhwc(x)?;
+        ensure!(h % 2 == 0 && w % 2 == 0, "avg_pool2: odd spatial size {h} x {w}");
+        let (ho, wo) = (h / 2, w / 2);
+        let mut y = vec![0f32; b * ho * wo * c];
+        for bi in 0..b {
+            for yy in 0..ho {
+                for xx in 0..wo {
+                    let o = ((bi * ho + yy) * wo + xx) * c;
+                    for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                        let s = ((bi * h + 2 * yy + dy) * w + 2 * xx + dx) * c;
+                        for ch in 0..c {
+                            y[o + ch] += x.data[s + ch];
+                        }
+                    }
+                    y[o..o + c].iter_mut().for_each(|v| *v *= 0.25);
+                }
+            }
+        }
+        Tensor::new(vec![b, ho, wo, c], y)
+    }
+
+    fn upsample2(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = nhwc(x)?;
+        let (ho, wo) = (2 * h, 2 * w);
+        let mut y = vec![0f32; b * ho * wo * c];
+        for bi in 0..b {
+            for yy in 0..ho {
+                for xx in 0..wo {
+                    let o = ((bi * ho + yy) * wo + xx) * c;
+                    let s = ((bi * h + yy / 2) * w + xx / 2) * c;
+                    y[o..o + c].copy_from_slice(&x.data[s..s + c]);
+                }
+            }
+        }
+        Tensor::new(vec![b, ho, wo, c], y)
+    }
+
+    fn concat(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (n, h, w, ca) = nhwc(a)?;
+        let (n2, h2, w2, cb) = nhwc(b)?;
+        ensure!((n, h, w) == (n2, h2, w2), "concat: shapes {:?} and {:?} differ outside channels", a.shape, b.shape);
+        let mut y = Vec::with_capacity(n * h * w * (ca + cb));
+        for (pa, pb) in a.data.chunks(ca).zip(b.data.chunks(cb)) {
+            y.extend_from_slice(pa);
+            y.extend_from_slice(pb);
+        }
+        Tensor::new(vec![n, h, w, ca + cb], y)
+    }
+
+    fn add_rows(&self, x: &Tensor, table: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let (b, _, _, dim) = nhwc(x)?;
+        ensure!(table.shape.len() == 2 && table.shape[1] == dim, "add_rows: table {:?} for width {dim}", table.shape);
+        ensure!(rows.len() == b, "add_rows: {} rows for a batch of {b}", rows.len());
+        let mut y = x.data.clone();
+        for (bi, &r) in rows.iter().enumerate() {
+            ensure!(r < table.shape[0], "label {r} is out of range: the embedding has {} classes", table.shape[0]);
+            for (o, &v) in y[bi * dim..(bi + 1) * dim].iter_mut().zip(&table.data[r * dim..(r + 1) * dim]) {
+                *o += v;
+            }
+        }
+        Tensor::new(x.shape.clone(), y)
+    }
+
+    fn attention(&self, qkv: &Tensor, heads: usize, legacy: bool) -> Result<Tensor> {
+        let (b, h, w, c3) = nhwc(qkv)?;
+        ensure!(c3 % (3 * heads) == 0, "attention: {c3} qkv channels for {heads} heads");
+        let c = c3 / 3;
+        Tensor::new(vec![b, h, w, c], attention::forward(&qkv.data, b, h * w, c, heads, legacy))
+    }
+
+    fn prepend_mean(&self, x: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = nhwc(x)?;
+        let t = h * w;
+        ensure!(pos.shape == [t + 1, c], "positional embedding {:?} for {} tokens of {c} channels", pos.shape, t + 1);
+        let mut y = vec![0f32; b * (t + 1) * c];
+        for bi in 0..b {
+            let src = &x.data[bi * t * c..(bi + 1) * t * c];
+            let dst = &mut y[bi * (t + 1) * c..(bi + 1) * (t + 1) * c];
+            for ch in 0..c {
+                let s: f64 = (0..t).map(|i| src[i * c + ch] as f64).sum();
+                dst[ch] = (s / t as f64) as f32;
+            }
+            dst[c..].copy_from_slice(src);
+            for (o, &p) in dst.iter_mut().zip(&pos.data) {
+                *o += p;
+            }
+        }
+        Tensor::new(vec![b, 1, t + 1, c], y)
+    }
+
+    fn token0(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, t, c) = nhwc(x)?;
+        let mut y = Vec::with_capacity(b * c);
+        for bi in 0..b {
+            y.extend_from_slice(&x.data[bi * t * c..bi * t * c + c]);
+        }
+        Tensor::new(vec![b, 1, 1, c], y)
+    }
+
+    fn conv_bwd(&self, dy: &Tensor, c: &CpuConv) -> Result<Tensor> {
+        let (b, h, w, co) = nhwc(dy)?;
+        ensure!(co == c.cout, "conv_bwd: gradient has {co} channels, the weights give {}", c.cout);
+        let dx = conv::conv_nhwc(&dy.data, b, h, w, co, c.k, &c.bwd, c.cin, None);
+        Tensor::new(vec![b, h, w, c.cin], dx)
+    }
+
+    fn group_norm_bwd(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, ss: Option<&Tensor>, silu: bool, dy: &Tensor) -> Result<Tensor> {
+        same_shape(x, dy, "group_norm_bwd")?;
+        let a = gn_args(x, gamma, beta, ss, silu)?;
+        Tensor::new(x.shape.clone(), norm::backward(&x.data, &dy.data, &a))
+    }
+
+    fn avg_pool2_bwd(&self, dy: &Tensor) -> Result<Tensor> {
+        let g = self.upsample2(dy)?;
+        Tensor::new(g.shape, g.data.into_iter().map(|v| v * 0.25).collect())
+    }
+
+    fn attention_bwd(&self, qkv: &Tensor, dout: &Tensor, heads: usize, legacy: bool) -> Result<Tensor> {
+        let (b, h, w, c3) = nhwc(qkv)?;
+        let c = c3 / 3;
+        ensure!(dout.shape == [b, h, w, c], "attention_bwd: gradient {:?} for qkv {:?}", dout.shape, qkv.shape);
+        Tensor::new(qkv.shape.clone(), attention::backward(&qkv.data, &dout.data, b, h * w, c, heads, legacy))
+    }
+
+    fn prepend_mean_bwd(&self, dtok: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+        let (b, _, t1, c) = nhwc(dtok)?;
+        let t = hw.0 * hw.1;
+        ensure!(t1 == t + 1, "prepend_mean_bwd: {t1} tokens for {} x {}", hw.0, hw.1);
+        let mut dx = vec![0f32; b * t * c];
+        for bi in 0..b {
+            let src = &dtok.data[bi * t1 * c..(bi + 1) * t1 * c];
+            for i in 0..t {
+                for ch in 0..c {
+                    dx[(bi * t + i) * c + ch] = src[(i + 1) * c + ch] + src[ch] / t as f32;
+                }
+            }
+        }
+        Tensor::new(vec![b, hw.0, hw.1, c], dx)
+    }
+
+    fn token0_bwd(&self, d0: &Tensor, tokens: usize) -> Result<Tensor> {
+        let (b, _, _, c) = nhwc(d0)?;
+        let mut d = vec![0f32; b * tokens * c];
+        for bi in 0..b {
+            d[bi * tokens * c..bi * tokens * c + c].copy_from_slice(&d0.data[bi * c..(bi + 1) * c]);
+        }
+        Tensor::new(vec![b, 1, tokens, c], d)
+    }
+
+    fn log_softmax_grad(&self, logits: &Tensor, y: &[usize]) -> Result<Tensor> {
+        let (b, _, _, k) = nhwc(logits)?;
+        ensure!(y.len() == b, "log_softmax_grad: {} labels for a batch of {b}", y.len());
+        let mut g = vec![0f32; b * k];
+        for bi in 0..b {
+            ensure!(y[bi] < k, "label {} is out of range for {k} classifier outputs", y[bi]);
+            let row = &logits.data[bi * k..(bi + 1) * k];
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            for j in 0..k {
+                let p = (row[j] as f64 - m).exp() / z;
+                g[bi * k + j] = ((if j == y[bi] { 1.0 } else { 0.0 }) - p) as f32;
+            }
+        }
+        Tensor::new(logits.shape.clone(), g)
+    }
+
+    fn ddim_invert(&self, x: &mut Tensor, eps: &Tensor, c: DdimCoefs) -> Result<()> {
+        same_shape(x, eps, "ddim_invert")?;
+        ddim::invert_step(&mut x.data, &eps.data, c);
+        Ok(())
+    }
+
+    fn ddim_denoise(&self, x: &mut Tensor, eps: &Tensor, c: DdimCoefs) -> Result<()> {
+        same_shape(x, eps, "ddim_denoise")?;
+        ddim::denoise_step(&mut x.data, &eps.data, c);
+        Ok(())
+    }
+
+    fn axpy(&self, x: &mut Tensor, s: f32, g: &Tensor) -> Result<()> {
+        same_shape(x, g, "axpy")?;
+        x.data.iter_mut().zip(&g.data).for_each(|(x, &g)| *x += s * g);
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+//! The small set of tensor operations both networks and the sampler need,
+//! implemented once per device. Activations are NHWC; a token sequence is
+//! stored as `[B, 1, T, C]` and a vector per batch item as `[B, 1, 1, C]`.
+
+pub mod cpu;
+
+use crate::ddim::DdimCoefs;
+use crate::tensor::Tensor;
+use anyhow::Result;
+
+pub trait Backend {
+    /// A tensor living on the device.
+    type T: Clone;
+    /// A convolution (or linear layer) prepared once at load time, in the
+    /// forward form and in the flipped / transposed form its backward needs.
+    type Conv;
+
+    fn name(&self) -> &'static str;
+    fn dims<'a>(&self, t: &'a Self::T) -> &'a [usize];
+    fn upload(&self, t: &Tensor) -> Result<Self::T>;
+    fn download(&self, t: &Self::T) -> Result<Tensor>;
+    /// `w` is (out, in, k, k), (out, in, 1) or (out, in); `bias` is (out).
+    fn prepare_conv(&self, w: &Tensor, bias: &Tensor) -> Result<Self::Conv>;
+
+    // Forward.
+    /// 'same' convolution, stride 1 (3x3 or 1x1); a linear layer on `[B,1,1,C]`.
+    fn conv(&self, x: &Self::T, c: &Self::Conv) -> Result<Self::T>;
+    /// GroupNorm (32 groups, eps 1e-5, affine), then `* (1 + scale) + shift`
+    /// when `ss` (`[B,1,1,2C]`, scale first) is given, then SiLU when `silu`.
+    fn group_norm(&self, x: &Self::T, gamma: &Self::T, beta: &Self::T, ss: Option<&Self::T>, silu: bool) -> Result<Self::T>;
+    fn silu(&self, x: &Self::T) -> Result<Self::T>;
+    /// `a + b`, where `b` is `a`'s shape or `[B,1,1,C]` (broadcast over H, W).
+    fn add(&self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
+    fn avg_pool2(&self, x: &Self::T) -> Result<Self::T>;
+    fn upsample2(&self, x: &Self::T) -> Result<Self::T>;
+    /// Channel concatenation `[a, b]`.
+    fn concat(&self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
+    /// `x[b] += table[rows[b]]` for `x` `[B,1,1,D]`, `table` `[K,D]`.
+    fn add_rows(&self, x: &Self::T, table: &Self::T, rows: &[usize]) -> Result<Self::T>;
+    /// Multi-head attention on `qkv` `[B,1,T,3C]` (or `[B,H,W,3C]`), giving `[.., C]`.
+    /// `legacy`: per head q, k, v are consecutive; else q, k, v are the thirds.
+    fn attention(&self, qkv: &Self::T, heads: usize, legacy: bool) -> Result<Self::T>;
+    /// `[B,H,W,C]` -> `[B,1,T+1,C]`: the spatial mean as token 0, then the
+    /// tokens, plus `pos` `[T+1, C]`.
+    fn prepend_mean(&self, x: &Self::T, pos: &Self::T) -> Result<Self::T>;
+    /// `[B,1,T,C]` -> `[B,1,1,C]`, token 0.
+    fn token0(&self, x: &Self::T) -> Result<Self::T>;
+
+    // Input gradients (backward-data); `x` arguments are forward inputs.
+    fn conv_bwd(&self, dy: &Self::T, c: &Self::Conv) -> Result<Self::T>;
+    fn group_norm_bwd(
+        &self,
+        x: &Self::T,
+        gamma: &Self::T,
+        beta: &Self::T,
+        ss: Option<&Self::T>,
+        silu: bool,
+        dy: &Self::T,
+    ) -> Result<Self::T>;
+    fn avg_pool2_bwd(&self, dy: &Self::T) -> Result<Self::T>;
+    fn attention_bwd(&self, qkv: &Self::T, dout: &Self::T, heads: usize, legacy: bool) -> Result<Self::T>;
+    /// Gradient of `prepend_mean` with respect to `x` of spatial shape `hw`.
+    fn prepend_mean_bwd(&self, dtok: &Self::T, hw: (usize, usize)) -> Result<Self::T>;
+    /// Gradient of `token0` for `tokens` tokens.
+    fn token0_bwd(&self, d0: &Self::T, tokens: usize) -> Result<Self::T>;
+    /// `d/dlogits sum_b log_softmax(logits_b)[y_b]` for logits `[B,1,1,K]`.
+    fn log_softmax_grad(&self, logits: &Self::T, y: &[usize]) -> Result<Self::T>;
+
+    // Sampler.
+    fn ddim_invert(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
+    fn ddim_denoise(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
+    /// `x += s * g`.
+    fn axpy(&self, x: &mut Self::T, s: f32, g: &Self::T) -> Result<()>;
+}

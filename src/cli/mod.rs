@@ -1,0 +1,47 @@
+//! The `fcd` command line: a contract scripts rely on.
+
+mod detect;
+mod inspect;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fcd", version, about = "Focal cortical dysplasia detection by classifier-guided diffusion")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Pseudo-healthy FLAIR and anomaly maps for co-registered FLAIR and T1 slices.
+    Detect(detect::DetectArgs),
+    /// List a checkpoint's tensors and check them against a config's network.
+    Inspect {
+        /// A .pt (torch.save) or .safetensors file.
+        file: PathBuf,
+        /// A diffusion config (both networks) or a classifier config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Which network of the config the file holds (default: guessed from its keys).
+        #[arg(long, value_enum)]
+        net: Option<inspect::Which>,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Detect(args) => detect::run(args),
+        Command::Inspect { file, config, net } => inspect::run(&file, config.as_deref(), net),
+    }
+}

@@ -1,0 +1,78 @@
+//! The detection job as a library call: load both networks, normalise the
+//! slices, sample, and turn the result into anomaly maps.
+
+use crate::backend::Backend;
+use crate::config::{Config, NetConfig};
+use crate::ddim::alphas_cumprod;
+use crate::io::checkpoint;
+use crate::model::{weights, Net, NetKind, NetSpec};
+use crate::post;
+use crate::sampler::{Phase, Sampler};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Context, Result};
+use rand::rngs::ChaCha8Rng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use std::path::Path;
+
+/// Reads a checkpoint and binds it as the network `cfg` describes.
+pub fn load_net<B: Backend>(backend: &B, cfg: &NetConfig, kind: NetKind, path: &Path) -> Result<Net<B>> {
+    let spec = NetSpec::build(cfg, kind);
+    let tensors = checkpoint::load(path)?;
+    let tensors = if kind == NetKind::Unet { weights::strip_model_prefix(tensors) } else { tensors };
+    let what = format!("{} ({})", path.display(), if kind == NetKind::Unet { "UNet" } else { "classifier" });
+    let w = weights::bind(backend, &spec, &tensors, &what)?;
+    Ok(Net { spec, w })
+}
+
+/// Slices `[B,H,W,1]` (equal to NCHW with one channel) normalised per slice.
+pub fn normalise(raw: &[f32], b: usize, h: usize, w: usize, what: &str) -> Result<Tensor> {
+    let data = post::normalize_batch(raw, h * w).with_context(|| what.to_string())?;
+    Tensor::new(vec![b, h, w, 1], data)
+}
+
+/// Standard normal noise from a seed, reproducible across platforms.
+pub fn seeded_noise(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let data = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Tensor { shape: shape.to_vec(), data }
+}
+
+pub struct Detection {
+    /// The raw sampler output `[B,H,W,1]`.
+    pub pseudo_healthy: Tensor,
+    /// Anomaly maps `[B,H,W]` in [0, 1].
+    pub anomaly: Tensor,
+}
+
+/// Runs the sampler and post-processing on normalised FLAIR `x0` and T1
+/// `cond` from initial noise `noise` (all `[B,H,W,1]`).
+#[allow(clippy::too_many_arguments)]
+pub fn detect<B: Backend>(
+    backend: &B,
+    cfg: &Config,
+    unet: &Net<B>,
+    classifier: &Net<B>,
+    x0: &Tensor,
+    cond: &Tensor,
+    noise: &Tensor,
+    steps: usize,
+    guidance: f32,
+    hist_match: bool,
+    progress: impl FnMut(Phase, usize),
+) -> Result<Detection> {
+    let size = cfg.unet.image_size;
+    ensure!(
+        x0.shape[1] == size && x0.shape[2] == size,
+        "slices of {} x {} do not match the config's image_size {size}",
+        x0.shape[1],
+        x0.shape[2]
+    );
+    ensure!(cfg.classifier.image_size == size, "the UNet's image_size {size} and the classifier's {} differ", cfg.classifier.image_size);
+    let sampler = Sampler { backend, unet, classifier, abar: alphas_cumprod(&cfg.schedule), steps, guidance };
+    let xhat = sampler.run(x0, cond, noise, progress)?;
+    let (b, h, w) = (x0.shape[0], x0.shape[1], x0.shape[2]);
+    let a = post::anomaly_map_batch(&x0.data, &xhat.data, h * w, hist_match)?;
+    Ok(Detection { pseudo_healthy: xhat, anomaly: Tensor::new(vec![b, h, w], a)? })
+}
