@@ -81,6 +81,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let require = env::var("FCD_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+    remove_old_images(&out_dir);
 
     let kernels = match read_kernels(&kernel_dir) {
         Ok(k) => k,
@@ -112,6 +113,19 @@ fn main() {
     let dest = out_dir.join("kernels.rs");
     if let Err(e) = fs::write(&dest, generated) {
         fail(&format!("cannot write {}: {e}", dest.display()));
+    }
+}
+
+/// Images of an earlier run (other kernels, or NVRTC since removed) would
+/// linger in OUT_DIR and mislead whoever looks there.
+fn remove_old_images(out_dir: &Path) {
+    let Ok(entries) = fs::read_dir(out_dir) else {
+        return;
+    };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if path.extension().is_some_and(|x| x == "cubin" || x == "ptx") {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 

@@ -11,12 +11,16 @@ use std::path::Path;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/published/config_t1_cond_multiclass_cg.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/published/config_t1_cond_multiclass_cg.yaml");
     let cfg = Config::load(&path)?;
     let b = Cpu;
     let s = cfg.unet.image_size;
     println!("threads: {}", rayon::current_num_threads());
-    for (kind, nc) in [(NetKind::Unet, &cfg.unet), (NetKind::Classifier, &cfg.classifier)] {
+    for (kind, nc) in [
+        (NetKind::Unet, &cfg.unet),
+        (NetKind::Classifier, &cfg.classifier),
+    ] {
         let spec = NetSpec::build(nc, kind);
         let w = weights::bind(&b, &spec, &random_weights(&spec, 1), "random")?;
         let net = Net { spec, w };
@@ -36,7 +40,11 @@ fn main() -> anyhow::Result<()> {
         }
         times.sort_by(f64::total_cmp);
         let gflop = net.spec.forward_flops() / 1e9;
-        let what = if kind == NetKind::Unet { "unet forward" } else { "classifier forward+grad" };
+        let what = if kind == NetKind::Unet {
+            "unet forward"
+        } else {
+            "classifier forward+grad"
+        };
         println!("{what:>24}: {:.2} s median of 3 ({gflop:.1} GFLOP forward, {:.1} GFLOP/s on the forward count)", times[1], gflop / times[1]);
     }
     Ok(())

@@ -89,15 +89,18 @@ impl NetConfig {
             bail!("{what}: channel_mult and num_res_blocks must be non-empty / positive");
         }
         for &m in &self.channel_mult {
-            if (m * self.model_channels) % 32 != 0 || m == 0 {
+            if m == 0 || !(m * self.model_channels).is_multiple_of(32) {
                 bail!("{what}: channels {} (model_channels {} x mult {m}) are not a multiple of the 32 GroupNorm groups", m * self.model_channels, self.model_channels);
             }
         }
-        if self.model_channels % 2 != 0 {
-            bail!("{what}: model_channels {} must be even (timestep embedding)", self.model_channels);
+        if !self.model_channels.is_multiple_of(2) {
+            bail!(
+                "{what}: model_channels {} must be even (timestep embedding)",
+                self.model_channels
+            );
         }
         let ds_final = 1usize << (self.channel_mult.len() - 1);
-        if self.image_size % ds_final != 0 {
+        if !self.image_size.is_multiple_of(ds_final) {
             bail!("{what}: image_size {} is not divisible by the final downsampling factor {ds_final}", self.image_size);
         }
         if let Some(p) = &self.pool {
@@ -114,8 +117,10 @@ fn get<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a serde_yaml::Va
 }
 
 fn net(v: &serde_yaml::Value, file: &Path, path: &[&str]) -> Result<NetConfig> {
-    let node = get(v, path).with_context(|| format!("{}: no `{}` section", file.display(), path.join(".")))?;
-    serde_yaml::from_value(node.clone()).with_context(|| format!("{}: bad `{}`", file.display(), path.join(".")))
+    let node = get(v, path)
+        .with_context(|| format!("{}: no `{}` section", file.display(), path.join(".")))?;
+    serde_yaml::from_value(node.clone())
+        .with_context(|| format!("{}: bad `{}`", file.display(), path.join(".")))
 }
 
 fn f64_at(v: &serde_yaml::Value, path: &[&str], default: f64) -> f64 {
@@ -124,16 +129,21 @@ fn f64_at(v: &serde_yaml::Value, path: &[&str], default: f64) -> f64 {
 
 impl Config {
     pub fn load(file: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("{}: cannot read", file.display()))?;
         Self::parse(&text, file)
     }
 
     /// Parse a diffusion config (with `unet_config` and `classifier_config`).
     pub fn parse(text: &str, file: &Path) -> Result<Self> {
-        let v: serde_yaml::Value =
-            serde_yaml::from_str(text).with_context(|| format!("{}: not valid YAML", file.display()))?;
+        let v: serde_yaml::Value = serde_yaml::from_str(text)
+            .with_context(|| format!("{}: not valid YAML", file.display()))?;
         let unet = net(&v, file, &["model", "params", "unet_config", "params"])?;
-        let classifier = net(&v, file, &["model", "params", "classifier_config", "params"])?;
+        let classifier = net(
+            &v,
+            file,
+            &["model", "params", "classifier_config", "params"],
+        )?;
         unet.validate(&format!("{}: unet_config", file.display()))?;
         classifier.validate(&format!("{}: classifier_config", file.display()))?;
         if classifier.pool.is_none() {
@@ -153,16 +163,27 @@ impl Config {
             threshold: f64_at(&v, &["tester", "params", "th"], 0.4),
         };
         if schedule.timesteps == 0 || defaults.noise_level > schedule.timesteps {
-            bail!("{}: noise_level {} must be in 1..=timesteps {}", file.display(), defaults.noise_level, schedule.timesteps);
+            bail!(
+                "{}: noise_level {} must be in 1..=timesteps {}",
+                file.display(),
+                defaults.noise_level,
+                schedule.timesteps
+            );
         }
-        Ok(Self { unet, classifier, schedule, defaults })
+        Ok(Self {
+            unet,
+            classifier,
+            schedule,
+            defaults,
+        })
     }
 
     /// The classifier of a classifier training config (`model.params`).
     pub fn load_classifier(file: &Path) -> Result<NetConfig> {
-        let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
-        let v: serde_yaml::Value =
-            serde_yaml::from_str(&text).with_context(|| format!("{}: not valid YAML", file.display()))?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("{}: cannot read", file.display()))?;
+        let v: serde_yaml::Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("{}: not valid YAML", file.display()))?;
         let c = net(&v, file, &["model", "params"])?;
         c.validate(&format!("{}: model", file.display()))?;
         Ok(c)

@@ -13,7 +13,11 @@ use crate::config::Schedule;
 pub fn alphas_cumprod(s: &Schedule) -> Vec<f32> {
     let n = s.timesteps;
     let (start, end) = (s.linear_start as f32, s.linear_end as f32);
-    let step = if n > 1 { (end - start) / (n - 1) as f32 } else { 0.0 };
+    let step = if n > 1 {
+        (end - start) / (n - 1) as f32
+    } else {
+        0.0
+    };
     let mut abar = Vec::with_capacity(n);
     let mut acc = 1.0f64;
     for i in 0..n {
@@ -48,7 +52,12 @@ pub struct DdimCoefs {
 
 impl DdimCoefs {
     pub fn new(a: f32, a_next: f32) -> Self {
-        Self { sqrt_a: a.sqrt(), sqrt_1ma: (1.0 - a).sqrt(), sqrt_a_next: a_next.sqrt(), sqrt_1ma_next: (1.0 - a_next).sqrt() }
+        Self {
+            sqrt_a: a.sqrt(),
+            sqrt_1ma: (1.0 - a).sqrt(),
+            sqrt_a_next: a_next.sqrt(),
+            sqrt_1ma_next: (1.0 - a_next).sqrt(),
+        }
     }
 
     /// Inversion step at `t`: from `abar[t-1]` to `abar[t]`.

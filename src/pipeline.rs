@@ -6,7 +6,6 @@ use crate::config::{Config, NetConfig};
 use crate::ddim::alphas_cumprod;
 use crate::io::checkpoint;
 use crate::model::{weights, Net, NetKind, NetSpec};
-use crate::post;
 use crate::sampler::{Phase, Sampler};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
@@ -16,19 +15,30 @@ use rand_distr::{Distribution, StandardNormal};
 use std::path::Path;
 
 /// Reads a checkpoint and binds it as the network `cfg` describes.
-pub fn load_net<B: Backend>(backend: &B, cfg: &NetConfig, kind: NetKind, path: &Path) -> Result<Net<B>> {
+pub fn load_net<B: Backend>(
+    backend: &B,
+    cfg: &NetConfig,
+    kind: NetKind,
+    path: &Path,
+) -> Result<Net<B>> {
     let spec = NetSpec::build(cfg, kind);
     let tensors = checkpoint::load(path)?;
-    let tensors = if kind == NetKind::Unet { weights::strip_model_prefix(tensors) } else { tensors };
-    let what = format!("{} ({})", path.display(), if kind == NetKind::Unet { "UNet" } else { "classifier" });
+    let tensors = if kind == NetKind::Unet {
+        weights::strip_model_prefix(tensors)
+    } else {
+        tensors
+    };
+    let what = format!(
+        "{} ({})",
+        path.display(),
+        if kind == NetKind::Unet {
+            "UNet"
+        } else {
+            "classifier"
+        }
+    );
     let w = weights::bind(backend, &spec, &tensors, &what)?;
     Ok(Net { spec, w })
-}
-
-/// Slices `[B,H,W,1]` (equal to NCHW with one channel) normalised per slice.
-pub fn normalise(raw: &[f32], b: usize, h: usize, w: usize, what: &str) -> Result<Tensor> {
-    let data = post::normalize_batch(raw, h * w).with_context(|| what.to_string())?;
-    Tensor::new(vec![b, h, w, 1], data)
 }
 
 /// Standard normal noise from a seed, reproducible across platforms.
@@ -36,7 +46,10 @@ pub fn seeded_noise(shape: &[usize], seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = shape.iter().product();
     let data = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-    Tensor { shape: shape.to_vec(), data }
+    Tensor {
+        shape: shape.to_vec(),
+        data,
+    }
 }
 
 pub struct Detection {
@@ -46,16 +59,17 @@ pub struct Detection {
     pub anomaly: Tensor,
 }
 
-/// Runs the sampler and post-processing on normalised FLAIR `x0` and T1
-/// `cond` from initial noise `noise` (all `[B,H,W,1]`).
+/// Runs normalisation, the sampler and post-processing on the device:
+/// raw FLAIR `flair` and T1 `t1` slices and the initial noise `noise` (all
+/// `[B,H,W,1]`) in, everything after the upload on `backend`.
 #[allow(clippy::too_many_arguments)]
 pub fn detect<B: Backend>(
     backend: &B,
     cfg: &Config,
     unet: &Net<B>,
     classifier: &Net<B>,
-    x0: &Tensor,
-    cond: &Tensor,
+    flair: &Tensor,
+    t1: &Tensor,
     noise: &Tensor,
     steps: usize,
     guidance: f32,
@@ -64,15 +78,34 @@ pub fn detect<B: Backend>(
 ) -> Result<Detection> {
     let size = cfg.unet.image_size;
     ensure!(
-        x0.shape[1] == size && x0.shape[2] == size,
+        flair.shape[1] == size && flair.shape[2] == size,
         "slices of {} x {} do not match the config's image_size {size}",
-        x0.shape[1],
-        x0.shape[2]
+        flair.shape[1],
+        flair.shape[2]
     );
-    ensure!(cfg.classifier.image_size == size, "the UNet's image_size {size} and the classifier's {} differ", cfg.classifier.image_size);
-    let sampler = Sampler { backend, unet, classifier, abar: alphas_cumprod(&cfg.schedule), steps, guidance };
-    let xhat = sampler.run(x0, cond, noise, progress)?;
-    let (b, h, w) = (x0.shape[0], x0.shape[1], x0.shape[2]);
-    let a = post::anomaly_map_batch(&x0.data, &xhat.data, h * w, hist_match)?;
-    Ok(Detection { pseudo_healthy: xhat, anomaly: Tensor::new(vec![b, h, w], a)? })
+    ensure!(
+        cfg.classifier.image_size == size,
+        "the UNet's image_size {size} and the classifier's {} differ",
+        cfg.classifier.image_size
+    );
+    let b = backend;
+    let x0 = b.normalize(&b.upload(flair)?).context("FLAIR")?;
+    let cond = b.normalize(&b.upload(t1)?).context("T1")?;
+    let noise = b.upload(noise)?;
+    let sampler = Sampler {
+        backend,
+        unet,
+        classifier,
+        abar: alphas_cumprod(&cfg.schedule),
+        steps,
+        guidance,
+    };
+    let xhat = sampler.run(&x0, &cond, &noise, progress)?;
+    let a = b.anomaly(&x0, &xhat, hist_match)?;
+    let mut anomaly = b.download(&a)?;
+    anomaly.shape.pop();
+    Ok(Detection {
+        pseudo_healthy: b.download(&xhat)?,
+        anomaly,
+    })
 }

@@ -64,9 +64,11 @@ fn grey_levels(v: &[f32]) -> Vec<u8> {
     norm01(v).iter().map(|&x| (x * 255.0) as u8).collect()
 }
 
-/// Cumulative histogram of grey levels divided by its last value: numpy's
-/// `(cumsum / cumsum[-1]).astype(float32)`, i.e. a float64 division rounded to float32,
-/// then widened back to float64 as `numpy.interp` does with its inputs.
+/// Cumulative histogram of grey levels divided by its last value, as float32 (the published
+/// code's `(cumsum / cumsum[-1]).astype(float32)`), widened back to float64 as `numpy.interp`
+/// does with its inputs. Dividing in float64 and rounding once to float32 gives the same value
+/// as dividing the float32 counts (the fixtures' form): counts below 2^24 are exact, and double
+/// rounding of a quotient from 53 to 24 bits is innocuous.
 fn cdf(levels: &[u8]) -> [f64; 256] {
     let mut hist = [0u64; 256];
     for &k in levels {

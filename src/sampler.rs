@@ -5,7 +5,6 @@
 use crate::backend::Backend;
 use crate::ddim::DdimCoefs;
 use crate::model::Net;
-use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
 /// Everything a run needs besides the images.
@@ -36,7 +35,9 @@ impl<B: Backend> Sampler<'_, B> {
     pub fn inversion_step(&self, x: &mut B::T, cond: &B::T, t: usize) -> Result<()> {
         let b = self.backend;
         let y = self.labels(x);
-        let eps = self.unet.unet(b, &b.concat(x, cond)?, &vec![t; y.len()], &y)?;
+        let eps = self
+            .unet
+            .unet(b, &b.concat(x, cond)?, &vec![t; y.len()], &y)?;
         b.ddim_invert(x, &eps, DdimCoefs::inversion(&self.abar, t))
     }
 
@@ -52,24 +53,36 @@ impl<B: Backend> Sampler<'_, B> {
     }
 
     /// The pseudo-healthy FLAIR for normalised FLAIR `x0` and T1 `cond`
-    /// (both `[B,H,W,1]`) from initial noise `noise`. `progress` is called
-    /// after every network step.
-    pub fn run(&self, x0: &Tensor, cond: &Tensor, noise: &Tensor, mut progress: impl FnMut(Phase, usize)) -> Result<Tensor> {
-        ensure!(x0.shape == cond.shape && x0.shape == noise.shape, "FLAIR {:?}, T1 {:?} and noise {:?} differ in shape", x0.shape, cond.shape, noise.shape);
-        ensure!(self.steps >= 1 && self.steps <= self.abar.len(), "steps {} must be in 1..={}", self.steps, self.abar.len());
+    /// (both `[B,H,W,1]`, on the device) from initial noise `noise`.
+    /// `progress` is called after every network step.
+    pub fn run(
+        &self,
+        x0: &B::T,
+        cond: &B::T,
+        noise: &B::T,
+        mut progress: impl FnMut(Phase, usize),
+    ) -> Result<B::T> {
         let b = self.backend;
-        let (sa, s1a) = (self.abar[0].sqrt(), (1.0 - self.abar[0]).sqrt());
-        let xt: Vec<f32> = x0.data.iter().zip(&noise.data).map(|(&x, &n)| sa * x + s1a * n).collect();
-        let mut x = b.upload(&Tensor::new(x0.shape.clone(), xt)?)?;
-        let cond = b.upload(cond)?;
+        let (d0, dc, dn) = (b.dims(x0), b.dims(cond), b.dims(noise));
+        ensure!(
+            d0 == dc && d0 == dn,
+            "FLAIR {d0:?}, T1 {dc:?} and noise {dn:?} differ in shape"
+        );
+        ensure!(
+            self.steps >= 1 && self.steps <= self.abar.len(),
+            "steps {} must be in 1..={}",
+            self.steps,
+            self.abar.len()
+        );
+        let mut x = b.axpby(self.abar[0].sqrt(), x0, (1.0 - self.abar[0]).sqrt(), noise)?;
         for t in 0..self.steps {
-            self.inversion_step(&mut x, &cond, t)?;
+            self.inversion_step(&mut x, cond, t)?;
             progress(Phase::Inversion, t);
         }
         for t in (0..self.steps).rev() {
-            self.guided_step(&mut x, &cond, t)?;
+            self.guided_step(&mut x, cond, t)?;
             progress(Phase::Guided, t);
         }
-        b.download(&x)
+        Ok(x)
     }
 }

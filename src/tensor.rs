@@ -12,14 +12,20 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            bail!("tensor of shape {shape:?} needs {n} values, got {}", data.len());
+            bail!(
+                "tensor of shape {shape:?} needs {n} values, got {}",
+                data.len()
+            );
         }
         Ok(Self { shape, data })
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
         let n = shape.iter().product();
-        Self { shape: shape.to_vec(), data: vec![0.0; n] }
+        Self {
+            shape: shape.to_vec(),
+            data: vec![0.0; n],
+        }
     }
 
     pub fn len(&self) -> usize {

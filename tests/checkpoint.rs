@@ -330,3 +330,76 @@ fn corrupted_pickles_never_panic() {
         "loaded {loaded}, refused {refused}"
     );
 }
+
+/// `_rebuild_tensor_v2` of a float32 storage of nested_f32.pt: `data/0` holds 72 elements
+/// (`model.input_blocks.0.0.weight`), `data/3` holds 20 (`model.base`).
+fn tensor_pickle(storage: u8, offset: u8, size: u8, stride: u8) -> Vec<u8> {
+    let numel = if storage == 0 { 72 } else { 20 };
+    let mut p =
+        b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+            .to_vec();
+    p.extend_from_slice(&[b'X', 1, 0, 0, 0, b'0' + storage]);
+    p.extend_from_slice(&[b'X', 3, 0, 0, 0, b'c', b'p', b'u', b'K', numel, b't', b'Q']);
+    p.extend_from_slice(&[
+        b'K', offset, b'K', size, 0x85, b'K', stride, 0x85, 0x89, b')', b't', b'R',
+    ]);
+    p
+}
+
+fn load_hand_pickle(pkl: &[u8]) -> Result<fcd::io::checkpoint::TensorMap, String> {
+    let zipped = std::fs::read(fixture("nested_f32.pt")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hand.pt");
+    std::fs::write(&path, repack(&zipped, pkl)).unwrap();
+    load(&path).map_err(|e| e.to_string())
+}
+
+#[test]
+fn views_are_bounds_checked() {
+    let base = load(&fixture("nested_f32.pt")).unwrap()["model.base"]
+        .data
+        .clone();
+    let wrap = |t: Vec<u8>| [b"\x80\x02}X\x01\x00\x00\x00w".to_vec(), t, b"s.".to_vec()].concat();
+    // Offset 17, two elements 2 apart: the last one is element 19.
+    let got = load_hand_pickle(&wrap(tensor_pickle(3, 17, 2, 2))).unwrap();
+    assert_eq!(got["w"].data, vec![base[17], base[19]]);
+    for (offset, size, stride) in [(18, 2, 2), (0, 21, 1), (1, 20, 1)] {
+        let msg = load_hand_pickle(&wrap(tensor_pickle(3, offset, size, stride))).unwrap_err();
+        assert!(
+            msg.contains("reach past the 20 elements of storage `archive/data/3`"),
+            "{msg}"
+        );
+        assert!(msg.contains("tensor `w`"), "{msg}");
+    }
+}
+
+#[test]
+fn aliasing_cannot_blow_up_memory() {
+    // One 72-element tensor under 2000 keys: 144000 floats from a ~20 KB file.
+    let mut pkl = b"\x80\x02}(\x8c\x02k0".to_vec();
+    pkl.extend(tensor_pickle(0, 0, 72, 1));
+    pkl.extend_from_slice(b"q\x00");
+    for i in 1..2000 {
+        let key = format!("k{i}");
+        pkl.extend_from_slice(&[0x8c, key.len() as u8]);
+        pkl.extend_from_slice(key.as_bytes());
+        pkl.extend_from_slice(b"h\x00");
+    }
+    pkl.extend_from_slice(b"u.");
+    let msg = load_hand_pickle(&pkl).unwrap_err();
+    assert!(
+        msg.contains("the tensors add up to 144000 elements, implausibly many"),
+        "{msg}"
+    );
+    // The same with 10 keys is a legitimate (if odd) checkpoint.
+    let mut pkl = b"\x80\x02}(\x8c\x02k0".to_vec();
+    pkl.extend(tensor_pickle(0, 0, 72, 1));
+    pkl.extend_from_slice(b"q\x00");
+    for i in 1..10u8 {
+        pkl.extend_from_slice(&[0x8c, 2, b'k', b'0' + i, b'h', 0]);
+    }
+    pkl.extend_from_slice(b"u.");
+    let m = load_hand_pickle(&pkl).unwrap();
+    assert_eq!(m.len(), 10);
+    assert!(m.values().all(|t| t.data == m["k0"].data));
+}

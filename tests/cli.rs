@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fcd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fcd")).args(args).output().expect("run fcd")
+    Command::new(env!("CARGO_BIN_EXE_fcd"))
+        .args(args)
+        .output()
+        .expect("run fcd")
 }
 
 fn s(p: &Path) -> &str {
@@ -23,15 +26,43 @@ fn assert_one_line_error(out: &Output, file: &str, reason: &str) {
     assert!(!err.contains("panicked"), "panic: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     assert!(err.contains(file), "`{file}` not named in: {err}");
-    assert!(err.to_lowercase().contains(&reason.to_lowercase()), "`{reason}` not in: {err}");
+    assert!(
+        err.to_lowercase().contains(&reason.to_lowercase()),
+        "`{reason}` not in: {err}"
+    );
 }
 
-fn detect_args<'a>(out: &'a str, unet: &'a str, cls: &'a str, flair: &'a str, t1: &'a str) -> Vec<&'a str> {
-    vec!["detect", "--config", cfg_path(), "--unet", unet, "--classifier", cls, "--flair", flair, "--t1", t1, "--out", out, "--device", "cpu"]
+fn detect_args<'a>(
+    out: &'a str,
+    unet: &'a str,
+    cls: &'a str,
+    flair: &'a str,
+    t1: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "detect",
+        "--config",
+        cfg_path(),
+        "--unet",
+        unet,
+        "--classifier",
+        cls,
+        "--flair",
+        flair,
+        "--t1",
+        t1,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]
 }
 
 fn cfg_path() -> &'static str {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/config_small.yaml")
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/config_small.yaml"
+    )
 }
 
 fn fx(name: &str) -> String {
@@ -40,7 +71,10 @@ fn fx(name: &str) -> String {
 
 /// The directory holds nothing at all: no outputs and no staging leftovers.
 fn assert_empty_dir(dir: &Path) {
-    let left: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let left: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -48,7 +82,13 @@ fn assert_empty_dir(dir: &Path) {
 fn detect_writes_the_three_outputs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let (unet, cls, flair, t1, noise) = (fx("unet.pt"), fx("classifier.pt"), fx("flair_raw.npy"), fx("t1_raw.npy"), fx("noise.npy"));
+    let (unet, cls, flair, t1, noise) = (
+        fx("unet.pt"),
+        fx("classifier.pt"),
+        fx("flair_raw.npy"),
+        fx("t1_raw.npy"),
+        fx("noise.npy"),
+    );
     let mut args = detect_args(s(&out), &unet, &cls, &flair, &t1);
     args.extend(["--steps", "10", "--init-noise", &noise]);
     let r = fcd(&args);
@@ -64,9 +104,10 @@ fn detect_writes_the_three_outputs() {
     let (shape, a) = fcd::io::npy::read_array(&out.join("anomaly.npy")).unwrap();
     assert_eq!(shape, [2, 32, 32]);
     assert!(a.iter().all(|&v| (0.0..=1.0).contains(&v)));
-    assert!(a.iter().any(|&v| v == 1.0), "each map is normalised to a maximum of 1");
+    assert!(a.contains(&1.0), "each map is normalised to a maximum of 1");
 
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["settings"]["steps"], 10);
     assert_eq!(summary["settings"]["hist_match"], true);
     assert_eq!(summary["inputs"]["slices"], 2);
@@ -76,7 +117,12 @@ fn detect_writes_the_three_outputs() {
 #[test]
 fn detect_seed_is_reproducible_and_matters() {
     let tmp = tempfile::tempdir().unwrap();
-    let (unet, cls, flair, t1) = (fx("unet.pt"), fx("classifier.pt"), fx("flair_raw.npy"), fx("t1_raw.npy"));
+    let (unet, cls, flair, t1) = (
+        fx("unet.pt"),
+        fx("classifier.pt"),
+        fx("flair_raw.npy"),
+        fx("t1_raw.npy"),
+    );
     let run = |name: &str, seed: &str| {
         let out = tmp.path().join(name);
         let mut args = detect_args(s(&out), &unet, &cls, &flair, &t1);
@@ -112,8 +158,14 @@ fn detect_refuses_bad_inputs_with_the_file_named() {
     let (_, raw) = array("flair_raw.npy");
     let raw: Vec<f32> = raw.iter().map(|&v| v as f32).collect();
     let cases: Vec<(PathBuf, &str)> = vec![
-        (write("grid.npy", &[2, 1, 32, 16], &raw[..1024]), "not on the same grid"),
-        (write("constant.npy", &[2, 32, 32], &vec![3.0; 2048]), "constant slice"),
+        (
+            write("grid.npy", &[2, 1, 32, 16], &raw[..1024]),
+            "not on the same grid",
+        ),
+        (
+            write("constant.npy", &[2, 32, 32], &vec![3.0; 2048]),
+            "constant slice",
+        ),
         (
             write("nan.npy", &[2, 32, 32], &{
                 let mut v = raw.clone();
@@ -128,7 +180,11 @@ fn detect_refuses_bad_inputs_with_the_file_named() {
         assert_one_line_error(&r, t1.file_name().unwrap().to_str().unwrap(), reason);
         assert!(!out.exists());
     }
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -136,13 +192,21 @@ fn detect_refuses_bad_inputs_with_the_file_named() {
 fn detect_cuda_without_backend_is_a_sentence() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let (unet, cls, flair, t1) = (fx("unet.pt"), fx("classifier.pt"), fx("flair_raw.npy"), fx("t1_raw.npy"));
+    let (unet, cls, flair, t1) = (
+        fx("unet.pt"),
+        fx("classifier.pt"),
+        fx("flair_raw.npy"),
+        fx("t1_raw.npy"),
+    );
     let mut args = detect_args(s(&out), &unet, &cls, &flair, &t1);
     *args.last_mut().unwrap() = "cuda";
     let r = fcd(&args);
     assert_eq!(r.status.code(), Some(1));
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("--device cuda") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("--device cuda") && !err.contains("panicked"),
+        "{err}"
+    );
     assert_empty_dir(tmp.path());
 }
 
@@ -158,10 +222,20 @@ fn inspect_matches_the_fixture_networks() {
 
 #[test]
 fn inspect_lists_every_mismatch() {
-    let r = fcd(&["inspect", &fx("classifier.pt"), "--config", cfg_path(), "--net", "unet"]);
+    let r = fcd(&[
+        "inspect",
+        &fx("classifier.pt"),
+        "--config",
+        cfg_path(),
+        "--net",
+        "unet",
+    ]);
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(text.contains("missing key `label_emb.weight`"), "{text}");
-    assert!(text.contains("unexpected key `out.2.positional_embedding`"), "{text}");
+    assert!(
+        text.contains("unexpected key `out.2.positional_embedding`"),
+        "{text}"
+    );
     assert!(text.contains("has shape"), "{text}");
     assert_one_line_error(&r, "classifier.pt", "does not match the UNet");
 }
@@ -170,11 +244,18 @@ fn inspect_lists_every_mismatch() {
 fn inspect_refuses_broken_and_hostile_files_in_one_line() {
     for (file, reason) in [
         ("ckpt/truncated.pt", "truncated.pt"),
-        ("ckpt/random.bin", "not a torch.save zip archive nor a safetensors file"),
+        (
+            "ckpt/random.bin",
+            "not a torch.save zip archive nor a safetensors file",
+        ),
         ("ckpt/malicious_global.pt", "system"),
         ("ckpt/malicious_stack_global.pt", "not allowed"),
     ] {
         let r = fcd(&["inspect", &fx(file)]);
-        assert_one_line_error(&r, Path::new(file).file_name().unwrap().to_str().unwrap(), reason);
+        assert_one_line_error(
+            &r,
+            Path::new(file).file_name().unwrap().to_str().unwrap(),
+            reason,
+        );
     }
 }

@@ -31,11 +31,16 @@ fn unet_forward() {
     let (unet, _) = nets(&cfg);
     let m = manifest();
     let x = nhwc("unet_in.npy");
-    let out = unet.unet(&Cpu, &x, &usizes(&m["unet_t"]), &usizes(&m["unet_y"])).unwrap();
+    let out = unet
+        .unet(&Cpu, &x, &usizes(&m["unet_t"]), &usizes(&m["unet_y"]))
+        .unwrap();
     let (shape, r) = array("unet_out_ref.npy");
     assert_eq!(shape, [2, 1, 32, 32]);
     let e = rel(&out.data, &r);
-    println!("unet rel-L2 {e:.3e} (float32 floor {:.3e})", floor("unet_out"));
+    println!(
+        "unet rel-L2 {e:.3e} (float32 floor {:.3e})",
+        floor("unet_out")
+    );
     assert!(e <= SINGLE, "unet rel-L2 {e}");
 }
 
@@ -45,17 +50,34 @@ fn classifier_logits_and_input_gradient() {
     let (_, cls) = nets(&cfg);
     let m = manifest();
     let x = nhwc("cls_in.npy");
-    let (logits, grad) = cls.classifier_grad(&Cpu, &x, &usizes(&m["cls_t"]), &[0, 0]).unwrap();
+    let (logits, grad) = cls
+        .classifier_grad(&Cpu, &x, &usizes(&m["cls_t"]), &[0, 0])
+        .unwrap();
     let (_, rl) = array("cls_logits_ref.npy");
     let (_, rg) = array("cls_grad_ref.npy");
     let (el, eg) = (rel(&logits.data, &rl), rel(&grad.data, &rg));
-    println!("logits rel-L2 {el:.3e} (floor {:.3e}), grad rel-L2 {eg:.3e} (floor {:.3e})", floor("cls_logits"), floor("cls_grad"));
+    println!(
+        "logits rel-L2 {el:.3e} (floor {:.3e}), grad rel-L2 {eg:.3e} (floor {:.3e})",
+        floor("cls_logits"),
+        floor("cls_grad")
+    );
     assert!(el <= SINGLE, "logits rel-L2 {el}");
     assert!(eg <= SINGLE, "gradient rel-L2 {eg}");
 }
 
-fn sampler<'a>(unet: &'a fcd::model::Net<Cpu>, cls: &'a fcd::model::Net<Cpu>, steps: usize) -> Sampler<'a, Cpu> {
-    Sampler { backend: &Cpu, unet, classifier: cls, abar: alphas_cumprod(&config().schedule), steps, guidance: 5.0 }
+fn sampler<'a>(
+    unet: &'a fcd::model::Net<Cpu>,
+    cls: &'a fcd::model::Net<Cpu>,
+    steps: usize,
+) -> Sampler<'a, Cpu> {
+    Sampler {
+        backend: &Cpu,
+        unet,
+        classifier: cls,
+        abar: alphas_cumprod(&config().schedule),
+        steps,
+        guidance: 5.0,
+    }
 }
 
 #[test]
@@ -64,9 +86,14 @@ fn one_inversion_step() {
     let (unet, cls) = nets(&cfg);
     let mut x = nhwc("inv_x.npy");
     let t = manifest()["inv_t"].as_u64().unwrap() as usize;
-    sampler(&unet, &cls, 100).inversion_step(&mut x, &nhwc("cond.npy"), t).unwrap();
+    sampler(&unet, &cls, 100)
+        .inversion_step(&mut x, &nhwc("cond.npy"), t)
+        .unwrap();
     let e = rel(&x.data, &array("inv_out_ref.npy").1);
-    println!("inversion step rel-L2 {e:.3e} (floor {:.3e})", floor("inv_out"));
+    println!(
+        "inversion step rel-L2 {e:.3e} (floor {:.3e})",
+        floor("inv_out")
+    );
     assert!(e <= SINGLE, "inversion step rel-L2 {e}");
 }
 
@@ -77,22 +104,40 @@ fn one_guided_step() {
     let x_in = nhwc("guided_x.npy");
     let mut x = x_in.clone();
     let t = manifest()["guided_t"].as_u64().unwrap() as usize;
-    sampler(&unet, &cls, 100).guided_step(&mut x, &nhwc("cond.npy"), t).unwrap();
+    sampler(&unet, &cls, 100)
+        .guided_step(&mut x, &nhwc("cond.npy"), t)
+        .unwrap();
     let r = array("guided_out_ref.npy").1;
     let e = rel(&x.data, &r);
-    println!("guided step rel-L2 {e:.3e} (floor {:.3e})", floor("guided_out"));
+    println!(
+        "guided step rel-L2 {e:.3e} (floor {:.3e})",
+        floor("guided_out")
+    );
     assert!(e <= SINGLE, "guided step rel-L2 {e}");
 }
 
 fn whole_sampler(steps: usize, factor: f64) {
     let cfg = config();
     let (unet, cls) = nets(&cfg);
-    let out = sampler(&unet, &cls, steps).run(&nhwc("x0.npy"), &nhwc("cond.npy"), &nhwc("noise.npy"), |_, _| {}).unwrap();
+    let out = sampler(&unet, &cls, steps)
+        .run(
+            &nhwc("x0.npy"),
+            &nhwc("cond.npy"),
+            &nhwc("noise.npy"),
+            |_, _| {},
+        )
+        .unwrap();
     let r = array(&format!("sampler_n{steps}_ref.npy")).1;
     let e = rel(&out.data, &r);
     let fl = floor(&format!("sampler_n{steps}"));
-    println!("sampler N={steps} rel-L2 {e:.3e}, float32 floor {fl:.3e}, ratio {:.2}", e / fl);
-    assert!(e <= factor * fl, "sampler N={steps}: rel-L2 {e} over {factor} x the float32 floor {fl}");
+    println!(
+        "sampler N={steps} rel-L2 {e:.3e}, float32 floor {fl:.3e}, ratio {:.2}",
+        e / fl
+    );
+    assert!(
+        e <= factor * fl,
+        "sampler N={steps}: rel-L2 {e} over {factor} x the float32 floor {fl}"
+    );
 }
 
 #[test]

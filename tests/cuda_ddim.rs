@@ -9,8 +9,8 @@ use fcd::config::Schedule;
 use fcd::cuda::kernels::{self, ImageKind};
 use fcd::cuda::{self, Gpu};
 use fcd::ddim::{alphas_cumprod, DdimCoefs};
-use rand::{RngExt, SeedableRng};
 use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
 
 const LENGTHS: [usize; 5] = [1, 7, 1000, 65537, (1 << 20) + 3];
@@ -84,18 +84,19 @@ fn gpu_or_skip() -> Option<Gpu> {
     Some(gpu)
 }
 
-fn coefficient_sets() -> Vec<(String, DdimCoefs)> {
+/// The step's own coefficients (`DdimCoefs::inversion` or `::denoising`) at
+/// both ends of the schedule and between; t = 0 is where `a` (inversion) or
+/// `a'` (denoising) is exactly 1.
+fn coefficient_sets(at: fn(&[f32], usize) -> DdimCoefs) -> Vec<(String, DdimCoefs)> {
     let abar = alphas_cumprod(&Schedule {
         timesteps: 1000,
         linear_start: 0.0015,
         linear_end: 0.0155,
     });
-    let mut sets = Vec::new();
-    for t in [0, 1, 50, 99, 999] {
-        sets.push((format!("inversion t={t}"), DdimCoefs::inversion(&abar, t)));
-        sets.push((format!("denoising t={t}"), DdimCoefs::denoising(&abar, t)));
-    }
-    sets
+    [0, 1, 50, 99, 999]
+        .into_iter()
+        .map(|t| (format!("t={t}"), at(&abar, t)))
+        .collect()
 }
 
 /// A fresh seed per run, printed so a failure can be replayed.
@@ -143,12 +144,17 @@ fn run_on_gpu(gpu: &Gpu, gpu_step: GpuStep, x: &[f32], eps: &[f32], c: DdimCoefs
 
 /// Expected: bit-identical (both sides round each IEEE operation to nearest,
 /// in the same order, with no FMA); the contract is max |diff| <= 1e-6.
-fn compare_with_cpu(step: &str, cpu_step: CpuStep, gpu_step: GpuStep) {
+fn compare_with_cpu(
+    step: &str,
+    at: fn(&[f32], usize) -> DdimCoefs,
+    cpu_step: CpuStep,
+    gpu_step: GpuStep,
+) {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
     let mut worst = 0.0f32;
     let mut differing_bits = 0usize;
-    for (label, c) in coefficient_sets() {
+    for (label, c) in coefficient_sets(at) {
         for n in LENGTHS {
             let (x, eps) = inputs(&mut rng, n);
             let mut want = x.clone();
@@ -179,6 +185,7 @@ fn compare_with_cpu(step: &str, cpu_step: CpuStep, gpu_step: GpuStep) {
 fn gpu_ddim_invert_matches_cpu() {
     compare_with_cpu(
         "invert_step",
+        DdimCoefs::inversion,
         fcd::ddim::invert_step,
         cuda::ddim::invert_step,
     );
@@ -188,6 +195,7 @@ fn gpu_ddim_invert_matches_cpu() {
 fn gpu_ddim_denoise_matches_cpu() {
     compare_with_cpu(
         "denoise_step",
+        DdimCoefs::denoising,
         fcd::ddim::denoise_step,
         cuda::ddim::denoise_step,
     );

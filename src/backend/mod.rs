@@ -27,7 +27,14 @@ pub trait Backend {
     fn conv(&self, x: &Self::T, c: &Self::Conv) -> Result<Self::T>;
     /// GroupNorm (32 groups, eps 1e-5, affine), then `* (1 + scale) + shift`
     /// when `ss` (`[B,1,1,2C]`, scale first) is given, then SiLU when `silu`.
-    fn group_norm(&self, x: &Self::T, gamma: &Self::T, beta: &Self::T, ss: Option<&Self::T>, silu: bool) -> Result<Self::T>;
+    fn group_norm(
+        &self,
+        x: &Self::T,
+        gamma: &Self::T,
+        beta: &Self::T,
+        ss: Option<&Self::T>,
+        silu: bool,
+    ) -> Result<Self::T>;
     fn silu(&self, x: &Self::T) -> Result<Self::T>;
     /// `a + b`, where `b` is `a`'s shape or `[B,1,1,C]` (broadcast over H, W).
     fn add(&self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
@@ -58,7 +65,13 @@ pub trait Backend {
         dy: &Self::T,
     ) -> Result<Self::T>;
     fn avg_pool2_bwd(&self, dy: &Self::T) -> Result<Self::T>;
-    fn attention_bwd(&self, qkv: &Self::T, dout: &Self::T, heads: usize, legacy: bool) -> Result<Self::T>;
+    fn attention_bwd(
+        &self,
+        qkv: &Self::T,
+        dout: &Self::T,
+        heads: usize,
+        legacy: bool,
+    ) -> Result<Self::T>;
     /// Gradient of `prepend_mean` with respect to `x` of spatial shape `hw`.
     fn prepend_mean_bwd(&self, dtok: &Self::T, hw: (usize, usize)) -> Result<Self::T>;
     /// Gradient of `token0` for `tokens` tokens.
@@ -71,4 +84,15 @@ pub trait Backend {
     fn ddim_denoise(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
     /// `x += s * g`.
     fn axpy(&self, x: &mut Self::T, s: f32, g: &Self::T) -> Result<()>;
+    /// `a * x + b * y`, each product rounded before the sum (no FMA), as
+    /// PyTorch's `add_noise` computes it.
+    fn axpby(&self, a: f32, x: &Self::T, b: f32, y: &Self::T) -> Result<Self::T>;
+
+    // Pre- and post-processing, per slice of `[B,H,W,1]` (SPEC sections 2, 7).
+    /// Min-max normalisation of each slice to [-1, 1]; an error names the
+    /// first constant or non-finite slice.
+    fn normalize(&self, raw: &Self::T) -> Result<Self::T>;
+    /// Anomaly maps `[B,H,W,1]` of FLAIR `x0` and pseudo-healthy `xhat`,
+    /// histogram-matched first when `hist_match`.
+    fn anomaly(&self, x0: &Self::T, xhat: &Self::T, hist_match: bool) -> Result<Self::T>;
 }

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::io::{atomic::Staged, npy};
 use crate::model::NetKind;
 use crate::pipeline;
+use crate::post;
 use crate::sampler::Phase;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
@@ -73,7 +74,9 @@ fn read_pair(args: &DetectArgs) -> Result<(npy::Slices, npy::Slices)> {
 }
 
 fn noise(args: &DetectArgs, shape: &[usize]) -> Result<Tensor> {
-    let Some(path) = &args.init_noise else { return Ok(pipeline::seeded_noise(shape, args.seed)) };
+    let Some(path) = &args.init_noise else {
+        return Ok(pipeline::seeded_noise(shape, args.seed));
+    };
     let n = npy::read_slices(path)?;
     ensure!(
         [n.b, n.h, n.w, 1] == shape,
@@ -98,7 +101,10 @@ fn classifier_path(args: &DetectArgs, cfg: &Config) -> Result<PathBuf> {
     }
     match &cfg.classifier.ckpt_path {
         Some(p) => Ok(PathBuf::from(p)),
-        None => bail!("no --classifier given and {} has no classifier ckpt_path", args.config.display()),
+        None => bail!(
+            "no --classifier given and {} has no classifier ckpt_path",
+            args.config.display()
+        ),
     }
 }
 
@@ -118,7 +124,10 @@ pub fn run(args: DetectArgs) -> Result<()> {
         "--steps {steps} must be in 1..={}",
         cfg.schedule.timesteps
     );
-    ensure!(guidance.is_finite(), "--guidance {guidance} is not a finite number");
+    ensure!(
+        guidance.is_finite(),
+        "--guidance {guidance} is not a finite number"
+    );
     let (flair, t1) = read_pair(&args)?;
     let (b, h, w) = (flair.b, flair.h, flair.w);
     let size = cfg.unet.image_size;
@@ -127,9 +136,15 @@ pub fn run(args: DetectArgs) -> Result<()> {
         "{}: slices of {h} x {w}, but the config's image_size is {size} (resample the input first)",
         args.flair.display()
     );
-    let x0 = pipeline::normalise(&flair.data, b, h, w, &args.flair.display().to_string())?;
-    let cond = pipeline::normalise(&t1.data, b, h, w, &args.t1.display().to_string())?;
-    let noise = noise(&args, &x0.shape)?;
+    // Normalisation runs on the device; checking here too makes a constant
+    // or NaN slice fail in milliseconds, before the networks are loaded.
+    for (s, path) in [(&flair, &args.flair), (&t1, &args.t1)] {
+        post::normalize_batch(&s.data, h * w).with_context(|| path.display().to_string())?;
+    }
+    let shape = vec![b, h, w, 1];
+    let flair_t = Tensor::new(shape.clone(), flair.data)?;
+    let t1_t = Tensor::new(shape.clone(), t1.data)?;
+    let noise = noise(&args, &shape)?;
 
     let backend = Cpu;
     let t_load = Instant::now();
@@ -139,18 +154,25 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
 
     // Fail on an unwritable output before the long part, not after it.
-    let mut staged = Staged::new(&args.out).with_context(|| format!("{}: cannot prepare the output directory", args.out.display()))?;
+    let mut staged = Staged::new(&args.out).with_context(|| {
+        format!(
+            "{}: cannot prepare the output directory",
+            args.out.display()
+        )
+    })?;
 
     let bar = ProgressBar::new(2 * steps as u64);
-    bar.set_style(ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})",
+    )?);
     let t_sample = Instant::now();
     let det = pipeline::detect(
         &backend,
         &cfg,
         &unet,
         &classifier,
-        &x0,
-        &cond,
+        &flair_t,
+        &t1_t,
         &noise,
         steps,
         guidance as f32,
@@ -166,8 +188,14 @@ pub fn run(args: DetectArgs) -> Result<()> {
     bar.finish_and_clear();
     let sample_s = t_sample.elapsed().as_secs_f64();
 
-    staged.write("pseudo_healthy.npy", &npy::encode_f32(&[b, 1, h, w], &det.pseudo_healthy.data)?)?;
-    staged.write("anomaly.npy", &npy::encode_f32(&[b, h, w], &det.anomaly.data)?)?;
+    staged.write(
+        "pseudo_healthy.npy",
+        &npy::encode_f32(&[b, 1, h, w], &det.pseudo_healthy.data)?,
+    )?;
+    staged.write(
+        "anomaly.npy",
+        &npy::encode_f32(&[b, h, w], &det.anomaly.data)?,
+    )?;
     let summary = json!({
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "inputs": {
@@ -184,12 +212,23 @@ pub fn run(args: DetectArgs) -> Result<()> {
         "timings_s": { "load": load_s, "sample": sample_s, "total": t_start.elapsed().as_secs_f64() },
         "outputs": { "pseudo_healthy": "pseudo_healthy.npy", "anomaly": "anomaly.npy" },
     });
-    staged.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    staged.write(
+        "summary.json",
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     staged.commit()?;
-    eprintln!("wrote {} slices to {} in {:.1} s", b, args.out.display(), t_start.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} slices to {} in {:.1} s",
+        b,
+        args.out.display(),
+        t_start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn abs(p: &Path) -> String {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }

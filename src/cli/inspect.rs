@@ -25,7 +25,9 @@ pub fn run(file: &Path, config: Option<&Path>, which: Option<Which>) -> Result<(
     println!("{params} parameters");
     let Some(config) = config else { return Ok(()) };
     let which = which.unwrap_or_else(|| {
-        let unet_like = loaded.tensors.keys().any(|k| k.starts_with("model.") || k.starts_with("output_blocks.") || k == "label_emb.weight");
+        let unet_like = loaded.tensors.keys().any(|k| {
+            k.starts_with("model.") || k.starts_with("output_blocks.") || k == "label_emb.weight"
+        });
         if unet_like {
             Which::Unet
         } else {
@@ -38,13 +40,29 @@ pub fn run(file: &Path, config: Option<&Path>, which: Option<Which>) -> Result<(
         (Err(_), Which::Classifier) => Config::load_classifier(config)?,
         (Err(e), Which::Unet) => return Err(e),
     };
-    let kind = if which == Which::Unet { NetKind::Unet } else { NetKind::Classifier };
+    let kind = if which == Which::Unet {
+        NetKind::Unet
+    } else {
+        NetKind::Classifier
+    };
     let spec = NetSpec::build(&cfg, kind);
-    let tensors = if kind == NetKind::Unet { weights::strip_model_prefix(loaded.tensors) } else { loaded.tensors };
+    let tensors = if kind == NetKind::Unet {
+        weights::strip_model_prefix(loaded.tensors)
+    } else {
+        loaded.tensors
+    };
     let report = weights::check(&spec, &tensors);
-    let name = if kind == NetKind::Unet { "UNet" } else { "classifier" };
+    let name = if kind == NetKind::Unet {
+        "UNet"
+    } else {
+        "classifier"
+    };
     if report.is_ok() {
-        println!("matches the {name} of {}: {} tensors", config.display(), spec.expected_tensors().len());
+        println!(
+            "matches the {name} of {}: {} tensors",
+            config.display(),
+            spec.expected_tensors().len()
+        );
         return Ok(());
     }
     for line in report.lines() {

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "fcd", version, about = "Focal cortical dysplasia detection by classifier-guided diffusion")]
+#[command(
+    name = "fcd",
+    version,
+    about = "Focal cortical dysplasia detection by classifier-guided diffusion"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

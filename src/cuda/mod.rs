@@ -84,6 +84,8 @@ pub struct Gpu {
 }
 
 impl Gpu {
+    /// Opens device `ordinal` and loads every embedded module: the CUBIN of
+    /// its architecture, or the PTX (also when `FCD_FORCE_PTX=1`).
     pub fn new(ordinal: usize) -> Result<Gpu> {
         probe_driver()?;
         require_kernels()?;
@@ -104,8 +106,13 @@ impl Gpu {
             .compute_capability()
             .context("querying the compute capability")?;
         let (major, minor) = compute_capability;
-        let image_kind = ImageKind::for_compute_capability(major, minor)
+        let mut image_kind = ImageKind::for_compute_capability(major, minor)
             .with_context(|| format!("device {ordinal} ({name})"))?;
+        // Lets a Hopper or Ampere machine exercise the PTX path that newer
+        // architectures take.
+        if std::env::var("FCD_FORCE_PTX").is_ok_and(|v| v == "1") {
+            image_kind = ImageKind::Ptx80;
+        }
         let sm_count = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .context("querying the multiprocessor count")?;

@@ -23,9 +23,10 @@ pub struct Loaded {
     pub dtypes: BTreeMap<String, &'static str>,
 }
 
-/// A tensor is materialised as one float32 vector; beyond this many elements (8 GiB) a
-/// checkpoint entry is taken to be corrupt rather than allocated.
-const MAX_TENSOR_ELEMENTS: usize = 1 << 31;
+/// Views let many tensors share one storage, so a small hostile file could ask for unbounded
+/// memory. Stored tensors take at least a byte per element; allowing this many elements per
+/// byte of file covers tied weights and half-precision storage with room to spare.
+const MAX_ELEMENTS_PER_FILE_BYTE: u64 = 4;
 
 const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 /// What the pre-1.6 torch.save format starts with: protocol 2 and torch's magic number.
@@ -101,6 +102,10 @@ fn read_safetensors(bytes: &[u8]) -> Result<Loaded> {
         out.dtypes.insert(name.clone(), dtype.name());
         out.tensors.insert(name, Tensor { shape, data });
     }
+    ensure!(
+        !out.tensors.is_empty(),
+        "the safetensors file holds no tensors"
+    );
     Ok(out)
 }
 
@@ -139,6 +144,15 @@ fn read_torch(file: File) -> Result<Loaded> {
     let pkl = read_entry(&mut zip, &pkl_name, file_len)?;
     let pickle = pickle::parse(&pkl).with_context(|| format!("`{pkl_name}`"))?;
     let wanted = select_tensors(&pickle)?;
+    let mut total = 0u64;
+    for (name, t) in &wanted {
+        let count = element_count(&t.shape).with_context(|| format!("tensor `{name}`"))?;
+        total = total.saturating_add(count as u64);
+    }
+    ensure!(
+        total <= file_len.saturating_mul(MAX_ELEMENTS_PER_FILE_BYTE),
+        "the tensors add up to {total} elements, implausibly many for a file of {file_len} bytes"
+    );
 
     // Views of one storage share its bytes: read each storage once.
     let mut by_storage: BTreeMap<&str, Vec<(&String, &TensorRef)>> = BTreeMap::new();
@@ -251,11 +265,10 @@ fn select_tensors(p: &Pickle) -> Result<Vec<(String, Rc<TensorRef>)>> {
 }
 
 fn element_count(shape: &[usize]) -> Result<usize> {
-    let n = shape
+    shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|&n| n <= MAX_TENSOR_ELEMENTS);
-    n.ok_or_else(|| anyhow!("shape {shape:?} has more than {MAX_TENSOR_ELEMENTS} elements"))
+        .ok_or_else(|| anyhow!("shape {shape:?} has too many elements"))
 }
 
 fn alloc(count: usize) -> Result<Vec<f32>> {

@@ -570,6 +570,7 @@ impl Machine<'_> {
             b'Q' => {
                 let pid = self.pop_any()?;
                 let storage = persistent_load(&pid)?;
+                self.charge(storage.key.len())?;
                 self.stack.push(Value::Storage(Rc::new(storage)));
             }
             // NEWOBJ (cls.__new__(cls, *args)) is treated as a call: the allowed classes build
@@ -801,6 +802,18 @@ mod tests {
         // {} BINPUT 0, 'a' 1 SETITEM, POP, BINGET 0, STOP: the memoised dict must hold a: 1.
         let p = parse(b"\x80\x02}q\x00\x8c\x01aK\x01s0h\x00.").unwrap();
         assert!(matches!(p.dict_get(&p.root, "a"), Some(Value::Int(1))));
+    }
+
+    #[test]
+    fn copies_are_bounded() {
+        // A 100-element list, then set(list) 1000 times through memo references.
+        let mut p = b"\x80\x02]q\x00(".to_vec();
+        p.extend(std::iter::repeat_n(*b"K\x07", 100).flatten());
+        p.extend_from_slice(b"ec__builtin__\nset\nq\x010");
+        p.extend(std::iter::repeat_n(*b"h\x01h\x00\x85R0", 1000).flatten());
+        p.push(b'.');
+        let e = parse(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("decompression bomb"), "{e:#}");
     }
 
     #[test]

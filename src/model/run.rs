@@ -13,12 +13,20 @@ pub fn timestep_embedding(ts: &[usize], dim: usize) -> Tensor {
     let half = dim / 2;
     let mut data = Vec::with_capacity(ts.len() * dim);
     for &t in ts {
-        let args: Vec<f64> = (0..half).map(|i| t as f64 * (-(10000f64.ln()) * i as f64 / half as f64).exp()).collect();
+        let args: Vec<f64> = (0..half)
+            .map(|i| t as f64 * (-(10000f64.ln()) * i as f64 / half as f64).exp())
+            .collect();
         data.extend(args.iter().map(|a| a.cos() as f32));
         data.extend(args.iter().map(|a| a.sin() as f32));
     }
-    Tensor { shape: vec![ts.len(), 1, 1, dim], data }
+    Tensor {
+        shape: vec![ts.len(), 1, 1, dim],
+        data,
+    }
 }
+
+/// A layer's output, and what it keeps for the backward pass when asked.
+type Step<T> = (T, Option<Saved<T>>);
 
 /// A network bound to a backend.
 pub struct Net<B: Backend> {
@@ -40,25 +48,54 @@ impl<B: Backend> Net<B> {
         let h = b.silu(&b.conv(&sin, self.w.conv("time_embed.0"))?)?;
         let mut emb = b.conv(&h, self.w.conv("time_embed.2"))?;
         if self.spec.num_classes.is_some() {
-            let y = y.ok_or_else(|| anyhow::anyhow!("the UNet has num_classes set: labels are required"))?;
+            let y = y.ok_or_else(|| {
+                anyhow::anyhow!("the UNet has num_classes set: labels are required")
+            })?;
             emb = b.add_rows(&emb, self.w.vec("label_emb.weight"), y)?;
         }
         b.silu(&emb)
     }
 
     fn gn(&self, b: &B, x: &B::T, name: &str, ss: Option<&B::T>, silu: bool) -> Result<B::T> {
-        b.group_norm(x, self.w.vec(&format!("{name}.weight")), self.w.vec(&format!("{name}.bias")), ss, silu)
+        b.group_norm(
+            x,
+            self.w.vec(&format!("{name}.weight")),
+            self.w.vec(&format!("{name}.bias")),
+            ss,
+            silu,
+        )
     }
 
-    fn gn_bwd(&self, b: &B, x: &B::T, name: &str, ss: Option<&B::T>, silu: bool, dy: &B::T) -> Result<B::T> {
-        b.group_norm_bwd(x, self.w.vec(&format!("{name}.weight")), self.w.vec(&format!("{name}.bias")), ss, silu, dy)
+    fn gn_bwd(
+        &self,
+        b: &B,
+        x: &B::T,
+        name: &str,
+        ss: Option<&B::T>,
+        silu: bool,
+        dy: &B::T,
+    ) -> Result<B::T> {
+        b.group_norm_bwd(
+            x,
+            self.w.vec(&format!("{name}.weight")),
+            self.w.vec(&format!("{name}.bias")),
+            ss,
+            silu,
+            dy,
+        )
     }
 
-    fn layer(&self, b: &B, l: &Layer, x: B::T, semb: &B::T, keep: bool) -> Result<(B::T, Option<Saved<B::T>>)>
-    {
+    fn layer(&self, b: &B, l: &Layer, x: B::T, semb: &B::T, keep: bool) -> Result<Step<B::T>> {
         match l {
-            Layer::Conv { name, .. } => Ok((b.conv(&x, self.w.conv(name))?, keep.then_some(Saved::Conv))),
-            Layer::Res { name, cin, cout, resample } => {
+            Layer::Conv { name, .. } => {
+                Ok((b.conv(&x, self.w.conv(name))?, keep.then_some(Saved::Conv)))
+            }
+            Layer::Res {
+                name,
+                cin,
+                cout,
+                resample,
+            } => {
                 let mut a = self.gn(b, &x, &format!("{name}.in_layers.0"), None, true)?;
                 let xs = match resample {
                     Resample::None => None,
@@ -103,8 +140,20 @@ impl<B: Backend> Net<B> {
     fn layer_bwd(&self, b: &B, l: &Layer, saved: &Saved<B::T>, dout: B::T) -> Result<B::T> {
         match (l, saved) {
             (Layer::Conv { name, .. }, Saved::Conv) => b.conv_bwd(&dout, self.w.conv(name)),
-            (Layer::Res { name, cin, cout, resample }, Saved::Res { x, h1, e }) => {
-                let mut dxs = if cin != cout { b.conv_bwd(&dout, self.w.conv(&format!("{name}.skip_connection")))? } else { dout.clone() };
+            (
+                Layer::Res {
+                    name,
+                    cin,
+                    cout,
+                    resample,
+                },
+                Saved::Res { x, h1, e },
+            ) => {
+                let mut dxs = if cin != cout {
+                    b.conv_bwd(&dout, self.w.conv(&format!("{name}.skip_connection")))?
+                } else {
+                    dout.clone()
+                };
                 let dh2 = b.conv_bwd(&dout, self.w.conv(&format!("{name}.out_layers.3")))?;
                 let ss = self.spec.scale_shift.then_some(e);
                 let dh1 = self.gn_bwd(b, h1, &format!("{name}.out_layers.0"), ss, true, &dh2)?;
@@ -139,13 +188,17 @@ impl<B: Backend> Net<B> {
             "input of shape {d:?} (NHWC) does not fit the network: {s} x {s} with {} channels",
             self.spec.in_channels
         );
-        ensure!(ts.len() == d[0], "{} timesteps for a batch of {}", ts.len(), d[0]);
+        ensure!(
+            ts.len() == d[0],
+            "{} timesteps for a batch of {}",
+            ts.len(),
+            d[0]
+        );
         Ok(())
     }
 
     /// UNet: predicted noise `[B,H,W,out]` for input `[B,H,W,in]`.
-    pub fn unet(&self, b: &B, x: &B::T, ts: &[usize], y: &[usize]) -> Result<B::T>
-    {
+    pub fn unet(&self, b: &B, x: &B::T, ts: &[usize], y: &[usize]) -> Result<B::T> {
         ensure!(self.spec.kind == NetKind::Unet, "not a UNet");
         self.check_input(b, x, ts)?;
         let semb = self.embedding(b, ts, Some(y))?;
@@ -172,12 +225,23 @@ impl<B: Backend> Net<B> {
     }
 
     /// Classifier: logits `[B,1,1,K]` and `d/dx sum_b log_softmax(logits_b)[y_b]`.
-    pub fn classifier_grad(&self, b: &B, x: &B::T, ts: &[usize], y: &[usize]) -> Result<(B::T, B::T)>
-    {
+    pub fn classifier_grad(
+        &self,
+        b: &B,
+        x: &B::T,
+        ts: &[usize],
+        y: &[usize],
+    ) -> Result<(B::T, B::T)> {
         ensure!(self.spec.kind == NetKind::Classifier, "not a classifier");
         self.check_input(b, x, ts)?;
         let semb = self.embedding(b, ts, None)?;
-        let layers: Vec<&Layer> = self.spec.input_blocks.iter().flatten().chain(&self.spec.middle).collect();
+        let layers: Vec<&Layer> = self
+            .spec
+            .input_blocks
+            .iter()
+            .flatten()
+            .chain(&self.spec.middle)
+            .collect();
         let mut tape = Vec::with_capacity(layers.len());
         let mut h = x.clone();
         for l in &layers {
@@ -194,7 +258,10 @@ impl<B: Backend> Net<B> {
         let logits = b.conv(&b.token0(&a)?, self.w.conv("out.2.c_proj"))?;
 
         let dlogits = b.log_softmax_grad(&logits, y)?;
-        let da = b.token0_bwd(&b.conv_bwd(&dlogits, self.w.conv("out.2.c_proj"))?, hw.0 * hw.1 + 1)?;
+        let da = b.token0_bwd(
+            &b.conv_bwd(&dlogits, self.w.conv("out.2.c_proj"))?,
+            hw.0 * hw.1 + 1,
+        )?;
         let dqkv = b.attention_bwd(&qkv, &da, self.spec.pool_heads, false)?;
         let dn = b.prepend_mean_bwd(&b.conv_bwd(&dqkv, self.w.conv("out.2.qkv_proj"))?, hw)?;
         let mut g = self.gn_bwd(b, &h, "out.0", None, true, &dn)?;

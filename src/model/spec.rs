@@ -13,9 +13,22 @@ pub enum Resample {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Layer {
     /// A 3x3 convolution (`input_blocks.0.0`).
-    Conv { name: String, cin: usize, cout: usize },
-    Res { name: String, cin: usize, cout: usize, resample: Resample },
-    Attn { name: String, ch: usize, heads: usize },
+    Conv {
+        name: String,
+        cin: usize,
+        cout: usize,
+    },
+    Res {
+        name: String,
+        cin: usize,
+        cout: usize,
+        resample: Resample,
+    },
+    Attn {
+        name: String,
+        ch: usize,
+        heads: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,32 +64,64 @@ impl NetSpec {
     pub fn build(cfg: &NetConfig, kind: NetKind) -> Self {
         let mc = cfg.model_channels;
         let attn = |ds: usize| cfg.attention_resolutions.contains(&ds);
-        let mut input_blocks = vec![vec![Layer::Conv { name: "input_blocks.0.0".into(), cin: cfg.in_channels, cout: mc }]];
+        let mut input_blocks = vec![vec![Layer::Conv {
+            name: "input_blocks.0.0".into(),
+            cin: cfg.in_channels,
+            cout: mc,
+        }]];
         let mut skips = vec![mc];
         let (mut ch, mut ds) = (mc, 1usize);
         let last = cfg.channel_mult.len() - 1;
         for (level, &mult) in cfg.channel_mult.iter().enumerate() {
             for _ in 0..cfg.num_res_blocks {
                 let i = input_blocks.len();
-                let mut block = vec![Layer::Res { name: format!("input_blocks.{i}.0"), cin: ch, cout: mult * mc, resample: Resample::None }];
+                let mut block = vec![Layer::Res {
+                    name: format!("input_blocks.{i}.0"),
+                    cin: ch,
+                    cout: mult * mc,
+                    resample: Resample::None,
+                }];
                 ch = mult * mc;
                 if attn(ds) {
-                    block.push(Layer::Attn { name: format!("input_blocks.{i}.1"), ch, heads: cfg.heads(ch) });
+                    block.push(Layer::Attn {
+                        name: format!("input_blocks.{i}.1"),
+                        ch,
+                        heads: cfg.heads(ch),
+                    });
                 }
                 input_blocks.push(block);
                 skips.push(ch);
             }
             if level != last {
                 let i = input_blocks.len();
-                input_blocks.push(vec![Layer::Res { name: format!("input_blocks.{i}.0"), cin: ch, cout: ch, resample: Resample::Down }]);
+                input_blocks.push(vec![Layer::Res {
+                    name: format!("input_blocks.{i}.0"),
+                    cin: ch,
+                    cout: ch,
+                    resample: Resample::Down,
+                }]);
                 skips.push(ch);
                 ds *= 2;
             }
         }
         let middle = vec![
-            Layer::Res { name: "middle_block.0".into(), cin: ch, cout: ch, resample: Resample::None },
-            Layer::Attn { name: "middle_block.1".into(), ch, heads: cfg.heads(ch) },
-            Layer::Res { name: "middle_block.2".into(), cin: ch, cout: ch, resample: Resample::None },
+            Layer::Res {
+                name: "middle_block.0".into(),
+                cin: ch,
+                cout: ch,
+                resample: Resample::None,
+            },
+            Layer::Attn {
+                name: "middle_block.1".into(),
+                ch,
+                heads: cfg.heads(ch),
+            },
+            Layer::Res {
+                name: "middle_block.2".into(),
+                cin: ch,
+                cout: ch,
+                resample: Resample::None,
+            },
         ];
         let mut output_blocks = Vec::new();
         if kind == NetKind::Unet {
@@ -84,21 +129,39 @@ impl NetSpec {
                 for i in 0..=cfg.num_res_blocks {
                     let n = output_blocks.len();
                     let skip = skips.pop().expect("one skip per input block");
-                    let mut block = vec![Layer::Res { name: format!("output_blocks.{n}.0"), cin: ch + skip, cout: mc * mult, resample: Resample::None }];
+                    let mut block = vec![Layer::Res {
+                        name: format!("output_blocks.{n}.0"),
+                        cin: ch + skip,
+                        cout: mc * mult,
+                        resample: Resample::None,
+                    }];
                     ch = mc * mult;
                     if attn(ds) {
-                        block.push(Layer::Attn { name: format!("output_blocks.{n}.1"), ch, heads: cfg.heads(ch) });
+                        block.push(Layer::Attn {
+                            name: format!("output_blocks.{n}.1"),
+                            ch,
+                            heads: cfg.heads(ch),
+                        });
                     }
                     if level > 0 && i == cfg.num_res_blocks {
                         let j = block.len();
-                        block.push(Layer::Res { name: format!("output_blocks.{n}.{j}"), cin: ch, cout: ch, resample: Resample::Up });
+                        block.push(Layer::Res {
+                            name: format!("output_blocks.{n}.{j}"),
+                            cin: ch,
+                            cout: ch,
+                            resample: Resample::Up,
+                        });
                         ds /= 2;
                     }
                     output_blocks.push(block);
                 }
             }
         }
-        let pool_heads = if cfg.num_head_channels > 0 { ch / cfg.num_head_channels as usize } else { cfg.num_heads };
+        let pool_heads = if cfg.num_head_channels > 0 {
+            ch / cfg.num_head_channels as usize
+        } else {
+            cfg.num_heads
+        };
         Self {
             kind,
             image_size: cfg.image_size,
@@ -106,7 +169,11 @@ impl NetSpec {
             out_channels: cfg.out_channels,
             model_channels: mc,
             emb_dim: 4 * mc,
-            num_classes: if kind == NetKind::Unet { cfg.num_classes } else { None },
+            num_classes: if kind == NetKind::Unet {
+                cfg.num_classes
+            } else {
+                None
+            },
             scale_shift: cfg.use_scale_shift_norm,
             legacy_attention: !cfg.use_new_attention_order,
             input_blocks,
@@ -130,14 +197,21 @@ impl NetSpec {
         if let Some(k) = self.num_classes {
             put("label_emb.weight".into(), vec![k, e]);
         }
-        let layers = self.input_blocks.iter().flatten().chain(&self.middle).chain(self.output_blocks.iter().flatten());
+        let layers = self
+            .input_blocks
+            .iter()
+            .flatten()
+            .chain(&self.middle)
+            .chain(self.output_blocks.iter().flatten());
         for layer in layers {
             match layer {
                 Layer::Conv { name, cin, cout } => {
                     put(format!("{name}.weight"), vec![*cout, *cin, 3, 3]);
                     put(format!("{name}.bias"), vec![*cout]);
                 }
-                Layer::Res { name, cin, cout, .. } => {
+                Layer::Res {
+                    name, cin, cout, ..
+                } => {
                     let (ci, co) = (*cin, *cout);
                     put(format!("{name}.in_layers.0.weight"), vec![ci]);
                     put(format!("{name}.in_layers.0.bias"), vec![ci]);
@@ -190,10 +264,17 @@ impl NetSpec {
     pub fn forward_flops(&self) -> f64 {
         let mut flops = 0f64;
         let mut side = self.image_size as f64;
-        let conv = |side: f64, cin: usize, cout: usize, k: usize| 2.0 * side * side * (cin * cout * k * k) as f64;
+        let conv = |side: f64, cin: usize, cout: usize, k: usize| {
+            2.0 * side * side * (cin * cout * k * k) as f64
+        };
         let mut layer = |l: &Layer, side: &mut f64| match l {
             Layer::Conv { cin, cout, .. } => flops += conv(*side, *cin, *cout, 3),
-            Layer::Res { cin, cout, resample, .. } => {
+            Layer::Res {
+                cin,
+                cout,
+                resample,
+                ..
+            } => {
                 match resample {
                     Resample::Down => *side /= 2.0,
                     Resample::Up => *side *= 2.0,
@@ -209,7 +290,13 @@ impl NetSpec {
                 flops += conv(*side, *ch, 4 * ch, 1) + 4.0 * t * t * *ch as f64;
             }
         };
-        for l in self.input_blocks.iter().flatten().chain(&self.middle).chain(self.output_blocks.iter().flatten()) {
+        for l in self
+            .input_blocks
+            .iter()
+            .flatten()
+            .chain(&self.middle)
+            .chain(self.output_blocks.iter().flatten())
+        {
             layer(l, &mut side);
         }
         if self.kind == NetKind::Unet {

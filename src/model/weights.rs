@@ -24,9 +24,21 @@ impl KeyReport {
     /// One line per problem.
     pub fn lines(&self) -> Vec<String> {
         let mut v = Vec::new();
-        v.extend(self.missing.iter().map(|(k, s)| format!("missing key `{k}` (expected shape {s:?})")));
-        v.extend(self.misshaped.iter().map(|(k, e, f)| format!("key `{k}` has shape {f:?}, expected {e:?}")));
-        v.extend(self.unexpected.iter().map(|(k, s)| format!("unexpected key `{k}` (shape {s:?})")));
+        v.extend(
+            self.missing
+                .iter()
+                .map(|(k, s)| format!("missing key `{k}` (expected shape {s:?})")),
+        );
+        v.extend(
+            self.misshaped
+                .iter()
+                .map(|(k, e, f)| format!("key `{k}` has shape {f:?}, expected {e:?}")),
+        );
+        v.extend(
+            self.unexpected
+                .iter()
+                .map(|(k, s)| format!("unexpected key `{k}` (shape {s:?})")),
+        );
         v
     }
 }
@@ -36,7 +48,10 @@ impl KeyReport {
 /// beside it) and strip it.
 pub fn strip_model_prefix(mut tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
     if tensors.keys().any(|k| k.starts_with("model.")) {
-        tensors = tensors.into_iter().filter_map(|(k, v)| k.strip_prefix("model.").map(|s| (s.to_string(), v))).collect();
+        tensors = tensors
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("model.").map(|s| (s.to_string(), v)))
+            .collect();
     }
     tensors
 }
@@ -48,7 +63,10 @@ pub fn check(spec: &NetSpec, tensors: &BTreeMap<String, Tensor>) -> KeyReport {
     for (k, shape) in &expected {
         match tensors.get(k) {
             None => r.missing.push((k.clone(), shape.clone())),
-            Some(t) if &t.shape != shape => r.misshaped.push((k.clone(), shape.clone(), t.shape.clone())),
+            Some(t) if &t.shape != shape => {
+                r.misshaped
+                    .push((k.clone(), shape.clone(), t.shape.clone()))
+            }
             Some(_) => {}
         }
     }
@@ -78,13 +96,25 @@ impl<B: Backend> Bound<B> {
 
 /// Checks `tensors` against `spec` (every problem listed, `what` naming the
 /// file) and binds them to the backend.
-pub fn bind<B: Backend>(backend: &B, spec: &NetSpec, tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<Bound<B>> {
+pub fn bind<B: Backend>(
+    backend: &B,
+    spec: &NetSpec,
+    tensors: &BTreeMap<String, Tensor>,
+    what: &str,
+) -> Result<Bound<B>> {
     let report = check(spec, tensors);
     if !report.is_ok() {
         let lines = report.lines();
         let shown: Vec<&str> = lines.iter().take(8).map(|s| s.as_str()).collect();
-        let more = if lines.len() > 8 { format!(" (and {} more)", lines.len() - 8) } else { String::new() };
-        bail!("{what}: the checkpoint does not match the network of the config: {}{more}", shown.join("; "));
+        let more = if lines.len() > 8 {
+            format!(" (and {} more)", lines.len() - 8)
+        } else {
+            String::new()
+        };
+        bail!(
+            "{what}: the checkpoint does not match the network of the config: {}{more}",
+            shown.join("; ")
+        );
     }
     let mut convs = HashMap::new();
     let mut vecs = HashMap::new();
@@ -108,7 +138,9 @@ pub fn bind<B: Backend>(backend: &B, spec: &NetSpec, tensors: &BTreeMap<String, 
         let is_conv_or_linear = shape.len() >= 2 && !name.ends_with("label_emb");
         if is_conv_or_linear {
             let bias = &tensors[&format!("{name}.bias")];
-            let c = backend.prepare_conv(w, bias).with_context(|| format!("{what}: `{k}`"))?;
+            let c = backend
+                .prepare_conv(w, bias)
+                .with_context(|| format!("{what}: `{k}`"))?;
             convs.insert(name.to_string(), c);
         } else {
             vecs.insert(k.clone(), backend.upload(w)?);

@@ -10,7 +10,9 @@ use fcd::tensor::Tensor;
 use std::path::PathBuf;
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn manifest() -> serde_json::Value {
@@ -30,13 +32,16 @@ pub fn array(name: &str) -> (Vec<usize>, Vec<f64>) {
 /// An NCHW float array of the fixtures as an NHWC tensor.
 pub fn nhwc(name: &str) -> Tensor {
     let (shape, v) = array(name);
-    let [b, c, h, w] = shape[..] else { panic!("{name}: not NCHW: {shape:?}") };
+    let [b, c, h, w] = shape[..] else {
+        panic!("{name}: not NCHW: {shape:?}")
+    };
     let mut data = vec![0f32; v.len()];
     for bi in 0..b {
         for ch in 0..c {
             for y in 0..h {
                 for x in 0..w {
-                    data[((bi * h + y) * w + x) * c + ch] = v[((bi * c + ch) * h + y) * w + x] as f32;
+                    data[((bi * h + y) * w + x) * c + ch] =
+                        v[((bi * c + ch) * h + y) * w + x] as f32;
                 }
             }
         }
@@ -58,10 +63,20 @@ pub fn config() -> Config {
 
 pub fn nets(cfg: &Config) -> (Net<Cpu>, Net<Cpu>) {
     let unet = pipeline::load_net(&Cpu, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
-    let cls = pipeline::load_net(&Cpu, &cfg.classifier, NetKind::Classifier, &fixture("classifier.pt")).unwrap();
+    let cls = pipeline::load_net(
+        &Cpu,
+        &cfg.classifier,
+        NetKind::Classifier,
+        &fixture("classifier.pt"),
+    )
+    .unwrap();
     (unet, cls)
 }
 
 pub fn usizes(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }

@@ -42,7 +42,14 @@ fn softmax_rows(s: &mut [f32], t: usize) {
 }
 
 /// Softmax weights of one (batch, head), and the scaled q and k they came from.
-fn weights(qkv: &[f32], t: usize, c: usize, h: usize, d: usize, legacy: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+fn weights(
+    qkv: &[f32],
+    t: usize,
+    c: usize,
+    h: usize,
+    d: usize,
+    legacy: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let (qo, ko, vo, _) = offsets(h, d, c, legacy);
     let s = (d as f32).sqrt().sqrt().recip();
     let q = gather(qkv, t, 3 * c, qo, d, s);
@@ -79,11 +86,22 @@ pub fn forward(qkv: &[f32], b: usize, t: usize, c: usize, heads: usize, legacy: 
     out
 }
 
+/// (batch, head, dq, dk, dv) of one head.
+type HeadGrads = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// Gradient with respect to `qkv` given the gradient `dout` (`[b, t, c]`).
-pub fn backward(qkv: &[f32], dout: &[f32], b: usize, t: usize, c: usize, heads: usize, legacy: bool) -> Vec<f32> {
+pub fn backward(
+    qkv: &[f32],
+    dout: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+    legacy: bool,
+) -> Vec<f32> {
     let d = c / heads;
     let s = (d as f32).sqrt().sqrt().recip();
-    let parts: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * heads)
+    let parts: Vec<HeadGrads> = (0..b * heads)
         .into_par_iter()
         .map(|bh| {
             let (bi, h) = (bh / heads, bh % heads);
@@ -98,7 +116,11 @@ pub fn backward(qkv: &[f32], dout: &[f32], b: usize, t: usize, c: usize, heads: 
             matmul_bt(t, t, d, &da, d, &v, d, &mut dw, t, false);
             // dS = W * (dW - rowsum(W * dW))
             for (wr, dr) in w.chunks(t).zip(dw.chunks_mut(t)) {
-                let dot: f64 = wr.iter().zip(dr.iter()).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let dot: f64 = wr
+                    .iter()
+                    .zip(dr.iter())
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
                 for (dv, &wv) in dr.iter_mut().zip(wr) {
                     *dv = wv * (*dv - dot as f32);
                 }

@@ -33,7 +33,14 @@ impl CpuConv {
                 }
             }
         }
-        Self { k, cin, cout, fwd, bwd, bias: bias.to_vec() }
+        Self {
+            k,
+            cin,
+            cout,
+            fwd,
+            bwd,
+            bias: bias.to_vec(),
+        }
     }
 }
 
@@ -57,37 +64,61 @@ pub fn conv_nhwc(
     let mut y = vec![0.0f32; pixels * cout];
     let kk = k * k * cin;
     let pad = (k / 2) as isize;
-    y.par_chunks_mut(CHUNK * cout).enumerate().for_each(|(ci, out)| {
-        let p0 = ci * CHUNK;
-        let np = out.len() / cout;
-        if let Some(bias) = bias {
-            for row in out.chunks_mut(cout) {
-                row.copy_from_slice(bias);
+    y.par_chunks_mut(CHUNK * cout)
+        .enumerate()
+        .for_each(|(ci, out)| {
+            let p0 = ci * CHUNK;
+            let np = out.len() / cout;
+            if let Some(bias) = bias {
+                for row in out.chunks_mut(cout) {
+                    row.copy_from_slice(bias);
+                }
             }
-        }
-        if k == 1 {
-            matmul(np, cout, cin, &x[p0 * cin..(p0 + np) * cin], cin, wmat, cout, out, cout, bias.is_some());
-            return;
-        }
-        let mut cols = vec![0.0f32; np * kk];
-        for (i, col) in cols.chunks_mut(kk).enumerate() {
-            let p = p0 + i;
-            let (bi, yy, xx) = (p / (h * w), (p / w) % h, p % w);
-            for ky in 0..k {
-                let sy = yy as isize + ky as isize - pad;
-                for kx in 0..k {
-                    let sx = xx as isize + kx as isize - pad;
-                    let dst = &mut col[(ky * k + kx) * cin..(ky * k + kx + 1) * cin];
-                    if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
-                        dst.fill(0.0);
-                    } else {
-                        let s = ((bi * h + sy as usize) * w + sx as usize) * cin;
-                        dst.copy_from_slice(&x[s..s + cin]);
+            if k == 1 {
+                matmul(
+                    np,
+                    cout,
+                    cin,
+                    &x[p0 * cin..(p0 + np) * cin],
+                    cin,
+                    wmat,
+                    cout,
+                    out,
+                    cout,
+                    bias.is_some(),
+                );
+                return;
+            }
+            let mut cols = vec![0.0f32; np * kk];
+            for (i, col) in cols.chunks_mut(kk).enumerate() {
+                let p = p0 + i;
+                let (bi, yy, xx) = (p / (h * w), (p / w) % h, p % w);
+                for ky in 0..k {
+                    let sy = yy as isize + ky as isize - pad;
+                    for kx in 0..k {
+                        let sx = xx as isize + kx as isize - pad;
+                        let dst = &mut col[(ky * k + kx) * cin..(ky * k + kx + 1) * cin];
+                        if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let s = ((bi * h + sy as usize) * w + sx as usize) * cin;
+                            dst.copy_from_slice(&x[s..s + cin]);
+                        }
                     }
                 }
             }
-        }
-        matmul(np, cout, kk, &cols, kk, wmat, cout, out, cout, bias.is_some());
-    });
+            matmul(
+                np,
+                cout,
+                kk,
+                &cols,
+                kk,
+                wmat,
+                cout,
+                out,
+                cout,
+                bias.is_some(),
+            );
+        });
     y
 }

@@ -18,8 +18,14 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.len() >= (m - 1) * lda + k || k == 0, "matmul: lhs too short");
-    assert!(b.len() >= (k.max(1) - 1) * ldb + n || k == 0, "matmul: rhs too short");
+    assert!(
+        a.len() >= (m - 1) * lda + k || k == 0,
+        "matmul: lhs too short"
+    );
+    assert!(
+        b.len() >= (k.max(1) - 1) * ldb + n || k == 0,
+        "matmul: rhs too short"
+    );
     assert!(c.len() >= (m - 1) * ldc + n, "matmul: dst too short");
     if k == 0 {
         if !accumulate {

@@ -11,6 +11,7 @@ pub use conv::CpuConv;
 
 use super::Backend;
 use crate::ddim::{self, DdimCoefs};
+use crate::post;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
@@ -25,18 +26,50 @@ fn nhwc(t: &Tensor) -> Result<(usize, usize, usize, usize)> {
 }
 
 fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
-    ensure!(a.shape == b.shape, "{what}: shapes {:?} and {:?} differ", a.shape, b.shape);
+    ensure!(
+        a.shape == b.shape,
+        "{what}: shapes {:?} and {:?} differ",
+        a.shape,
+        b.shape
+    );
     Ok(())
 }
 
-fn gn_args<'a>(x: &Tensor, gamma: &'a Tensor, beta: &'a Tensor, ss: Option<&'a Tensor>, silu: bool) -> Result<norm::GnArgs<'a>> {
+fn gn_args<'a>(
+    x: &Tensor,
+    gamma: &'a Tensor,
+    beta: &'a Tensor,
+    ss: Option<&'a Tensor>,
+    silu: bool,
+) -> Result<norm::GnArgs<'a>> {
     let (b, h, w, c) = nhwc(x)?;
-    ensure!(c % norm::GROUPS == 0, "group_norm: {c} channels are not a multiple of {}", norm::GROUPS);
-    ensure!(gamma.len() == c && beta.len() == c, "group_norm: affine of {} / {} for {c} channels", gamma.len(), beta.len());
+    ensure!(
+        c % norm::GROUPS == 0,
+        "group_norm: {c} channels are not a multiple of {}",
+        norm::GROUPS
+    );
+    ensure!(
+        gamma.len() == c && beta.len() == c,
+        "group_norm: affine of {} / {} for {c} channels",
+        gamma.len(),
+        beta.len()
+    );
     if let Some(ss) = ss {
-        ensure!(ss.shape == [b, 1, 1, 2 * c], "group_norm: scale/shift {:?} for x {:?}", ss.shape, x.shape);
+        ensure!(
+            ss.shape == [b, 1, 1, 2 * c],
+            "group_norm: scale/shift {:?} for x {:?}",
+            ss.shape,
+            x.shape
+        );
     }
-    Ok(norm::GnArgs { hw: h * w, c, gamma: &gamma.data, beta: &beta.data, ss: ss.map(|s| &s.data[..]), silu })
+    Ok(norm::GnArgs {
+        hw: h * w,
+        c,
+        gamma: &gamma.data,
+        beta: &beta.data,
+        ss: ss.map(|s| &s.data[..]),
+        silu,
+    })
 }
 
 impl Backend for Cpu {
@@ -65,32 +98,58 @@ impl Backend for Cpu {
             [o, i, 1] | [o, i] => (o, i, 1),
             _ => bail!("convolution weight of shape {:?} is not (out, in, 3, 3), (out, in, 1, 1), (out, in, 1) or (out, in)", w.shape),
         };
-        ensure!(bias.shape == [cout], "convolution bias of shape {:?} for {cout} outputs", bias.shape);
+        ensure!(
+            bias.shape == [cout],
+            "convolution bias of shape {:?} for {cout} outputs",
+            bias.shape
+        );
         Ok(CpuConv::new(&w.data, cout, cin, k, &bias.data))
     }
 
     fn conv(&self, x: &Tensor, c: &CpuConv) -> Result<Tensor> {
         let (b, h, w, cin) = nhwc(x)?;
-        ensure!(cin == c.cin, "conv: input has {cin} channels, the weights expect {}", c.cin);
+        ensure!(
+            cin == c.cin,
+            "conv: input has {cin} channels, the weights expect {}",
+            c.cin
+        );
         let y = conv::conv_nhwc(&x.data, b, h, w, cin, c.k, &c.fwd, c.cout, Some(&c.bias));
         Tensor::new(vec![b, h, w, c.cout], y)
     }
 
-    fn group_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, ss: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        ss: Option<&Tensor>,
+        silu: bool,
+    ) -> Result<Tensor> {
         let a = gn_args(x, gamma, beta, ss, silu)?;
         Tensor::new(x.shape.clone(), norm::forward(&x.data, x.shape[0], &a))
     }
 
     fn silu(&self, x: &Tensor) -> Result<Tensor> {
-        Tensor::new(x.shape.clone(), x.data.iter().map(|&z| z * norm::sigmoid(z)).collect())
+        Tensor::new(
+            x.shape.clone(),
+            x.data.iter().map(|&z| z * norm::sigmoid(z)).collect(),
+        )
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if a.shape == b.shape {
-            return Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect());
+            return Tensor::new(
+                a.shape.clone(),
+                a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect(),
+            );
         }
         let (n, h, w, c) = nhwc(a)?;
-        ensure!(b.shape == [n, 1, 1, c], "add: cannot broadcast {:?} onto {:?}", b.shape, a.shape);
+        ensure!(
+            b.shape == [n, 1, 1, c],
+            "add: cannot broadcast {:?} onto {:?}",
+            b.shape,
+            a.shape
+        );
         let mut out = a.data.clone();
         for (i, px) in out.chunks_mut(c).enumerate() {
             let bi = i / (h * w);
@@ -103,7 +162,10 @@ impl Backend for Cpu {
 
     fn avg_pool2(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = nhwc(x)?;
-        ensure!(h % 2 == 0 && w % 2 == 0, "avg_pool2: odd spatial size {h} x {w}");
+        ensure!(
+            h % 2 == 0 && w % 2 == 0,
+            "avg_pool2: odd spatial size {h} x {w}"
+        );
         let (ho, wo) = (h / 2, w / 2);
         let mut y = vec![0f32; b * ho * wo * c];
         for bi in 0..b {
@@ -142,7 +204,12 @@ impl Backend for Cpu {
     fn concat(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (n, h, w, ca) = nhwc(a)?;
         let (n2, h2, w2, cb) = nhwc(b)?;
-        ensure!((n, h, w) == (n2, h2, w2), "concat: shapes {:?} and {:?} differ outside channels", a.shape, b.shape);
+        ensure!(
+            (n, h, w) == (n2, h2, w2),
+            "concat: shapes {:?} and {:?} differ outside channels",
+            a.shape,
+            b.shape
+        );
         let mut y = Vec::with_capacity(n * h * w * (ca + cb));
         for (pa, pb) in a.data.chunks(ca).zip(b.data.chunks(cb)) {
             y.extend_from_slice(pa);
@@ -153,12 +220,27 @@ impl Backend for Cpu {
 
     fn add_rows(&self, x: &Tensor, table: &Tensor, rows: &[usize]) -> Result<Tensor> {
         let (b, _, _, dim) = nhwc(x)?;
-        ensure!(table.shape.len() == 2 && table.shape[1] == dim, "add_rows: table {:?} for width {dim}", table.shape);
-        ensure!(rows.len() == b, "add_rows: {} rows for a batch of {b}", rows.len());
+        ensure!(
+            table.shape.len() == 2 && table.shape[1] == dim,
+            "add_rows: table {:?} for width {dim}",
+            table.shape
+        );
+        ensure!(
+            rows.len() == b,
+            "add_rows: {} rows for a batch of {b}",
+            rows.len()
+        );
         let mut y = x.data.clone();
         for (bi, &r) in rows.iter().enumerate() {
-            ensure!(r < table.shape[0], "label {r} is out of range: the embedding has {} classes", table.shape[0]);
-            for (o, &v) in y[bi * dim..(bi + 1) * dim].iter_mut().zip(&table.data[r * dim..(r + 1) * dim]) {
+            ensure!(
+                r < table.shape[0],
+                "label {r} is out of range: the embedding has {} classes",
+                table.shape[0]
+            );
+            for (o, &v) in y[bi * dim..(bi + 1) * dim]
+                .iter_mut()
+                .zip(&table.data[r * dim..(r + 1) * dim])
+            {
                 *o += v;
             }
         }
@@ -167,15 +249,26 @@ impl Backend for Cpu {
 
     fn attention(&self, qkv: &Tensor, heads: usize, legacy: bool) -> Result<Tensor> {
         let (b, h, w, c3) = nhwc(qkv)?;
-        ensure!(c3 % (3 * heads) == 0, "attention: {c3} qkv channels for {heads} heads");
+        ensure!(
+            c3 % (3 * heads) == 0,
+            "attention: {c3} qkv channels for {heads} heads"
+        );
         let c = c3 / 3;
-        Tensor::new(vec![b, h, w, c], attention::forward(&qkv.data, b, h * w, c, heads, legacy))
+        Tensor::new(
+            vec![b, h, w, c],
+            attention::forward(&qkv.data, b, h * w, c, heads, legacy),
+        )
     }
 
     fn prepend_mean(&self, x: &Tensor, pos: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = nhwc(x)?;
         let t = h * w;
-        ensure!(pos.shape == [t + 1, c], "positional embedding {:?} for {} tokens of {c} channels", pos.shape, t + 1);
+        ensure!(
+            pos.shape == [t + 1, c],
+            "positional embedding {:?} for {} tokens of {c} channels",
+            pos.shape,
+            t + 1
+        );
         let mut y = vec![0f32; b * (t + 1) * c];
         for bi in 0..b {
             let src = &x.data[bi * t * c..(bi + 1) * t * c];
@@ -203,12 +296,24 @@ impl Backend for Cpu {
 
     fn conv_bwd(&self, dy: &Tensor, c: &CpuConv) -> Result<Tensor> {
         let (b, h, w, co) = nhwc(dy)?;
-        ensure!(co == c.cout, "conv_bwd: gradient has {co} channels, the weights give {}", c.cout);
+        ensure!(
+            co == c.cout,
+            "conv_bwd: gradient has {co} channels, the weights give {}",
+            c.cout
+        );
         let dx = conv::conv_nhwc(&dy.data, b, h, w, co, c.k, &c.bwd, c.cin, None);
         Tensor::new(vec![b, h, w, c.cin], dx)
     }
 
-    fn group_norm_bwd(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, ss: Option<&Tensor>, silu: bool, dy: &Tensor) -> Result<Tensor> {
+    fn group_norm_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        ss: Option<&Tensor>,
+        silu: bool,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
         same_shape(x, dy, "group_norm_bwd")?;
         let a = gn_args(x, gamma, beta, ss, silu)?;
         Tensor::new(x.shape.clone(), norm::backward(&x.data, &dy.data, &a))
@@ -219,17 +324,36 @@ impl Backend for Cpu {
         Tensor::new(g.shape, g.data.into_iter().map(|v| v * 0.25).collect())
     }
 
-    fn attention_bwd(&self, qkv: &Tensor, dout: &Tensor, heads: usize, legacy: bool) -> Result<Tensor> {
+    fn attention_bwd(
+        &self,
+        qkv: &Tensor,
+        dout: &Tensor,
+        heads: usize,
+        legacy: bool,
+    ) -> Result<Tensor> {
         let (b, h, w, c3) = nhwc(qkv)?;
         let c = c3 / 3;
-        ensure!(dout.shape == [b, h, w, c], "attention_bwd: gradient {:?} for qkv {:?}", dout.shape, qkv.shape);
-        Tensor::new(qkv.shape.clone(), attention::backward(&qkv.data, &dout.data, b, h * w, c, heads, legacy))
+        ensure!(
+            dout.shape == [b, h, w, c],
+            "attention_bwd: gradient {:?} for qkv {:?}",
+            dout.shape,
+            qkv.shape
+        );
+        Tensor::new(
+            qkv.shape.clone(),
+            attention::backward(&qkv.data, &dout.data, b, h * w, c, heads, legacy),
+        )
     }
 
     fn prepend_mean_bwd(&self, dtok: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
         let (b, _, t1, c) = nhwc(dtok)?;
         let t = hw.0 * hw.1;
-        ensure!(t1 == t + 1, "prepend_mean_bwd: {t1} tokens for {} x {}", hw.0, hw.1);
+        ensure!(
+            t1 == t + 1,
+            "prepend_mean_bwd: {t1} tokens for {} x {}",
+            hw.0,
+            hw.1
+        );
         let mut dx = vec![0f32; b * t * c];
         for bi in 0..b {
             let src = &dtok.data[bi * t1 * c..(bi + 1) * t1 * c];
@@ -253,10 +377,18 @@ impl Backend for Cpu {
 
     fn log_softmax_grad(&self, logits: &Tensor, y: &[usize]) -> Result<Tensor> {
         let (b, _, _, k) = nhwc(logits)?;
-        ensure!(y.len() == b, "log_softmax_grad: {} labels for a batch of {b}", y.len());
+        ensure!(
+            y.len() == b,
+            "log_softmax_grad: {} labels for a batch of {b}",
+            y.len()
+        );
         let mut g = vec![0f32; b * k];
         for bi in 0..b {
-            ensure!(y[bi] < k, "label {} is out of range for {k} classifier outputs", y[bi]);
+            ensure!(
+                y[bi] < k,
+                "label {} is out of range for {k} classifier outputs",
+                y[bi]
+            );
             let row = &logits.data[bi * k..(bi + 1) * k];
             let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
@@ -282,7 +414,37 @@ impl Backend for Cpu {
 
     fn axpy(&self, x: &mut Tensor, s: f32, g: &Tensor) -> Result<()> {
         same_shape(x, g, "axpy")?;
-        x.data.iter_mut().zip(&g.data).for_each(|(x, &g)| *x += s * g);
+        x.data
+            .iter_mut()
+            .zip(&g.data)
+            .for_each(|(x, &g)| *x += s * g);
         Ok(())
+    }
+
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        same_shape(x, y, "axpby")?;
+        Tensor::new(
+            x.shape.clone(),
+            x.data
+                .iter()
+                .zip(&y.data)
+                .map(|(&x, &y)| a * x + b * y)
+                .collect(),
+        )
+    }
+
+    fn normalize(&self, raw: &Tensor) -> Result<Tensor> {
+        let (_, h, w, c) = nhwc(raw)?;
+        ensure!(c == 1, "normalize: slices have one channel, got {c}");
+        Tensor::new(raw.shape.clone(), post::normalize_batch(&raw.data, h * w)?)
+    }
+
+    fn anomaly(&self, x0: &Tensor, xhat: &Tensor, hist_match: bool) -> Result<Tensor> {
+        same_shape(x0, xhat, "anomaly")?;
+        let (_, h, w, _) = nhwc(x0)?;
+        Tensor::new(
+            x0.shape.clone(),
+            post::anomaly_map_batch(&x0.data, &xhat.data, h * w, hist_match)?,
+        )
     }
 }

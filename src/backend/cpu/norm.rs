@@ -56,27 +56,32 @@ fn stats_exact(x: &[f32], a: &GnArgs) -> Vec<(f64, f64)> {
         }
     }
     let n = (a.hw * cg) as f64;
-    (0..GROUPS).map(|g| (rough[g].0, 1.0 / (sq[g] / n + EPS).sqrt())).collect()
+    (0..GROUPS)
+        .map(|g| (rough[g].0, 1.0 / (sq[g] / n + EPS).sqrt()))
+        .collect()
 }
 
 pub fn forward(x: &[f32], b: usize, a: &GnArgs) -> Vec<f32> {
     let per = a.hw * a.c;
     let cg = a.c / GROUPS;
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(per).zip(x.par_chunks(per)).enumerate().for_each(|(bi, (y, x))| {
-        let st = stats_exact(x, a);
-        let ss = a.ss.map(|s| &s[bi * 2 * a.c..(bi + 1) * 2 * a.c]);
-        for (yp, xp) in y.chunks_mut(a.c).zip(x.chunks(a.c)) {
-            for ch in 0..a.c {
-                let (mean, inv) = st[ch / cg];
-                let mut z = (((xp[ch] as f64 - mean) * inv) as f32) * a.gamma[ch] + a.beta[ch];
-                if let Some(ss) = ss {
-                    z = z * (1.0 + ss[ch]) + ss[a.c + ch];
+    y.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .enumerate()
+        .for_each(|(bi, (y, x))| {
+            let st = stats_exact(x, a);
+            let ss = a.ss.map(|s| &s[bi * 2 * a.c..(bi + 1) * 2 * a.c]);
+            for (yp, xp) in y.chunks_mut(a.c).zip(x.chunks(a.c)) {
+                for ch in 0..a.c {
+                    let (mean, inv) = st[ch / cg];
+                    let mut z = (((xp[ch] as f64 - mean) * inv) as f32) * a.gamma[ch] + a.beta[ch];
+                    if let Some(ss) = ss {
+                        z = z * (1.0 + ss[ch]) + ss[a.c + ch];
+                    }
+                    yp[ch] = if a.silu { z * sigmoid(z) } else { z };
                 }
-                yp[ch] = if a.silu { z * sigmoid(z) } else { z };
             }
-        }
-    });
+        });
     debug_assert_eq!(y.len(), b * per);
     y
 }
@@ -85,8 +90,10 @@ pub fn backward(x: &[f32], dy: &[f32], a: &GnArgs) -> Vec<f32> {
     let per = a.hw * a.c;
     let cg = a.c / GROUPS;
     let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(per).zip(x.par_chunks(per).zip(dy.par_chunks(per))).enumerate().for_each(
-        |(bi, (dx, (x, dy)))| {
+    dx.par_chunks_mut(per)
+        .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
+        .enumerate()
+        .for_each(|(bi, (dx, (x, dy)))| {
             let st = stats_exact(x, a);
             let ss = a.ss.map(|s| &s[bi * 2 * a.c..(bi + 1) * 2 * a.c]);
             // d(loss)/d(xhat) for every element, and the two group sums the
@@ -126,7 +133,6 @@ pub fn backward(x: &[f32], dy: &[f32], a: &GnArgs) -> Vec<f32> {
                     dx[i] = (inv * (dxhat[i] - s1[g] / n - xhat * s2[g] / n)) as f32;
                 }
             }
-        },
-    );
+        });
     dx
 }
