@@ -82,6 +82,7 @@ fn main() {
     }
     let require = env::var("FCD_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
     remove_old_images(&out_dir);
+    mark_cuda_driver();
 
     let kernels = match read_kernels(&kernel_dir) {
         Ok(k) => k,
@@ -408,4 +409,19 @@ fn generate(version: Option<&str>, missing: &str, compiled: &[Compiled]) -> Stri
     }
     s.push_str("];\n");
     s
+}
+
+/// Sets the cfg `fcd_cuda_driver` when this machine has a CUDA driver: GPU
+/// tests are `#[ignore]`d (reported as ignored, not passed) where it has none,
+/// and run with `--include-ignored` on the GPU machine that receives them.
+fn mark_cuda_driver() {
+    println!("cargo:rustc-check-cfg=cfg(fcd_cuda_driver)");
+    println!("cargo:rerun-if-env-changed=FCD_GPU_TESTS");
+    // SAFETY: loading libcuda runs only its initialisers.
+    let found = ["libcuda.so.1", "libcuda.so", "nvcuda.dll"]
+        .iter()
+        .any(|n| unsafe { libloading::Library::new(*n) }.is_ok());
+    if found || env::var("FCD_GPU_TESTS").is_ok_and(|v| v == "1") {
+        println!("cargo:rustc-cfg=fcd_cuda_driver");
+    }
 }

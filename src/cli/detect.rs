@@ -2,6 +2,8 @@
 
 use super::Device;
 use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::cuda::{self, backend::Cuda};
 use crate::config::Config;
 use crate::io::{atomic::Staged, npy};
 use crate::model::NetKind;
@@ -110,12 +112,6 @@ fn classifier_path(args: &DetectArgs, cfg: &Config) -> Result<PathBuf> {
 
 pub fn run(args: DetectArgs) -> Result<()> {
     let t_start = Instant::now();
-    match args.device {
-        Device::Cpu | Device::Auto => {}
-        Device::Cuda => bail!(
-            "--device cuda: this build runs the networks on the CPU only (the CUDA network backend is not implemented yet); use --device cpu or auto"
-        ),
-    }
     let cfg = Config::load(&args.config)?;
     let steps = args.steps.unwrap_or(cfg.defaults.noise_level);
     let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
@@ -145,12 +141,42 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let flair_t = Tensor::new(shape.clone(), flair.data)?;
     let t1_t = Tensor::new(shape.clone(), t1.data)?;
     let noise = noise(&args, &shape)?;
+    let job = Job { args: &args, cfg: &cfg, flair: flair_t, t1: t1_t, noise, steps, guidance, t_start };
+    match args.device {
+        Device::Cpu => execute(&Cpu, "cpu", job),
+        Device::Cuda => {
+            let gpu = Cuda::new(0).context("--device cuda")?;
+            let name = format!("cuda:0 ({})", gpu.gpu().name());
+            execute(&gpu, &name, job)
+        }
+        Device::Auto if cuda::cuda_available() => {
+            let gpu = Cuda::new(0).context("--device auto found a GPU but could not use it (--device cpu runs on the CPU)")?;
+            let name = format!("cuda:0 ({})", gpu.gpu().name());
+            execute(&gpu, &name, job)
+        }
+        Device::Auto => execute(&Cpu, "cpu", job),
+    }
+}
 
-    let backend = Cpu;
+/// Validated inputs of a detection run.
+struct Job<'a> {
+    args: &'a DetectArgs,
+    cfg: &'a Config,
+    flair: Tensor,
+    t1: Tensor,
+    noise: Tensor,
+    steps: usize,
+    guidance: f64,
+    t_start: Instant,
+}
+
+fn execute<B: Backend>(backend: &B, device: &str, job: Job) -> Result<()> {
+    let Job { args, cfg, flair, t1, noise, steps, guidance, t_start } = job;
+    let (b, h, w) = (flair.shape[0], flair.shape[1], flair.shape[2]);
     let t_load = Instant::now();
-    let unet = pipeline::load_net(&backend, &cfg.unet, NetKind::Unet, &args.unet)?;
-    let cls_path = classifier_path(&args, &cfg)?;
-    let classifier = pipeline::load_net(&backend, &cfg.classifier, NetKind::Classifier, &cls_path)?;
+    let unet = pipeline::load_net(backend, &cfg.unet, NetKind::Unet, &args.unet)?;
+    let cls_path = classifier_path(args, cfg)?;
+    let classifier = pipeline::load_net(backend, &cfg.classifier, NetKind::Classifier, &cls_path)?;
     let load_s = t_load.elapsed().as_secs_f64();
 
     // Fail on an unwritable output before the long part, not after it.
@@ -167,12 +193,12 @@ pub fn run(args: DetectArgs) -> Result<()> {
     )?);
     let t_sample = Instant::now();
     let det = pipeline::detect(
-        &backend,
-        &cfg,
+        backend,
+        cfg,
         &unet,
         &classifier,
-        &flair_t,
-        &t1_t,
+        &flair,
+        &t1,
         &noise,
         steps,
         guidance as f32,
@@ -206,7 +232,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         "settings": {
             "steps": steps, "guidance": guidance, "hist_match": !args.no_hist_match,
             "noise": match &args.init_noise { Some(p) => json!({"file": abs(p)}), None => json!({"seed": args.seed}) },
-            "device": "cpu", "threads": rayon::current_num_threads(),
+            "device": device, "threads": rayon::current_num_threads(),
             "label": 0,
         },
         "timings_s": { "load": load_s, "sample": sample_s, "total": t_start.elapsed().as_secs_f64() },

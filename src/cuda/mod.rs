@@ -7,8 +7,15 @@
 //! per-buffer event tracking be switched off (it would add an event record
 //! to every launch and get in the way of CUDA graph capture).
 
+pub mod attention;
+pub mod backend;
+pub mod conv;
 pub mod ddim;
+pub mod gemm;
 pub mod kernels;
+pub mod norm;
+pub mod ops;
+pub mod post;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,601 @@
+//! `Backend` on one CUDA device: tensors are float32 buffers on the Gpu's
+//! stream, convolutions go through cuBLAS SGEMM (kernels/conv.cu prepares
+//! their operands), everything else through the hand-written kernels. The
+//! CPU backend (`crate::backend::cpu`) is the reference every op is tested
+//! against; its shape checks and error messages are repeated here.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::cublas::sys::cublasMath_t;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::CudaSlice;
+
+use super::conv::ConvDims;
+use super::{attention, conv, ddim, norm, ops, post, Gpu};
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::ddim::DdimCoefs;
+use crate::tensor::Tensor;
+
+/// A device tensor. Cloning copies the buffer on the stream (and, as
+/// cudarc's `Clone` does, panics if the device is out of memory).
+#[derive(Clone, Debug)]
+pub struct GpuTensor {
+    pub buf: CudaSlice<f32>,
+    pub shape: Vec<usize>,
+}
+
+/// A convolution's weights on the device, in the layout of
+/// `crate::backend::cpu::CpuConv`: `fwd` (k*k*cin) x cout, `bwd` (the
+/// flipped, transposed kernel) (k*k*cout) x cin.
+#[derive(Debug)]
+pub struct GpuConv {
+    pub k: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub fwd: CudaSlice<f32>,
+    pub bwd: CudaSlice<f32>,
+    pub bias: CudaSlice<f32>,
+}
+
+pub struct Cuda {
+    gpu: Gpu,
+    blas: CudaBlas,
+    poison: AtomicBool,
+}
+
+fn nhwc(t: &GpuTensor) -> Result<(usize, usize, usize, usize)> {
+    match t.shape[..] {
+        [b, h, w, c] => Ok((b, h, w, c)),
+        _ => bail!("expected an NHWC tensor, got shape {:?}", t.shape),
+    }
+}
+
+fn same_shape(a: &GpuTensor, b: &GpuTensor, what: &str) -> Result<()> {
+    ensure!(
+        a.shape == b.shape,
+        "{what}: shapes {:?} and {:?} differ",
+        a.shape,
+        b.shape
+    );
+    Ok(())
+}
+
+/// GroupNorm's operands checked as the CPU backend checks them; (b, hw, c).
+fn gn_dims(
+    x: &GpuTensor,
+    gamma: &GpuTensor,
+    beta: &GpuTensor,
+    ss: Option<&GpuTensor>,
+) -> Result<(usize, usize, usize)> {
+    const GROUPS: usize = 32;
+    let (b, h, w, c) = nhwc(x)?;
+    ensure!(
+        c % GROUPS == 0,
+        "group_norm: {c} channels are not a multiple of {GROUPS}"
+    );
+    ensure!(
+        gamma.buf.len() == c && beta.buf.len() == c,
+        "group_norm: affine of {} / {} for {c} channels",
+        gamma.buf.len(),
+        beta.buf.len()
+    );
+    if let Some(ss) = ss {
+        ensure!(
+            ss.shape == [b, 1, 1, 2 * c],
+            "group_norm: scale/shift {:?} for x {:?}",
+            ss.shape,
+            x.shape
+        );
+    }
+    Ok((b, h * w, c))
+}
+
+impl Cuda {
+    /// Opens device `ordinal` (see `Gpu::new`) and a cuBLAS handle on its
+    /// stream.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        let gpu = Gpu::new(ordinal)?;
+        // SAFETY: only tries to load the library; cudarc would panic on the
+        // first cuBLAS call without it.
+        let present = unsafe { cudarc::cublas::sys::is_culib_present() };
+        ensure!(
+            present,
+            "cuBLAS (libcublas.so) was not found on the library path; install the \
+             nvidia-cublas-cu12 wheel or a CUDA toolkit and add its lib directory to \
+             LD_LIBRARY_PATH"
+        );
+        let blas = CudaBlas::new(gpu.stream().clone()).context("creating a cuBLAS handle")?;
+        // SAFETY: a live handle; the default math mode (no TF32) is what the
+        // float32 parity with the CPU reference relies on, so it is set
+        // explicitly rather than trusted.
+        unsafe {
+            cudarc::cublas::sys::cublasSetMathMode(
+                *blas.handle(),
+                cublasMath_t::CUBLAS_DEFAULT_MATH,
+            )
+        }
+        .result()
+        .context("setting cuBLAS's math mode")?;
+        Ok(Cuda {
+            gpu,
+            blas,
+            poison: AtomicBool::new(false),
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// Debug aid: when on, every output buffer is filled with NaN before its
+    /// kernel runs, so that an element a kernel fails to write shows up as
+    /// NaN instead of as whatever the allocator handed out.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// An output tensor, uninitialised: the op that asks for it writes every
+    /// element.
+    fn output(&self, op: &str, shape: Vec<usize>) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        // SAFETY: every caller passes the buffer to a launcher that writes
+        // all n elements before anything reads them (stream order).
+        let mut buf = unsafe { self.gpu.stream().alloc::<f32>(n) }.with_context(|| {
+            format!(
+                "{op}: allocating an output of shape {shape:?} ({} MiB) on {}",
+                (n * 4) >> 20,
+                self.gpu.name()
+            )
+        })?;
+        if self.poison.load(Ordering::Relaxed) {
+            ops::fill(&self.gpu, &mut buf, f32::NAN)?;
+        }
+        Ok(GpuTensor { buf, shape })
+    }
+
+    fn upload_indices(&self, op: &str, v: &[usize]) -> Result<CudaSlice<u32>> {
+        let v: Vec<u32> = v
+            .iter()
+            .map(|&i| u32::try_from(i).with_context(|| format!("{op}: index {i} out of range")))
+            .collect::<Result<_>>()?;
+        self.gpu
+            .stream()
+            .clone_htod(&v)
+            .with_context(|| format!("{op}: uploading {} indices", v.len()))
+    }
+
+    fn upload_f32(&self, what: &str, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.gpu.stream().clone_htod(v).with_context(|| {
+            format!(
+                "uploading {what} ({} floats, {} MiB) to {}",
+                v.len(),
+                (v.len() * 4) >> 20,
+                self.gpu.name()
+            )
+        })
+    }
+}
+
+impl Backend for Cuda {
+    type T = GpuTensor;
+    type Conv = GpuConv;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn dims<'a>(&self, t: &'a GpuTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<GpuTensor> {
+        let n: usize = t.shape.iter().product();
+        ensure!(
+            n == t.data.len(),
+            "upload: shape {:?} needs {n} values, got {}",
+            t.shape,
+            t.data.len()
+        );
+        let what = format!("a tensor of shape {:?}", t.shape);
+        Ok(GpuTensor {
+            buf: self.upload_f32(&what, &t.data)?,
+            shape: t.shape.clone(),
+        })
+    }
+
+    fn download(&self, t: &GpuTensor) -> Result<Tensor> {
+        let data = self
+            .gpu
+            .stream()
+            .clone_dtoh(&t.buf)
+            .with_context(|| format!("downloading a tensor of shape {:?}", t.shape))?;
+        self.gpu.synchronize()?;
+        Tensor::new(t.shape.clone(), data)
+    }
+
+    fn prepare_conv(&self, w: &Tensor, bias: &Tensor) -> Result<GpuConv> {
+        // The CPU backend checks the shapes and lays the matrices out; the
+        // device gets exactly those matrices.
+        let c = Cpu.prepare_conv(w, bias)?;
+        let what = |m: &str| {
+            format!(
+                "{m} of a {}x{} convolution {} -> {}",
+                c.k, c.k, c.cin, c.cout
+            )
+        };
+        Ok(GpuConv {
+            k: c.k,
+            cin: c.cin,
+            cout: c.cout,
+            fwd: self.upload_f32(&what("weights"), &c.fwd)?,
+            bwd: self.upload_f32(&what("backward weights"), &c.bwd)?,
+            bias: self.upload_f32(&what("bias"), &c.bias)?,
+        })
+    }
+
+    fn conv(&self, x: &GpuTensor, c: &GpuConv) -> Result<GpuTensor> {
+        let (b, h, w, cin) = nhwc(x)?;
+        ensure!(
+            cin == c.cin,
+            "conv: input has {cin} channels, the weights expect {}",
+            c.cin
+        );
+        let mut y = self.output("conv", vec![b, h, w, c.cout])?;
+        let d = ConvDims {
+            b,
+            h,
+            w,
+            cin,
+            cout: c.cout,
+            k: c.k,
+        };
+        conv::conv(
+            &self.gpu,
+            &self.blas,
+            &x.buf,
+            &c.fwd,
+            Some(&c.bias),
+            d,
+            &mut y.buf,
+        )?;
+        Ok(y)
+    }
+
+    fn group_norm(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        ss: Option<&GpuTensor>,
+        silu: bool,
+    ) -> Result<GpuTensor> {
+        let (b, hw, c) = gn_dims(x, gamma, beta, ss)?;
+        let mut y = self.output("group_norm", x.shape.clone())?;
+        norm::group_norm(
+            &self.gpu,
+            &x.buf,
+            &mut y.buf,
+            b,
+            hw,
+            c,
+            &gamma.buf,
+            &beta.buf,
+            ss.map(|s| &s.buf),
+            silu,
+        )?;
+        Ok(y)
+    }
+
+    fn silu(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        let mut y = self.output("silu", x.shape.clone())?;
+        ops::silu(&self.gpu, &x.buf, &mut y.buf)?;
+        Ok(y)
+    }
+
+    fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        if a.shape == b.shape {
+            let mut y = self.output("add", a.shape.clone())?;
+            ops::add(&self.gpu, &a.buf, &b.buf, &mut y.buf)?;
+            return Ok(y);
+        }
+        let (n, h, w, c) = nhwc(a)?;
+        ensure!(
+            b.shape == [n, 1, 1, c],
+            "add: cannot broadcast {:?} onto {:?}",
+            b.shape,
+            a.shape
+        );
+        let mut y = self.output("add", a.shape.clone())?;
+        ops::add_bcast(&self.gpu, &a.buf, &b.buf, &mut y.buf, [n, h * w, c])?;
+        Ok(y)
+    }
+
+    fn avg_pool2(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(x)?;
+        ensure!(
+            h % 2 == 0 && w % 2 == 0,
+            "avg_pool2: odd spatial size {h} x {w}"
+        );
+        let mut y = self.output("avg_pool2", vec![b, h / 2, w / 2, c])?;
+        ops::avg_pool2(&self.gpu, &x.buf, &mut y.buf, [b, h, w, c])?;
+        Ok(y)
+    }
+
+    fn upsample2(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(x)?;
+        let mut y = self.output("upsample2", vec![b, 2 * h, 2 * w, c])?;
+        ops::upsample2(&self.gpu, &x.buf, &mut y.buf, [b, h, w, c])?;
+        Ok(y)
+    }
+
+    fn concat(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
+        let (n, h, w, ca) = nhwc(a)?;
+        let (n2, h2, w2, cb) = nhwc(b)?;
+        ensure!(
+            (n, h, w) == (n2, h2, w2),
+            "concat: shapes {:?} and {:?} differ outside channels",
+            a.shape,
+            b.shape
+        );
+        let mut y = self.output("concat", vec![n, h, w, ca + cb])?;
+        ops::concat(&self.gpu, &a.buf, &b.buf, &mut y.buf, [n * h * w, ca, cb])?;
+        Ok(y)
+    }
+
+    fn add_rows(&self, x: &GpuTensor, table: &GpuTensor, rows: &[usize]) -> Result<GpuTensor> {
+        let (b, h, w, dim) = nhwc(x)?;
+        ensure!(
+            h * w == 1,
+            "add_rows: x {:?} is not one vector per batch item",
+            x.shape
+        );
+        ensure!(
+            table.shape.len() == 2 && table.shape[1] == dim,
+            "add_rows: table {:?} for width {dim}",
+            table.shape
+        );
+        ensure!(
+            rows.len() == b,
+            "add_rows: {} rows for a batch of {b}",
+            rows.len()
+        );
+        for &r in rows {
+            ensure!(
+                r < table.shape[0],
+                "label {r} is out of range: the embedding has {} classes",
+                table.shape[0]
+            );
+        }
+        let rows_dev = self.upload_indices("add_rows", rows)?;
+        let mut y = self.output("add_rows", x.shape.clone())?;
+        ops::add_rows(&self.gpu, &x.buf, &table.buf, &rows_dev, &mut y.buf, dim)?;
+        Ok(y)
+    }
+
+    fn attention(&self, qkv: &GpuTensor, heads: usize, legacy: bool) -> Result<GpuTensor> {
+        let (b, h, w, c3) = nhwc(qkv)?;
+        ensure!(
+            heads > 0 && c3 % (3 * heads) == 0,
+            "attention: {c3} qkv channels for {heads} heads"
+        );
+        let c = c3 / 3;
+        let mut y = self.output("attention", vec![b, h, w, c])?;
+        attention::attention(&self.gpu, &qkv.buf, &mut y.buf, b, h * w, c, heads, legacy)?;
+        Ok(y)
+    }
+
+    fn prepend_mean(&self, x: &GpuTensor, pos: &GpuTensor) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(x)?;
+        let t = h * w;
+        ensure!(
+            pos.shape == [t + 1, c],
+            "positional embedding {:?} for {} tokens of {c} channels",
+            pos.shape,
+            t + 1
+        );
+        let mut y = self.output("prepend_mean", vec![b, 1, t + 1, c])?;
+        ops::prepend_mean(&self.gpu, &x.buf, &pos.buf, &mut y.buf, [b, t, c])?;
+        Ok(y)
+    }
+
+    fn token0(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(x)?;
+        let mut y = self.output("token0", vec![b, 1, 1, c])?;
+        ops::token0(&self.gpu, &x.buf, &mut y.buf, [b, h * w, c])?;
+        Ok(y)
+    }
+
+    fn conv_bwd(&self, dy: &GpuTensor, c: &GpuConv) -> Result<GpuTensor> {
+        let (b, h, w, co) = nhwc(dy)?;
+        ensure!(
+            co == c.cout,
+            "conv_bwd: gradient has {co} channels, the weights give {}",
+            c.cout
+        );
+        let mut dx = self.output("conv_bwd", vec![b, h, w, c.cin])?;
+        let d = ConvDims {
+            b,
+            h,
+            w,
+            cin: c.cout,
+            cout: c.cin,
+            k: c.k,
+        };
+        conv::conv(&self.gpu, &self.blas, &dy.buf, &c.bwd, None, d, &mut dx.buf)?;
+        Ok(dx)
+    }
+
+    fn group_norm_bwd(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        ss: Option<&GpuTensor>,
+        silu: bool,
+        dy: &GpuTensor,
+    ) -> Result<GpuTensor> {
+        same_shape(x, dy, "group_norm_bwd")?;
+        let (b, hw, c) = gn_dims(x, gamma, beta, ss)?;
+        let mut dx = self.output("group_norm_bwd", x.shape.clone())?;
+        norm::group_norm_bwd(
+            &self.gpu,
+            &x.buf,
+            &dy.buf,
+            &mut dx.buf,
+            b,
+            hw,
+            c,
+            &gamma.buf,
+            &beta.buf,
+            ss.map(|s| &s.buf),
+            silu,
+        )?;
+        Ok(dx)
+    }
+
+    fn avg_pool2_bwd(&self, dy: &GpuTensor) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(dy)?;
+        let mut dx = self.output("avg_pool2_bwd", vec![b, 2 * h, 2 * w, c])?;
+        ops::avg_pool2_bwd(&self.gpu, &dy.buf, &mut dx.buf, [b, h, w, c])?;
+        Ok(dx)
+    }
+
+    fn attention_bwd(
+        &self,
+        qkv: &GpuTensor,
+        dout: &GpuTensor,
+        heads: usize,
+        legacy: bool,
+    ) -> Result<GpuTensor> {
+        let (b, h, w, c3) = nhwc(qkv)?;
+        ensure!(
+            heads > 0 && c3 % (3 * heads) == 0,
+            "attention_bwd: {c3} qkv channels for {heads} heads"
+        );
+        let c = c3 / 3;
+        ensure!(
+            dout.shape == [b, h, w, c],
+            "attention_bwd: gradient {:?} for qkv {:?}",
+            dout.shape,
+            qkv.shape
+        );
+        let mut dqkv = self.output("attention_bwd", qkv.shape.clone())?;
+        attention::attention_bwd(
+            &self.gpu,
+            &qkv.buf,
+            &dout.buf,
+            &mut dqkv.buf,
+            b,
+            h * w,
+            c,
+            heads,
+            legacy,
+        )?;
+        Ok(dqkv)
+    }
+
+    fn prepend_mean_bwd(&self, dtok: &GpuTensor, hw: (usize, usize)) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(dtok)?;
+        let t1 = h * w;
+        let t = hw.0 * hw.1;
+        ensure!(
+            t1 == t + 1,
+            "prepend_mean_bwd: {t1} tokens for {} x {}",
+            hw.0,
+            hw.1
+        );
+        let mut dx = self.output("prepend_mean_bwd", vec![b, hw.0, hw.1, c])?;
+        ops::prepend_mean_bwd(&self.gpu, &dtok.buf, &mut dx.buf, [b, t, c])?;
+        Ok(dx)
+    }
+
+    fn token0_bwd(&self, d0: &GpuTensor, tokens: usize) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(d0)?;
+        ensure!(
+            h * w == 1,
+            "token0_bwd: gradient {:?} is not one vector per batch item",
+            d0.shape
+        );
+        ensure!(tokens > 0, "token0_bwd: a sequence of no tokens");
+        let mut d = self.output("token0_bwd", vec![b, 1, tokens, c])?;
+        ops::token0_bwd(&self.gpu, &d0.buf, &mut d.buf, [b, tokens, c])?;
+        Ok(d)
+    }
+
+    fn log_softmax_grad(&self, logits: &GpuTensor, y: &[usize]) -> Result<GpuTensor> {
+        let (b, h, w, k) = nhwc(logits)?;
+        ensure!(
+            h * w == 1,
+            "log_softmax_grad: logits {:?} are not one vector per batch item",
+            logits.shape
+        );
+        ensure!(
+            y.len() == b,
+            "log_softmax_grad: {} labels for a batch of {b}",
+            y.len()
+        );
+        for &label in y {
+            ensure!(
+                label < k,
+                "label {label} is out of range for {k} classifier outputs"
+            );
+        }
+        let labels = self.upload_indices("log_softmax_grad", y)?;
+        let mut g = self.output("log_softmax_grad", logits.shape.clone())?;
+        ops::log_softmax_grad(&self.gpu, &logits.buf, &labels, &mut g.buf, k)?;
+        Ok(g)
+    }
+
+    fn ddim_invert(&self, x: &mut GpuTensor, eps: &GpuTensor, c: DdimCoefs) -> Result<()> {
+        same_shape(x, eps, "ddim_invert")?;
+        ddim::invert_step(&self.gpu, &mut x.buf, &eps.buf, c)
+    }
+
+    fn ddim_denoise(&self, x: &mut GpuTensor, eps: &GpuTensor, c: DdimCoefs) -> Result<()> {
+        same_shape(x, eps, "ddim_denoise")?;
+        ddim::denoise_step(&self.gpu, &mut x.buf, &eps.buf, c)
+    }
+
+    fn axpy(&self, x: &mut GpuTensor, s: f32, g: &GpuTensor) -> Result<()> {
+        same_shape(x, g, "axpy")?;
+        ops::axpy(&self.gpu, &mut x.buf, s, &g.buf)
+    }
+
+    fn axpby(&self, a: f32, x: &GpuTensor, b: f32, y: &GpuTensor) -> Result<GpuTensor> {
+        same_shape(x, y, "axpby")?;
+        let mut out = self.output("axpby", x.shape.clone())?;
+        ops::axpby(&self.gpu, a, &x.buf, b, &y.buf, &mut out.buf)?;
+        Ok(out)
+    }
+
+    fn normalize(&self, raw: &GpuTensor) -> Result<GpuTensor> {
+        let (b, h, w, c) = nhwc(raw)?;
+        ensure!(c == 1, "normalize: slices have one channel, got {c}");
+        let mut y = self.output("normalize", raw.shape.clone())?;
+        post::normalize(&self.gpu, &raw.buf, &mut y.buf, b, h * w)?;
+        Ok(y)
+    }
+
+    fn anomaly(&self, x0: &GpuTensor, xhat: &GpuTensor, hist_match: bool) -> Result<GpuTensor> {
+        same_shape(x0, xhat, "anomaly")?;
+        let (b, h, w, c) = nhwc(x0)?;
+        ensure!(c == 1, "anomaly: slices have one channel, got {c}");
+        let mut y = self.output("anomaly", x0.shape.clone())?;
+        post::anomaly(
+            &self.gpu,
+            &x0.buf,
+            &xhat.buf,
+            &mut y.buf,
+            b,
+            h * w,
+            hist_match,
+        )?;
+        Ok(y)
+    }
+}

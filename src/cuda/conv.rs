@@ -1,0 +1,202 @@
+//! 'Same' convolutions (stride 1, k = 1 or 3) in NHWC as GEMMs, the layout
+//! of the CPU twin `crate::backend::cpu::CpuConv` / `conv_nhwc`: a k = 1
+//! convolution is one GEMM of the pixels `[P, cin]` with the `[cin, cout]`
+//! weights; a k = 3 one first gathers each pixel's 3x3 neighbourhood into
+//! an im2col matrix `[P, 9 cin]` (kernels/conv.cu), in chunks of pixels so
+//! that the workspace stays bounded.
+
+use anyhow::{ensure, Context, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::gemm::{sgemm, GemmShape};
+use super::ops::{expect_len, launch};
+use super::Gpu;
+
+/// Bound on the im2col workspace of one convolution.
+pub const WORKSPACE_BYTES: usize = 256 << 20;
+
+/// A convolution's sizes: input `[b, h, w, cin]`, output `[b, h, w, cout]`,
+/// weights `(k*k*cin) x cout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvDims {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+}
+
+impl ConvDims {
+    pub fn pixels(&self) -> usize {
+        self.b * self.h * self.w
+    }
+
+    /// Pixels per GEMM: as many as fit the workspace (k = 3), or all of
+    /// them (k = 1, which reads x in place); never past cuBLAS's 32-bit
+    /// dimensions.
+    pub fn default_chunk(&self) -> usize {
+        let row = self.k * self.k * self.cin;
+        let cap = i32::MAX as usize / row.max(self.cout).max(1);
+        let chunk = if self.k == 1 {
+            self.pixels()
+        } else {
+            WORKSPACE_BYTES / (row.max(1) * std::mem::size_of::<f32>())
+        };
+        chunk.min(cap).max(1)
+    }
+}
+
+/// `y = conv(x, wmat) (+ bias)`, every element of `y` written.
+pub fn conv(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    x: &CudaSlice<f32>,
+    wmat: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    d: ConvDims,
+    y: &mut CudaSlice<f32>,
+) -> Result<()> {
+    conv_with_chunk(gpu, blas, x, wmat, bias, d, y, d.default_chunk())
+}
+
+/// `conv` with at most `chunk_pixels` pixels per GEMM (tests force small
+/// chunks to exercise the multi-chunk path on small images).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_with_chunk(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    x: &CudaSlice<f32>,
+    wmat: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    d: ConvDims,
+    y: &mut CudaSlice<f32>,
+    chunk_pixels: usize,
+) -> Result<()> {
+    ensure!(
+        d.k == 1 || d.k == 3,
+        "conv: kernel size {} (only 1 and 3 are supported)",
+        d.k
+    );
+    ensure!(chunk_pixels > 0, "conv: a chunk of zero pixels");
+    let p = d.pixels();
+    let row = d.k * d.k * d.cin;
+    expect_len(gpu, "conv", "input", x, p * d.cin)?;
+    expect_len(gpu, "conv", "weights", wmat, row * d.cout)?;
+    expect_len(gpu, "conv", "output", y, p * d.cout)?;
+    if let Some(bias) = bias {
+        expect_len(gpu, "conv", "bias", bias, d.cout)?;
+    }
+    if p * d.cout == 0 {
+        return Ok(());
+    }
+    match bias {
+        Some(bias) => broadcast_rows(gpu, y, bias, p, d.cout)?,
+        // No inputs: the output is the (absent) bias alone.
+        None if row == 0 => super::ops::fill(gpu, y, 0.0)?,
+        None => {}
+    }
+    if row == 0 {
+        return Ok(());
+    }
+    // cuBLAS, unlike cudarc's launches, does not make the context current
+    // on the calling thread itself.
+    gpu.context()
+        .bind_to_thread()
+        .context("binding the CUDA context for cuBLAS")?;
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+    let chunk = chunk_pixels.min(p);
+    let mut cols = if d.k == 1 {
+        None
+    } else {
+        let len = chunk * row;
+        // SAFETY: im2col writes each of the np * row elements a GEMM reads
+        // before that GEMM runs (stream order).
+        let ws = unsafe { gpu.stream().alloc::<f32>(len) }.with_context(|| {
+            format!(
+                "conv {d:?}: allocating an im2col workspace of {len} floats ({} MiB)",
+                (len * 4) >> 20
+            )
+        })?;
+        Some(ws)
+    };
+    let mut p0 = 0;
+    while p0 < p {
+        let np = chunk.min(p - p0);
+        let shape = GemmShape {
+            m: np,
+            n: d.cout,
+            k: row,
+            lda: row,
+            ldb: d.cout,
+            ldc: d.cout,
+        };
+        let mut out = y.slice_mut(p0 * d.cout..(p0 + np) * d.cout);
+        match cols.as_mut() {
+            None => {
+                let a = x.slice(p0 * d.cin..(p0 + np) * d.cin);
+                sgemm(blas, shape, &a, wmat, beta, &mut out)
+            }
+            Some(ws) => {
+                im2col(gpu, x, ws, d, p0, np)?;
+                sgemm(blas, shape, ws, wmat, beta, &mut out)
+            }
+        }
+        .with_context(|| format!("conv {d:?}, pixels {p0}..{}", p0 + np))?;
+        p0 += np;
+    }
+    Ok(())
+}
+
+/// `ws[i, ..] = neighbourhood of pixel p0 + i`, for i < np.
+fn im2col(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    ws: &mut CudaSlice<f32>,
+    d: ConvDims,
+    p0: usize,
+    np: usize,
+) -> Result<()> {
+    let row = d.k * d.k * d.cin;
+    let n = np * row;
+    ensure!(
+        ws.len() >= n && p0 + np <= d.pixels(),
+        "im2col: pixels {p0}..{} of {} into a workspace of {} floats",
+        p0 + np,
+        d.pixels(),
+        ws.len()
+    );
+    let f = gpu.function("conv", "im2col")?;
+    let args64 = [p0, np, d.h, d.w, d.cin, d.k].map(|v| v as u64);
+    let mut args = gpu.stream().launch_builder(&f);
+    args.arg(x).arg(ws);
+    for v in &args64 {
+        args.arg(v);
+    }
+    // SAFETY: (const float*, float*, u64 x6); the kernel writes the first
+    // np*row elements of ws (checked above) and reads x only at in-image
+    // pixels of batch items below b (p0 + np <= b*h*w; x length checked by
+    // the caller).
+    unsafe { launch(args, gpu.elementwise_config(n), "im2col", n) }
+}
+
+/// `y[r, ..] = bias` for each of `rows` rows of `c`.
+fn broadcast_rows(
+    gpu: &Gpu,
+    y: &mut CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    let n = rows * c;
+    expect_len(gpu, "broadcast_rows", "y", y, n)?;
+    expect_len(gpu, "broadcast_rows", "bias", bias, c)?;
+    let f = gpu.function("conv", "broadcast_rows")?;
+    let dims = [rows as u64, c as u64];
+    let mut args = gpu.stream().launch_builder(&f);
+    args.arg(y).arg(bias).arg(&dims[0]).arg(&dims[1]);
+    // SAFETY: (float*, const float*, u64, u64); y holds rows*c floats and
+    // bias c.
+    unsafe { launch(args, gpu.elementwise_config(n), "broadcast_rows", n) }
+}

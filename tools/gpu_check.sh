@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine, from the repository root, with .device/ made
+# by tools/gpu_pack.sh carried along: every test executable, the GPU tests
+# under compute-sanitizer (memcheck, racecheck), and the full-configuration
+# check; writes $OUT/gpu-tests.json and the logs.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+# The executables look for fixtures where they were built.
+if [ ! -e /work/main/tests ]; then mkdir -p /work && ln -sfn "$PWD" /work/main; fi
+mkdir -p target/release && cp .device/fcd target/release/fcd
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+: > "$OUT/tests.log"
+for t in .device/tests/*; do
+    echo "=== $(basename "$t")" | tee -a "$OUT/tests.log"
+    "$t" --include-ignored --test-threads 1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|skipped:" | grep -v " ok$"
+done
+
+: > "$OUT/sanitizer.log"
+for t in .device/tests/cuda_*; do
+    for tool in memcheck racecheck; do
+        echo "=== $tool $(basename "$t")" | tee -a "$OUT/sanitizer.log"
+        # The N = 100 sampler is the N = 10 one run longer: skipped under the
+        # sanitizer to keep the run inside the lease.
+        compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" --include-ignored --test-threads 1 --skip gpu_sampler_n100 \
+            > "$OUT/san_tmp.log" 2>&1
+        echo "exit $?" >> "$OUT/san_tmp.log"
+        grep -E "ERROR SUMMARY|test result|exit " "$OUT/san_tmp.log" | tee -a "$OUT/sanitizer.log"
+    done
+done
+
+echo "=== full configuration" | tee -a "$OUT/tests.log"
+.device/bench_gpu_full_config 2>&1 | tee "$OUT/full.log"
+
+python3 - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+tests = open(f"{out}/tests.log").read()
+san = open(f"{out}/sanitizer.log").read()
+passed = sum(int(m) for m in re.findall(r"test result: \w+\. (\d+) passed", tests))
+failed = sum(int(m) for m in re.findall(r"(\d+) failed", tests))
+skipped = len(re.findall(r"skipped:", tests))
+errors = sum(int(m) for m in re.findall(r"ERROR SUMMARY: (\d+) error", san))
+bad_exit = len(re.findall(r"exit (?!0\b)\d+", san))
+full = {}
+for line in open(f"{out}/full.log"):
+    line = line.strip()
+    if line.startswith("{"):
+        full = json.loads(line)
+gpu, driver = [s.strip() for s in open(f"{out}/gpu.txt").read().split(",")[:2]]
+commit = open(".device/commit").read().split()
+report = {
+    "commit": commit[0], "dirty_tree": len(commit) > 1, "gpu": gpu, "driver": driver,
+    "passed": passed, "failed": failed, "skipped": skipped,
+    "sanitizer_errors": errors, "sanitizer_nonzero_exits": bad_exit,
+    "full_config": {k: full.get(k) for k in ["unet_rel_l2", "grad_rel_l2", "sampler_seconds_batch8"]},
+    "full_config_detail": full,
+}
+json.dump(report, open(f"{out}/gpu-tests.json", "w"), indent=1)
+print(json.dumps(report, indent=1))
+PY

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the release binaries, the test executables and the GPU benches with
+# kernels, and copies them stripped into .device/ (git-ignored) for the lent
+# GPU machine, where tools/gpu_check.sh runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source .ci/env.sh
+export FCD_REQUIRE_KERNELS=1
+rm -rf .device && mkdir -p .device/tests
+cargo build --release --bins
+cp target/release/fcd .device/fcd
+cargo test --release --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do strip -o ".device/tests/$name" "$exe"; done
+cargo bench --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do strip -o ".device/bench_$name" "$exe"; done
+strip .device/fcd
+git rev-parse HEAD > .device/commit
+git diff --quiet HEAD -- src kernels tests benches build.rs Cargo.toml || echo "dirty" >> .device/commit
+ls -la .device .device/tests
+du -sh .device
