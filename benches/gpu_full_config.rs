@@ -19,12 +19,19 @@ use std::time::Instant;
 
 fn net<B: Backend>(b: &B, spec: &NetSpec, seed: u64) -> Result<Net<B>> {
     let w = weights::bind(b, spec, &random_weights(spec, seed), "random weights")?;
-    Ok(Net { spec: spec.clone(), w })
+    Ok(Net {
+        spec: spec.clone(),
+        w,
+    })
 }
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> Result<()> {
@@ -33,7 +40,8 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let (steps, batch) = (arg("--steps", 100), arg("--batch", 8));
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/published/config_t1_cond_multiclass_cg.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/published/config_t1_cond_multiclass_cg.yaml");
     let cfg = Config::load(&path)?;
     let g = Cuda::new(0)?;
     let s = cfg.unet.image_size;
@@ -58,17 +66,36 @@ fn main() -> Result<()> {
     };
 
     // The whole sampler on a batch, timed after a one-step warm-up.
-    let sampler = Sampler { backend: &g, unet: &gu, classifier: &gc, abar: alphas_cumprod(&cfg.schedule), steps, guidance: 5.0 };
+    let sampler = Sampler {
+        backend: &g,
+        unet: &gu,
+        classifier: &gc,
+        abar: alphas_cumprod(&cfg.schedule),
+        steps,
+        guidance: 5.0,
+    };
     let x0 = g.upload(&seeded_noise(&[batch, s, s, 1], 31))?;
     let c = g.upload(&seeded_noise(&[batch, s, s, 1], 32))?;
     let n = g.upload(&seeded_noise(&[batch, s, s, 1], 33))?;
-    let warm = Sampler { backend: &g, unet: &gu, classifier: &gc, abar: sampler.abar.clone(), steps: 1, guidance: 5.0 };
+    let warm = Sampler {
+        backend: &g,
+        unet: &gu,
+        classifier: &gc,
+        abar: sampler.abar.clone(),
+        steps: 1,
+        guidance: 5.0,
+    };
     g.download(&warm.run(&x0, &c, &n, |_, _| {})?)?;
     let t0 = Instant::now();
     let out = g.download(&sampler.run(&x0, &c, &n, |_, _| {})?)?;
     let secs = t0.elapsed().as_secs_f64();
-    ensure!(out.data.iter().all(|v| v.is_finite()), "the sampler produced non-finite values");
-    let tflop = steps as f64 * batch as f64 * (2.0 * uspec.forward_flops() + 2.0 * cspec.forward_flops()) / 1e12;
+    ensure!(
+        out.data.iter().all(|v| v.is_finite()),
+        "the sampler produced non-finite values"
+    );
+    let tflop =
+        steps as f64 * batch as f64 * (2.0 * uspec.forward_flops() + 2.0 * cspec.forward_flops())
+            / 1e12;
     println!(
         "{}",
         serde_json::json!({

@@ -192,7 +192,12 @@ fn detect_refuses_bad_inputs_with_the_file_named() {
 fn detect_device_cuda_runs_or_says_why_not() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let (unet, cls, flair, t1) = (fx("unet.pt"), fx("classifier.pt"), fx("flair_raw.npy"), fx("t1_raw.npy"));
+    let (unet, cls, flair, t1) = (
+        fx("unet.pt"),
+        fx("classifier.pt"),
+        fx("flair_raw.npy"),
+        fx("t1_raw.npy"),
+    );
     let mut args = detect_args(s(&out), &unet, &cls, &flair, &t1);
     *args.last_mut().unwrap() = "cuda";
     args.extend(["--steps", "2"]);
@@ -203,7 +208,10 @@ fn detect_device_cuda_runs_or_says_why_not() {
             println!("no GPU here ({reason}): checking the error path");
             assert_eq!(r.status.code(), Some(1));
             assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-            assert!(err.contains("--device cuda") && !err.contains("panicked"), "{err}");
+            assert!(
+                err.contains("--device cuda") && !err.contains("panicked"),
+                "{err}"
+            );
             assert_empty_dir(tmp.path());
         }
         None => {

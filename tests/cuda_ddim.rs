@@ -182,7 +182,10 @@ fn compare_with_cpu(
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_ddim_invert_matches_cpu() {
     compare_with_cpu(
         "invert_step",
@@ -193,7 +196,10 @@ fn gpu_ddim_invert_matches_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_ddim_denoise_matches_cpu() {
     compare_with_cpu(
         "denoise_step",
@@ -205,7 +211,10 @@ fn gpu_ddim_denoise_matches_cpu() {
 
 /// A NaN from a broken network must survive the clamps on both sides.
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_ddim_propagates_nan_like_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
     let abar = alphas_cumprod(&Schedule {
@@ -249,7 +258,10 @@ fn gpu_ddim_propagates_nan_like_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_ddim_rejects_mismatched_lengths() {
     let Some(gpu) = gpu_or_skip() else { return };
     let stream = gpu.stream();

@@ -26,7 +26,13 @@ fn gpu() -> Option<Cuda> {
 fn gpu_nets(g: &Cuda) -> (Net<Cuda>, Net<Cuda>) {
     let cfg = config();
     let unet = pipeline::load_net(g, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
-    let cls = pipeline::load_net(g, &cfg.classifier, NetKind::Classifier, &fixture("classifier.pt")).unwrap();
+    let cls = pipeline::load_net(
+        g,
+        &cfg.classifier,
+        NetKind::Classifier,
+        &fixture("classifier.pt"),
+    )
+    .unwrap();
     (unet, cls)
 }
 
@@ -43,7 +49,10 @@ fn down(g: &Cuda, t: &<Cuda as Backend>::T) -> Tensor {
 const SINGLE: f64 = 1e-5;
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_unet_forward() {
     let Some(g) = gpu() else { return };
     let (unet, _) = gpu_nets(&g);
@@ -61,12 +70,17 @@ fn gpu_unet_forward() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_classifier_gradient() {
     let Some(g) = gpu() else { return };
     let (_, cls) = gpu_nets(&g);
     let t = usizes(&manifest()["cls_t"]);
-    let (logits, grad) = cls.classifier_grad(&g, &up(&g, &nhwc("cls_in.npy")), &t, &[0, 0]).unwrap();
+    let (logits, grad) = cls
+        .classifier_grad(&g, &up(&g, &nhwc("cls_in.npy")), &t, &[0, 0])
+        .unwrap();
     let el = rel(&down(&g, &logits).data, &array("cls_logits_ref.npy").1);
     let eg = rel(&down(&g, &grad).data, &array("cls_grad_ref.npy").1);
     println!("gpu classifier: logits rel-L2 {el:.3e}, gradient rel-L2 {eg:.3e}");
@@ -74,12 +88,27 @@ fn gpu_classifier_gradient() {
     assert!(eg <= SINGLE, "{eg}");
 }
 
-fn sampler<'a>(g: &'a Cuda, unet: &'a Net<Cuda>, cls: &'a Net<Cuda>, steps: usize) -> Sampler<'a, Cuda> {
-    Sampler { backend: g, unet, classifier: cls, abar: alphas_cumprod(&config().schedule), steps, guidance: 5.0 }
+fn sampler<'a>(
+    g: &'a Cuda,
+    unet: &'a Net<Cuda>,
+    cls: &'a Net<Cuda>,
+    steps: usize,
+) -> Sampler<'a, Cuda> {
+    Sampler {
+        backend: g,
+        unet,
+        classifier: cls,
+        abar: alphas_cumprod(&config().schedule),
+        steps,
+        guidance: 5.0,
+    }
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_sampler_steps() {
     let Some(g) = gpu() else { return };
     let (unet, cls) = gpu_nets(&g);
@@ -87,10 +116,12 @@ fn gpu_sampler_steps() {
     let s = sampler(&g, &unet, &cls, 100);
     let cond = up(&g, &nhwc("cond.npy"));
     let mut x = up(&g, &nhwc("inv_x.npy"));
-    s.inversion_step(&mut x, &cond, m["inv_t"].as_u64().unwrap() as usize).unwrap();
+    s.inversion_step(&mut x, &cond, m["inv_t"].as_u64().unwrap() as usize)
+        .unwrap();
     let ei = rel(&down(&g, &x).data, &array("inv_out_ref.npy").1);
     let mut x = up(&g, &nhwc("guided_x.npy"));
-    s.guided_step(&mut x, &cond, m["guided_t"].as_u64().unwrap() as usize).unwrap();
+    s.guided_step(&mut x, &cond, m["guided_t"].as_u64().unwrap() as usize)
+        .unwrap();
     let eg = rel(&down(&g, &x).data, &array("guided_out_ref.npy").1);
     println!("gpu steps: inversion rel-L2 {ei:.3e}, guided rel-L2 {eg:.3e}");
     assert!(ei <= SINGLE, "{ei}");
@@ -101,46 +132,99 @@ fn whole(steps: usize) {
     let Some(g) = gpu() else { return };
     let (unet, cls) = gpu_nets(&g);
     let s = sampler(&g, &unet, &cls, steps);
-    let (x0, c, n) = (up(&g, &nhwc("x0.npy")), up(&g, &nhwc("cond.npy")), up(&g, &nhwc("noise.npy")));
+    let (x0, c, n) = (
+        up(&g, &nhwc("x0.npy")),
+        up(&g, &nhwc("cond.npy")),
+        up(&g, &nhwc("noise.npy")),
+    );
     let out = down(&g, &s.run(&x0, &c, &n, |_, _| {}).unwrap());
     let e = rel(&out.data, &array(&format!("sampler_n{steps}_ref.npy")).1);
     let fl = floor(&format!("sampler_n{steps}"));
-    println!("gpu sampler N={steps}: rel-L2 {e:.3e}, float32 floor {fl:.3e}, ratio {:.2}", e / fl);
+    println!(
+        "gpu sampler N={steps}: rel-L2 {e:.3e}, float32 floor {fl:.3e}, ratio {:.2}",
+        e / fl
+    );
     // The CPU path's tolerance: 5 x the float32 floor.
     assert!(e <= 5.0 * fl, "{e} > 5 x {fl}");
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_sampler_n10() {
     whole(10);
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_sampler_n100() {
     whole(100);
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_detect_matches_cpu_detect() {
     let Some(g) = gpu() else { return };
     let cfg = config();
     let (gu, gc) = gpu_nets(&g);
     let (cu, cc) = nets(&cfg);
     let (flair, t1, noise) = (nhwc("flair_raw.npy"), nhwc("t1_raw.npy"), nhwc("noise.npy"));
-    let run_g = pipeline::detect(&g, &cfg, &gu, &gc, &flair, &t1, &noise, 10, 5.0, true, |_, _| {}).unwrap();
-    let run_c = pipeline::detect(&Cpu, &cfg, &cu, &cc, &flair, &t1, &noise, 10, 5.0, true, |_, _| {}).unwrap();
+    let run_g = pipeline::detect(
+        &g,
+        &cfg,
+        &gu,
+        &gc,
+        &flair,
+        &t1,
+        &noise,
+        10,
+        5.0,
+        true,
+        |_, _| {},
+    )
+    .unwrap();
+    let run_c = pipeline::detect(
+        &Cpu,
+        &cfg,
+        &cu,
+        &cc,
+        &flair,
+        &t1,
+        &noise,
+        10,
+        5.0,
+        true,
+        |_, _| {},
+    )
+    .unwrap();
     let e = rel_l2(&run_g.pseudo_healthy.data, &run_c.pseudo_healthy.data);
     // Both within 5 x floor of PyTorch (floor 5.1e-6 at N = 10), so of each other.
-    assert!(e <= 10.0 * floor("sampler_n10"), "pseudo-healthy GPU vs CPU rel-L2 {e}");
+    assert!(
+        e <= 10.0 * floor("sampler_n10"),
+        "pseudo-healthy GPU vs CPU rel-L2 {e}"
+    );
     // Histogram matching truncates to 256 levels, so a 1e-6 change can move a
     // pixel one level: compare maps by mean absolute difference, and require
     // most pixels identical.
     let (a, b) = (&run_g.anomaly.data, &run_c.anomaly.data);
-    let mad = a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64;
+    let mad = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64;
     let same = a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
     println!("gpu detect: pseudo-healthy rel-L2 {e:.3e}; anomaly mean |diff| {mad:.2e}, identical {:.1}%", 100.0 * same);
-    assert!(mad <= 1e-3 && same >= 0.95, "anomaly maps differ: mean |diff| {mad}, identical {same}");
+    assert!(
+        mad <= 1e-3 && same >= 0.95,
+        "anomaly maps differ: mean |diff| {mad}, identical {same}"
+    );
 }

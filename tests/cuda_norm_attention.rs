@@ -84,7 +84,10 @@ fn compare(label: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_group_norm_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(seed(0x6e));
@@ -155,7 +158,10 @@ fn gpu_group_norm_matches_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_attention_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(seed(0xa7));
@@ -211,7 +217,10 @@ fn gpu_attention_matches_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_norm_attention_reject_bad_sizes() {
     let Some(gpu) = gpu_or_skip() else { return };
     let x = up(&gpu, &[0.0; 2 * 48]);

@@ -159,7 +159,10 @@ fn conv_weights(rng: &mut ChaCha8Rng, cin: usize, cout: usize, k: usize) -> (Ten
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_conv_matches_cpu() {
     let Some(g) = cuda_or_skip() else { return };
     let mut rng = rng();
@@ -189,7 +192,10 @@ fn gpu_conv_matches_cpu() {
 /// chunk) into NaN-filled outputs: the GEMMs must cover every pixel, and with
 /// no bias (beta = 0) overwrite the NaN rather than add to it.
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_conv_chunks_cover_the_image() {
     let Some(g) = cuda_or_skip() else { return };
     let mut rng = rng();
@@ -292,7 +298,10 @@ const SHAPES: [[usize; 4]; 6] = [
 /// the CPU's own sequence of correctly rounded float operations (intrinsics
 /// forbid FMA contraction), so bit parity is expected.
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_elementwise_ops_match_cpu() {
     let Some(g) = cuda_or_skip() else { return };
     let mut rng = rng();
@@ -391,7 +400,10 @@ fn gpu_elementwise_ops_match_cpu() {
 /// The token ops: copies, sums of two rounded floats, and a mean summed in
 /// double in token order on both sides, so bit parity is expected.
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_token_ops_match_cpu() {
     let Some(g) = cuda_or_skip() else { return };
     let mut rng = rng();
@@ -453,7 +465,10 @@ fn gpu_token_ops_match_cpu() {
 /// by at most an ulp of double, which moves the float result by at most one
 /// ulp where it lands next to a rounding boundary.
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_log_softmax_grad_matches_cpu() {
     let Some(g) = cuda_or_skip() else { return };
     let mut rng = rng();
@@ -470,7 +485,10 @@ fn gpu_log_softmax_grad_matches_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_ops_reject_bad_shapes_like_cpu() {
     let Some(g) = cuda_or_skip() else { return };
     let t = |shape: &[usize]| up(&g, &Tensor::zeros(shape));

@@ -148,7 +148,10 @@ fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_normalize_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
@@ -171,7 +174,10 @@ fn gpu_normalize_matches_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_normalize_errors_match_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
@@ -211,7 +217,10 @@ fn gpu_normalize_errors_match_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_anomaly_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
@@ -241,7 +250,10 @@ fn gpu_anomaly_matches_cpu() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_anomaly_matches_fixtures() {
     let Some(gpu) = gpu_or_skip() else { return };
     let shape = fixture_shape("post_x0.npy");
@@ -259,7 +271,10 @@ fn gpu_anomaly_matches_fixtures() {
 }
 
 #[test]
-#[cfg_attr(not(fcd_cuda_driver), ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine")]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_post_rejects_bad_lengths() {
     let Some(gpu) = gpu_or_skip() else { return };
     let x = gpu.stream().clone_htod(&[1.0f32, 2.0, 3.0]).unwrap();

@@ -14,11 +14,12 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 : > "$OUT/tests.log"
 for t in .device/tests/*; do
     echo "=== $(basename "$t")" | tee -a "$OUT/tests.log"
-    "$t" --include-ignored --test-threads 1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|skipped:" | grep -v " ok$"
+    "$t" --include-ignored --test-threads 1 --nocapture 2>&1 | tee -a "$OUT/tests.log" | grep -E "test result|skipped:|FAILED|panicked"
 done
 
+# SANITIZE=0 skips the sanitizer passes (a quick first look).
 : > "$OUT/sanitizer.log"
-for t in .device/tests/cuda_*; do
+[ "${SANITIZE:-1}" = 1 ] && for t in .device/tests/cuda_*; do
     for tool in memcheck racecheck; do
         echo "=== $tool $(basename "$t")" | tee -a "$OUT/sanitizer.log"
         # The N = 100 sampler is the N = 10 one run longer: skipped under the

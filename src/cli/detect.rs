@@ -3,8 +3,8 @@
 use super::Device;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
-use crate::cuda::{self, backend::Cuda};
 use crate::config::Config;
+use crate::cuda::{self, backend::Cuda};
 use crate::io::{atomic::Staged, npy};
 use crate::model::NetKind;
 use crate::pipeline;
@@ -141,7 +141,16 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let flair_t = Tensor::new(shape.clone(), flair.data)?;
     let t1_t = Tensor::new(shape.clone(), t1.data)?;
     let noise = noise(&args, &shape)?;
-    let job = Job { args: &args, cfg: &cfg, flair: flair_t, t1: t1_t, noise, steps, guidance, t_start };
+    let job = Job {
+        args: &args,
+        cfg: &cfg,
+        flair: flair_t,
+        t1: t1_t,
+        noise,
+        steps,
+        guidance,
+        t_start,
+    };
     match args.device {
         Device::Cpu => execute(&Cpu, "cpu", job),
         Device::Cuda => {
@@ -150,7 +159,9 @@ pub fn run(args: DetectArgs) -> Result<()> {
             execute(&gpu, &name, job)
         }
         Device::Auto if cuda::cuda_available() => {
-            let gpu = Cuda::new(0).context("--device auto found a GPU but could not use it (--device cpu runs on the CPU)")?;
+            let gpu = Cuda::new(0).context(
+                "--device auto found a GPU but could not use it (--device cpu runs on the CPU)",
+            )?;
             let name = format!("cuda:0 ({})", gpu.gpu().name());
             execute(&gpu, &name, job)
         }
@@ -171,7 +182,16 @@ struct Job<'a> {
 }
 
 fn execute<B: Backend>(backend: &B, device: &str, job: Job) -> Result<()> {
-    let Job { args, cfg, flair, t1, noise, steps, guidance, t_start } = job;
+    let Job {
+        args,
+        cfg,
+        flair,
+        t1,
+        noise,
+        steps,
+        guidance,
+        t_start,
+    } = job;
     let (b, h, w) = (flair.shape[0], flair.shape[1], flair.shape[2]);
     let t_load = Instant::now();
     let unet = pipeline::load_net(backend, &cfg.unet, NetKind::Unet, &args.unet)?;
