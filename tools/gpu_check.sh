@@ -17,6 +17,9 @@ for t in .device/tests/*; do
     "$t" --include-ignored --test-threads 1 --nocapture 2>&1 | tee -a "$OUT/tests.log" | grep -E "test result|skipped:|FAILED|panicked"
 done
 
+echo "=== full configuration" | tee -a "$OUT/tests.log"
+.device/bench_gpu_full_config 2>&1 | tee "$OUT/full.log"
+
 # SANITIZE=0 skips the sanitizer passes (a quick first look).
 : > "$OUT/sanitizer.log"
 [ "${SANITIZE:-1}" = 1 ] && for t in .device/tests/cuda_*; do
@@ -31,8 +34,6 @@ done
     done
 done
 
-echo "=== full configuration" | tee -a "$OUT/tests.log"
-.device/bench_gpu_full_config 2>&1 | tee "$OUT/full.log"
 
 python3 - "$OUT" <<'PY'
 import json, re, sys
