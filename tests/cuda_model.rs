@@ -46,6 +46,9 @@ fn down(g: &Cuda, t: &<Cuda as Backend>::T) -> Tensor {
 
 // Single forwards: rel-L2 <= 1e-5 against the float64 PyTorch result, as on
 // the CPU (floors 1.3e-7 .. 1.4e-6); GPU and CPU differ only in summation order.
+// Measured on an H100 (reports/gpu-tests.json): UNet 7.8e-7, logits 2.0e-7,
+// gradient 9.7e-7, inversion step 1.4e-7, guided step 1.1e-7; the N = 10 and
+// N = 100 samplers at 0.74 and 0.67 of their float32 floors.
 const SINGLE: f64 = 1e-5;
 
 #[test]
