@@ -94,6 +94,22 @@ extern "C" __global__ void concat(const float* __restrict__ a, const float* __re
 
 // y[bi] = x[bi] + table[rows[bi]] for x [b, dim], table [k, dim]. The host
 // checks the rows; an out-of-range one gives NaN rather than a stray read.
+// y [b, dim]: [cos(t f_i) .., sin(t f_i) ..], f_i = exp(-ln(10000) i / half),
+// in double and rounded once, as the CPU twin (Backend::timestep_embedding).
+extern "C" __global__ void timestep_embedding(const unsigned int* __restrict__ ts,
+                                              float* __restrict__ y, unsigned long long b,
+                                              unsigned long long half) {
+    const unsigned long long n = b * 2 * half;
+    GRID_STRIDE(i, n) {
+        const unsigned long long bi = i / (2 * half);
+        const unsigned long long j = i % (2 * half);
+        const unsigned long long k = j < half ? j : j - half;
+        const double f = exp(-log(10000.0) * (double)k / (double)half);
+        const double a = (double)ts[bi] * f;
+        y[i] = (float)(j < half ? cos(a) : sin(a));
+    }
+}
+
 extern "C" __global__ void add_rows(const float* __restrict__ x, const float* __restrict__ table,
                                     const unsigned int* __restrict__ rows, float* __restrict__ y,
                                     unsigned long long b, unsigned long long dim,

@@ -469,6 +469,28 @@ fn gpu_token_ops_match_cpu() {
     not(fcd_cuda_driver),
     ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
 )]
+fn gpu_timestep_embedding_matches_cpu() {
+    let Some(g) = cuda_or_skip() else { return };
+    let mut rng = rng();
+    for (b, dim) in [(1, 2), (3, 32), (2, 96), (5, 128)] {
+        let ts: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000usize)).collect();
+        // Both sides evaluate exp, cos and sin in float64 and round once to
+        // float32: the float64 libraries differ by at most an ulp of float64,
+        // which survives the rounding only at a float32 rounding boundary.
+        check(
+            &format!("timestep_embedding {ts:?} x {dim}"),
+            &down(&g, &g.timestep_embedding(&ts, dim).unwrap()),
+            &Cpu.timestep_embedding(&ts, dim).unwrap(),
+            Tol::Close { ulps: 1, abs: 0.0 },
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
 fn gpu_log_softmax_grad_matches_cpu() {
     let Some(g) = cuda_or_skip() else { return };
     let mut rng = rng();

@@ -42,6 +42,10 @@ pub trait Backend {
     fn upsample2(&self, x: &Self::T) -> Result<Self::T>;
     /// Channel concatenation `[a, b]`.
     fn concat(&self, a: &Self::T, b: &Self::T) -> Result<Self::T>;
+    /// Sinusoidal timestep embedding `[cos(t f_i).., sin(t f_i)..]` with
+    /// `f_i = exp(-ln(10000) i / (dim/2))`, `[B,1,1,dim]`, computed in float64
+    /// and rounded once.
+    fn timestep_embedding(&self, ts: &[usize], dim: usize) -> Result<Self::T>;
     /// `x[b] += table[rows[b]]` for `x` `[B,1,1,D]`, `table` `[K,D]`.
     fn add_rows(&self, x: &Self::T, table: &Self::T, rows: &[usize]) -> Result<Self::T>;
     /// Multi-head attention on `qkv` `[B,1,T,3C]` (or `[B,H,W,3C]`), giving `[.., C]`.

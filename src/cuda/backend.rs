@@ -348,6 +348,17 @@ impl Backend for Cuda {
         Ok(y)
     }
 
+    fn timestep_embedding(&self, ts: &[usize], dim: usize) -> Result<GpuTensor> {
+        ensure!(
+            dim >= 2 && dim % 2 == 0,
+            "timestep embedding of odd width {dim}"
+        );
+        let ts_dev = self.upload_indices("timestep_embedding", ts)?;
+        let mut y = self.output("timestep_embedding", vec![ts.len(), 1, 1, dim])?;
+        ops::timestep_embedding(&self.gpu, &ts_dev, &mut y.buf, dim / 2)?;
+        Ok(y)
+    }
+
     fn add_rows(&self, x: &GpuTensor, table: &GpuTensor, rows: &[usize]) -> Result<GpuTensor> {
         let (b, h, w, dim) = nhwc(x)?;
         ensure!(

@@ -263,6 +263,29 @@ pub fn add_rows(
     unsafe { launch(args, gpu.elementwise_config(n), "add_rows", n) }
 }
 
+/// `y` `[b, 2 half]`: the sinusoidal embedding of timesteps `ts` `[b]`.
+pub fn timestep_embedding(
+    gpu: &Gpu,
+    ts: &CudaSlice<u32>,
+    y: &mut CudaSlice<f32>,
+    half: usize,
+) -> Result<()> {
+    let b = ts.len();
+    expect_len(gpu, "timestep_embedding", "ts", ts, b)?;
+    expect_len(gpu, "timestep_embedding", "y", y, b * 2 * half)?;
+    let n = b * 2 * half;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(MODULE, "timestep_embedding")?;
+    let dims = [b as u64, half as u64];
+    let mut args = gpu.stream().launch_builder(&f);
+    args.arg(ts).arg(y).arg(&dims[0]).arg(&dims[1]);
+    // SAFETY: (const unsigned*, float*, u64 x2); ts holds b entries and y
+    // b * 2 * half, checked above.
+    unsafe { launch(args, gpu.elementwise_config(n), "timestep_embedding", n) }
+}
+
 /// `x` `[b, t, c]` -> `y` `[b, t+1, c]`: the token mean first, plus `pos` `[t+1, c]`.
 pub fn prepend_mean(
     gpu: &Gpu,

@@ -4,26 +4,7 @@
 use super::spec::{Layer, NetKind, NetSpec, Resample};
 use super::weights::Bound;
 use crate::backend::Backend;
-use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
-
-/// Sinusoidal timestep embedding `[cos(t f_i).., sin(t f_i)..]`, computed in
-/// float64 and rounded once, shaped `[B,1,1,dim]`.
-pub fn timestep_embedding(ts: &[usize], dim: usize) -> Tensor {
-    let half = dim / 2;
-    let mut data = Vec::with_capacity(ts.len() * dim);
-    for &t in ts {
-        let args: Vec<f64> = (0..half)
-            .map(|i| t as f64 * (-(10000f64.ln()) * i as f64 / half as f64).exp())
-            .collect();
-        data.extend(args.iter().map(|a| a.cos() as f32));
-        data.extend(args.iter().map(|a| a.sin() as f32));
-    }
-    Tensor {
-        shape: vec![ts.len(), 1, 1, dim],
-        data,
-    }
-}
 
 /// A layer's output, and what it keeps for the backward pass when asked.
 type Step<T> = (T, Option<Saved<T>>);
@@ -44,7 +25,7 @@ enum Saved<T> {
 impl<B: Backend> Net<B> {
     /// `SiLU(emb)`, the input of every ResBlock's `emb_layers`.
     fn embedding(&self, b: &B, ts: &[usize], y: Option<&[usize]>) -> Result<B::T> {
-        let sin = b.upload(&timestep_embedding(ts, self.spec.model_channels))?;
+        let sin = b.timestep_embedding(ts, self.spec.model_channels)?;
         let h = b.silu(&b.conv(&sin, self.w.conv("time_embed.0"))?)?;
         let mut emb = b.conv(&h, self.w.conv("time_embed.2"))?;
         if self.spec.num_classes.is_some() {

@@ -218,6 +218,23 @@ impl Backend for Cpu {
         Tensor::new(vec![n, h, w, ca + cb], y)
     }
 
+    fn timestep_embedding(&self, ts: &[usize], dim: usize) -> Result<Tensor> {
+        ensure!(
+            dim >= 2 && dim % 2 == 0,
+            "timestep embedding of odd width {dim}"
+        );
+        let half = dim / 2;
+        let mut data = Vec::with_capacity(ts.len() * dim);
+        for &t in ts {
+            let args: Vec<f64> = (0..half)
+                .map(|i| t as f64 * (-(10000f64.ln()) * i as f64 / half as f64).exp())
+                .collect();
+            data.extend(args.iter().map(|a| a.cos() as f32));
+            data.extend(args.iter().map(|a| a.sin() as f32));
+        }
+        Tensor::new(vec![ts.len(), 1, 1, dim], data)
+    }
+
     fn add_rows(&self, x: &Tensor, table: &Tensor, rows: &[usize]) -> Result<Tensor> {
         let (b, _, _, dim) = nhwc(x)?;
         ensure!(
