@@ -3,7 +3,7 @@
 //! `gpu_*` tests need a CUDA device; without one they print
 //! "skipped: no CUDA device (...)" and return.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
 use fcd::config::Schedule;
 use fcd::cuda::kernels::{self, ImageKind};
@@ -99,21 +99,6 @@ fn coefficient_sets(at: fn(&[f32], usize) -> DdimCoefs) -> Vec<(String, DdimCoef
         .collect()
 }
 
-/// A fresh seed per run, printed so a failure can be replayed.
-fn seed() -> u64 {
-    let seed = std::env::var("FCD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (set FCD_TEST_SEED to replay)");
-    seed
-}
-
 /// x spread past [-1, 1] so both clamps bite; eps standard normal.
 fn inputs(rng: &mut ChaCha8Rng, n: usize) -> (Vec<f32>, Vec<f32>) {
     let x = (0..n)
@@ -151,7 +136,7 @@ fn compare_with_cpu(
     gpu_step: GpuStep,
 ) {
     let Some(gpu) = gpu_or_skip() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     let mut worst = 0.0f32;
     let mut differing_bits = 0usize;
     for (label, c) in coefficient_sets(at) {

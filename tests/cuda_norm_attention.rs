@@ -4,7 +4,7 @@
 //! `gpu_*` tests need a CUDA device; without one they print
 //! "skipped: <reason>" and return.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
 use fcd::backend::cpu::Cpu;
 use fcd::backend::Backend;
@@ -22,22 +22,6 @@ fn gpu_or_skip() -> Option<Gpu> {
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}"));
     println!("device: {} ({})", gpu.name(), gpu.image_kind().label());
     Some(gpu)
-}
-
-/// A fresh seed per run, printed so a failure can be replayed.
-fn seed(salt: u64) -> u64 {
-    let seed = std::env::var("FCD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                ^ salt
-        });
-    println!("seed {seed} (set FCD_TEST_SEED to replay)");
-    seed
 }
 
 fn normals(rng: &mut ChaCha8Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
@@ -90,7 +74,7 @@ fn compare(label: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
 )]
 fn gpu_group_norm_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed(0x6e));
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0x6e));
     let (mut worst_fwd, mut worst_bwd) = (0f64, 0f64);
     for b in [1, 3] {
         for hw in [1, 7, 64, 33 * 17] {
@@ -164,7 +148,7 @@ fn gpu_group_norm_matches_cpu() {
 )]
 fn gpu_attention_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed(0xa7));
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xa7));
     let (mut worst_fwd, mut worst_bwd) = (0f64, 0f64);
     for b in [1, 2] {
         for t in [1, 5, 64, 65, 257] {

@@ -7,10 +7,11 @@
 //! with NaN before its kernel, so an element a kernel misses shows up as NaN
 //! (the inputs are finite, so the CPU results never are).
 //!
-//! `gpu_*` tests need a CUDA device; without one they print "skipped: ..."
-//! and return.
+//! `gpu_*` tests are ignored where the build found no CUDA driver (run them
+//! with `--include-ignored` on a GPU); with a driver but no usable device they
+//! print "skipped: ..." and return.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
 use fcd::backend::cpu::Cpu;
 use fcd::backend::Backend;
@@ -37,19 +38,9 @@ fn cuda_or_skip() -> Option<Cuda> {
     Some(g)
 }
 
-/// A fresh seed per run, printed so that a failure can be replayed.
+/// A seeded generator (see `common::seed`).
 fn rng() -> ChaCha8Rng {
-    let seed = std::env::var("FCD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (set FCD_TEST_SEED to replay)");
-    ChaCha8Rng::seed_from_u64(seed)
+    ChaCha8Rng::seed_from_u64(common::seed(0))
 }
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {

@@ -11,8 +11,9 @@
 //! `gpu_*` tests need a CUDA device; without one they print
 //! "skipped: <reason>" and return.
 
+mod common;
+
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use fcd::cuda::{self, CudaSlice, Gpu};
 use fcd::io::npy::read_array;
@@ -31,21 +32,6 @@ fn gpu_or_skip() -> Option<Gpu> {
         return None;
     }
     Some(Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}")))
-}
-
-/// A fresh seed per run, printed so a failure can be replayed.
-fn seed() -> u64 {
-    let seed = std::env::var("FCD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (set FCD_TEST_SEED to replay)");
-    seed
 }
 
 fn fixture(name: &str) -> Vec<f32> {
@@ -154,7 +140,7 @@ fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
 )]
 fn gpu_normalize_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     for (h, w) in SIZES {
         let hw = h * w;
         for b in BATCHES {
@@ -180,7 +166,7 @@ fn gpu_normalize_matches_cpu() {
 )]
 fn gpu_normalize_errors_match_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     let hw = 37 * 41;
     let good = |rng: &mut ChaCha8Rng| mri_like(rng, hw, None);
 
@@ -223,7 +209,7 @@ fn gpu_normalize_errors_match_cpu() {
 )]
 fn gpu_anomaly_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     for (h, w) in SIZES {
         let hw = h * w;
         for b in BATCHES {

@@ -6,7 +6,7 @@ pub mod cpu;
 
 use crate::ddim::DdimCoefs;
 use crate::tensor::Tensor;
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 
 pub trait Backend {
     /// A tensor living on the device.
@@ -99,4 +99,33 @@ pub trait Backend {
     /// Anomaly maps `[B,H,W,1]` of FLAIR `x0` and pseudo-healthy `xhat`,
     /// histogram-matched first when `hist_match`.
     fn anomaly(&self, x0: &Self::T, xhat: &Self::T, hist_match: bool) -> Result<Self::T>;
+}
+
+/// A tensor that knows its shape, so both backends share one set of checks.
+pub(crate) trait Shaped {
+    fn shape(&self) -> &[usize];
+}
+
+impl Shaped for Tensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// `(B, H, W, C)` of an NHWC tensor.
+pub(crate) fn nhwc(t: &impl Shaped) -> Result<(usize, usize, usize, usize)> {
+    match t.shape()[..] {
+        [b, h, w, c] => Ok((b, h, w, c)),
+        _ => bail!("expected an NHWC tensor, got shape {:?}", t.shape()),
+    }
+}
+
+pub(crate) fn same_shape(a: &impl Shaped, b: &impl Shaped, what: &str) -> Result<()> {
+    ensure!(
+        a.shape() == b.shape(),
+        "{what}: shapes {:?} and {:?} differ",
+        a.shape(),
+        b.shape()
+    );
+    Ok(())
 }

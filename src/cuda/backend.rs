@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::cublasMath_t;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 use super::conv::ConvDims;
 use super::{attention, conv, ddim, norm, ops, post, Gpu};
 use crate::backend::cpu::Cpu;
-use crate::backend::Backend;
+use crate::backend::{nhwc, same_shape, Backend};
 use crate::ddim::DdimCoefs;
 use crate::tensor::Tensor;
 
@@ -39,27 +39,16 @@ pub struct GpuConv {
     pub bias: CudaSlice<f32>,
 }
 
+impl crate::backend::Shaped for GpuTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
 pub struct Cuda {
     gpu: Gpu,
     blas: CudaBlas,
     poison: AtomicBool,
-}
-
-fn nhwc(t: &GpuTensor) -> Result<(usize, usize, usize, usize)> {
-    match t.shape[..] {
-        [b, h, w, c] => Ok((b, h, w, c)),
-        _ => bail!("expected an NHWC tensor, got shape {:?}", t.shape),
-    }
-}
-
-fn same_shape(a: &GpuTensor, b: &GpuTensor, what: &str) -> Result<()> {
-    ensure!(
-        a.shape == b.shape,
-        "{what}: shapes {:?} and {:?} differ",
-        a.shape,
-        b.shape
-    );
-    Ok(())
 }
 
 /// GroupNorm's operands checked as the CPU backend checks them; (b, hw, c).
@@ -350,7 +339,7 @@ impl Backend for Cuda {
 
     fn timestep_embedding(&self, ts: &[usize], dim: usize) -> Result<GpuTensor> {
         ensure!(
-            dim >= 2 && dim % 2 == 0,
+            dim >= 2 && dim.is_multiple_of(2),
             "timestep embedding of odd width {dim}"
         );
         let ts_dev = self.upload_indices("timestep_embedding", ts)?;

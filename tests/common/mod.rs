@@ -80,3 +80,19 @@ pub fn usizes(v: &serde_json::Value) -> Vec<usize> {
         .map(|x| x.as_u64().unwrap() as usize)
         .collect()
 }
+
+/// A fresh seed per run (or `FCD_TEST_SEED`), printed so a failure can be replayed.
+pub fn seed(salt: u64) -> u64 {
+    let seed = std::env::var("FCD_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                ^ salt
+        });
+    println!("seed {seed} (set FCD_TEST_SEED to replay)");
+    seed
+}

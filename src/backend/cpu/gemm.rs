@@ -1,7 +1,74 @@
 //! A safe row-major wrapper over the `gemm` crate.
 
-/// `c = a @ b (+ c when accumulate)`, with `a` (m x k, row stride `lda`),
-/// `b` (k x n, row stride `ldb`), `c` (m x n, row stride `ldc`).
+/// A row-major matrix operand: its data, and its row and column strides.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl Operand<'_> {
+    /// Enough elements for `rows` x `cols` at these strides.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || self.data.len() > (rows - 1) * self.rs + (cols - 1) * self.cs
+    }
+}
+
+/// `c = a @ b (+ c when accumulate)`: `a` m x k, `b` k x n, `c` m x n with
+/// row stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_core(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "matmul: dst too short");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                c[r * ldc..r * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(a.fits(m, k), "matmul: lhs too short");
+    assert!(b.fits(k, n), "matmul: rhs too short");
+    // SAFETY: the asserts above bound every element the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `c = a @ b (+ c)`, `a` (m x k, row stride `lda`), `b` (k x n, row stride `ldb`).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     m: usize,
@@ -15,50 +82,24 @@ pub fn matmul(
     ldc: usize,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        a.len() >= (m - 1) * lda + k || k == 0,
-        "matmul: lhs too short"
-    );
-    assert!(
-        b.len() >= (k.max(1) - 1) * ldb + n || k == 0,
-        "matmul: rhs too short"
-    );
-    assert!(c.len() >= (m - 1) * ldc + n, "matmul: dst too short");
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                c[r * ldc..r * ldc + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: the asserts above bound every element the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            1,
-            ldb as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    gemm_core(
+        m,
+        n,
+        k,
+        Operand {
+            data: a,
+            rs: lda,
+            cs: 1,
+        },
+        Operand {
+            data: b,
+            rs: ldb,
+            cs: 1,
+        },
+        c,
+        ldc,
+        accumulate,
+    )
 }
 
 /// `c = a @ b^T (+ c)`, `b` given as (n x k) row-major.
@@ -75,41 +116,24 @@ pub fn matmul_bt(
     ldc: usize,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                c[r * ldc..r * ldc + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!(a.len() >= (m - 1) * lda + k, "matmul_bt: lhs too short");
-    assert!(b.len() >= (n - 1) * ldb + k, "matmul_bt: rhs too short");
-    assert!(c.len() >= (m - 1) * ldc + n, "matmul_bt: dst too short");
-    // SAFETY: as in `matmul`; b^T is read with column stride ldb, row stride 1.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            ldb as isize,
-            1,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    gemm_core(
+        m,
+        n,
+        k,
+        Operand {
+            data: a,
+            rs: lda,
+            cs: 1,
+        },
+        Operand {
+            data: b,
+            rs: 1,
+            cs: ldb,
+        },
+        c,
+        ldc,
+        accumulate,
+    )
 }
 
 /// `c = a^T @ b (+ c)`, `a` given as (k x m) row-major.
@@ -126,39 +150,22 @@ pub fn matmul_at(
     ldc: usize,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                c[r * ldc..r * ldc + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!(a.len() >= (k - 1) * lda + m, "matmul_at: lhs too short");
-    assert!(b.len() >= (k - 1) * ldb + n, "matmul_at: rhs too short");
-    assert!(c.len() >= (m - 1) * ldc + n, "matmul_at: dst too short");
-    // SAFETY: as in `matmul`; a^T is read with column stride lda, row stride 1.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.as_ptr(),
-            lda as isize,
-            1,
-            b.as_ptr(),
-            1,
-            ldb as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    gemm_core(
+        m,
+        n,
+        k,
+        Operand {
+            data: a,
+            rs: 1,
+            cs: lda,
+        },
+        Operand {
+            data: b,
+            rs: ldb,
+            cs: 1,
+        },
+        c,
+        ldc,
+        accumulate,
+    )
 }

@@ -9,7 +9,7 @@ mod norm;
 
 pub use conv::CpuConv;
 
-use super::Backend;
+use super::{nhwc, same_shape, Backend};
 use crate::ddim::{self, DdimCoefs};
 use crate::post;
 use crate::tensor::Tensor;
@@ -17,23 +17,6 @@ use anyhow::{bail, ensure, Result};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
-
-fn nhwc(t: &Tensor) -> Result<(usize, usize, usize, usize)> {
-    match t.shape[..] {
-        [b, h, w, c] => Ok((b, h, w, c)),
-        _ => bail!("expected an NHWC tensor, got shape {:?}", t.shape),
-    }
-}
-
-fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
-    ensure!(
-        a.shape == b.shape,
-        "{what}: shapes {:?} and {:?} differ",
-        a.shape,
-        b.shape
-    );
-    Ok(())
-}
 
 fn gn_args<'a>(
     x: &Tensor,
@@ -220,7 +203,7 @@ impl Backend for Cpu {
 
     fn timestep_embedding(&self, ts: &[usize], dim: usize) -> Result<Tensor> {
         ensure!(
-            dim >= 2 && dim % 2 == 0,
+            dim >= 2 && dim.is_multiple_of(2),
             "timestep embedding of odd width {dim}"
         );
         let half = dim / 2;
