@@ -1,6 +1,9 @@
 //! The `fcd` command line: a contract scripts rely on.
 
+mod bench;
 mod detect;
+pub mod device;
+mod eval;
 mod inspect;
 
 use anyhow::Result;
@@ -30,6 +33,8 @@ pub enum Device {
 pub enum Command {
     /// Pseudo-healthy FLAIR and anomaly maps for co-registered FLAIR and T1 slices.
     Detect(detect::DetectArgs),
+    /// Evaluate on a dataset (PNG slices or NIfTI subjects): per-slice CSV and metrics.json; resumable.
+    Eval(eval::EvalArgs),
     /// List a checkpoint's tensors and check them against a config's network.
     Inspect {
         /// A .pt (torch.save) or .safetensors file.
@@ -41,11 +46,15 @@ pub enum Command {
         #[arg(long, value_enum)]
         net: Option<inspect::Which>,
     },
+    /// Throughput of the guided sampler: slices/s, TFLOP/s, fraction of the floor.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Detect(args) => detect::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Inspect { file, config, net } => inspect::run(&file, config.as_deref(), net),
     }
 }

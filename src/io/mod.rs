@@ -2,5 +2,8 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod dataset;
 pub mod npy;
 pub mod pickle;
+pub mod png;
+pub mod volume;

@@ -1,0 +1,149 @@
+//! `fcd eval`: a dataset in, per-slice results and the set's metrics (SPEC 8) out.
+
+use super::device::{run_on, OnBackend};
+use super::Device;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::eval::{self, Job, Report, Settings};
+use crate::slices::SliceRange;
+use anyhow::{bail, ensure, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The diffusion YAML config (unet_config and classifier_config).
+    #[arg(long)]
+    config: PathBuf,
+    /// UNet checkpoint (.pt or .safetensors).
+    #[arg(long)]
+    unet: PathBuf,
+    /// Classifier checkpoint (default: the config's classifier ckpt_path).
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+    /// Dataset: one folder per slice (*T1w*.png, *FLAIR*.png, optional *roi*.png) or
+    /// sub-*/anat/ with *T1w.nii.gz, *FLAIR.nii.gz and optional *FLAIR_roi.nii.gz.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: slices.csv, metrics.json, records.jsonl (resumable), run.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Noise level N (default: the config's noise_level).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier guidance scale s (default: the config's guide_w).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Dice threshold on the anomaly maps (default: the config's th).
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// Peak suppression and recall radius, in pixels of the network grid.
+    #[arg(long, default_value_t = 10.0)]
+    radius: f64,
+    /// Slices per sampler call (results do not depend on it).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Seed of the initial noise (each slice's noise is seeded by it and the slice id).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Axial slices FIRST:LAST (inclusive) of NIfTI volumes.
+    #[arg(long, default_value_t = SliceRange::default())]
+    slices: SliceRange,
+    /// Skip histogram matching (the released code's default).
+    #[arg(long)]
+    no_hist_match: bool,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Discard the results already in --out instead of resuming.
+    #[arg(long)]
+    restart: bool,
+    /// Also write each slice's anomaly map to OUT/maps/<id>.npy.
+    #[arg(long)]
+    save_maps: bool,
+}
+
+/// The evaluation on whichever backend `--device` picks.
+struct OnDevice<'a, 'b>(&'a Job<'b>);
+
+impl OnBackend for OnDevice<'_, '_> {
+    type Output = Report;
+    fn run<B: Backend>(self, backend: &B, device: &str) -> Result<Report> {
+        eval::run(backend, device, self.0)
+    }
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let steps = args.steps.unwrap_or(cfg.defaults.noise_level);
+    let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
+    let threshold = args.threshold.unwrap_or(cfg.defaults.threshold);
+    ensure!(
+        steps >= 1 && steps <= cfg.schedule.timesteps,
+        "--steps {steps} must be in 1..={}",
+        cfg.schedule.timesteps
+    );
+    ensure!(
+        guidance.is_finite(),
+        "--guidance {guidance} is not a finite number"
+    );
+    ensure!(
+        (0.0..=1.0).contains(&threshold),
+        "--threshold {threshold} must be in [0, 1] (anomaly maps are)"
+    );
+    ensure!(
+        args.radius.is_finite() && args.radius >= 0.0,
+        "--radius {} must be a finite number >= 0",
+        args.radius
+    );
+    let classifier = match (&args.classifier, &cfg.classifier.ckpt_path) {
+        (Some(p), _) => p.clone(),
+        (None, Some(p)) => PathBuf::from(p),
+        (None, None) => bail!(
+            "no --classifier given and {} has no classifier ckpt_path",
+            args.config.display()
+        ),
+    };
+    let job = Job {
+        cfg: &cfg,
+        config: &args.config,
+        unet: &args.unet,
+        classifier: &classifier,
+        data: &args.data,
+        out: &args.out,
+        settings: Settings {
+            steps,
+            guidance,
+            hist_match: !args.no_hist_match,
+            threshold,
+            radius: args.radius,
+            seed: args.seed,
+            slices: args.slices,
+            batch: args.batch,
+        },
+        restart: args.restart,
+        save_maps: args.save_maps,
+    };
+    let report = run_on(args.device, OnDevice(&job))?;
+    let e = &report.evaluation;
+    let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
+    println!(
+        "evaluated {} slices ({} recorded earlier), {} bad cases skipped",
+        report.evaluated,
+        report.earlier,
+        report.bad_cases.len()
+    );
+    println!(
+        "{} slices, {} with a lesion: R@1 {}, R@5 {}, R@10 {}, Dice@{} {}, best Dice {} at {}",
+        e.n_slices,
+        e.n_lesion_slices,
+        show(e.r_at_1),
+        show(e.r_at_5),
+        show(e.r_at_10),
+        e.threshold,
+        show(e.dice_at_threshold),
+        show(e.dice_best),
+        show(e.best_threshold),
+    );
+    println!("wrote {}", args.out.join(eval::METRICS_FILE).display());
+    Ok(())
+}

@@ -1,0 +1,522 @@
+//! `fcd eval` end to end on small PNG and NIfTI datasets made here, with the small fixture
+//! model: outputs, bad cases reported, metrics equal to `metrics::evaluate` on the saved maps,
+//! and resumption.
+
+mod common;
+
+use common::fixture;
+use fcd::io::volume::{self, Volume};
+use fcd::metrics;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const SIZE: usize = 32;
+
+fn fcd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fcd"))
+        .args(args)
+        .output()
+        .expect("run fcd")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+    assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
+}
+
+/// `fcd eval` on the fixture model with `--steps 2` on the CPU, plus `extra`.
+fn eval(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (cfg, unet, cls) = (
+        fixture("config_small.yaml"),
+        fixture("unet.pt"),
+        fixture("classifier.pt"),
+    );
+    let mut args = vec![
+        "eval",
+        "--config",
+        s(&cfg),
+        "--unet",
+        s(&unet),
+        "--classifier",
+        s(&cls),
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    fcd(&args)
+}
+
+/// A skull-stripped-looking FLAIR: texture inside a disc, a bright blob at `lesion`.
+fn flair_image(w: usize, h: usize, lesion: Option<(f64, f64)>) -> Vec<f32> {
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+    let mut v = vec![0f32; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let (fx, fy) = (x as f64, y as f64);
+            if (fx - cx).hypot(fy - cy) > 0.45 * w as f64 {
+                continue;
+            }
+            let mut val = 90.0 + 40.0 * (fx / 5.0).sin() * (fy / 7.0).cos();
+            if let Some((lx, ly)) = lesion {
+                if (fx - lx).hypot(fy - ly) <= 4.0 {
+                    val += 100.0;
+                }
+            }
+            v[y * w + x] = val as f32;
+        }
+    }
+    v
+}
+
+fn t1_image(w: usize, h: usize) -> Vec<f32> {
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+    (0..w * h)
+        .map(|i| {
+            let (x, y) = ((i % w) as f64, (i / w) as f64);
+            if (x - cx).hypot(y - cy) > 0.45 * w as f64 {
+                0.0
+            } else {
+                (80.0 + 30.0 * (x / 6.0 + y / 9.0).cos()) as f32
+            }
+        })
+        .collect()
+}
+
+fn roi_image(w: usize, h: usize, lesion: (f64, f64)) -> Vec<f32> {
+    (0..w * h)
+        .map(|i| {
+            let (x, y) = ((i % w) as f64, (i / w) as f64);
+            if (x - lesion.0).hypot(y - lesion.1) <= 4.0 {
+                255.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+fn write_png(path: &Path, v: &[f32]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let bytes: Vec<u8> = v
+        .iter()
+        .map(|&x| x.round().clamp(0.0, 255.0) as u8)
+        .collect();
+    image::GrayImage::from_raw(SIZE as u32, SIZE as u32, bytes)
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
+const LESIONS: [(&str, (f64, f64)); 3] = [
+    ("p01", (12.0, 12.0)),
+    ("p02", (20.0, 14.0)),
+    ("p03", (15.0, 21.0)),
+];
+
+/// Three lesion slices, one healthy slice, and three folders that cannot be evaluated: one
+/// without its T1w, one with a constant FLAIR, one with an all-zero mask.
+fn png_dataset(dir: &Path) {
+    for (id, at) in LESIONS {
+        let d = dir.join(id);
+        write_png(&d.join(format!("{id}_T1w.png")), &t1_image(SIZE, SIZE));
+        write_png(
+            &d.join(format!("{id}_FLAIR.png")),
+            &flair_image(SIZE, SIZE, Some(at)),
+        );
+        write_png(
+            &d.join(format!("{id}_FLAIR_roi.png")),
+            &roi_image(SIZE, SIZE, at),
+        );
+    }
+    let d = dir.join("h01");
+    write_png(&d.join("h01_T1w.png"), &t1_image(SIZE, SIZE));
+    write_png(&d.join("h01_FLAIR.png"), &flair_image(SIZE, SIZE, None));
+    write_png(
+        &dir.join("nomod/nomod_FLAIR.png"),
+        &flair_image(SIZE, SIZE, None),
+    );
+    let d = dir.join("constant");
+    write_png(&d.join("constant_T1w.png"), &t1_image(SIZE, SIZE));
+    write_png(&d.join("constant_FLAIR.png"), &vec![7.0; SIZE * SIZE]);
+    let d = dir.join("blank");
+    write_png(&d.join("blank_T1w.png"), &t1_image(SIZE, SIZE));
+    write_png(
+        &d.join("blank_FLAIR.png"),
+        &flair_image(SIZE, SIZE, Some((16.0, 16.0))),
+    );
+    write_png(&d.join("blank_roi.png"), &vec![0.0; SIZE * SIZE]);
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn read_map(out: &Path, id: &str) -> Vec<f32> {
+    let (shape, v) = fcd::io::npy::read_array(&out.join(format!("maps/{id}.npy"))).unwrap();
+    assert_eq!(shape, [SIZE, SIZE]);
+    v.into_iter().map(|x| x as f32).collect()
+}
+
+fn close(a: &Value, b: Option<f64>) -> bool {
+    match (a.as_f64(), b) {
+        (Some(x), Some(y)) => (x - y).abs() <= 1e-12,
+        (None, None) => a.is_null(),
+        _ => false,
+    }
+}
+
+/// metrics.json agrees with `metrics::evaluate` on the saved maps and these masks (in id order).
+fn assert_metrics_match(out: &Path, ids: &[String], masks: &[Vec<bool>]) {
+    let maps: Vec<Vec<f32>> = ids.iter().map(|id| read_map(out, id)).collect();
+    let map_refs: Vec<&[f32]> = maps.iter().map(|m| m.as_slice()).collect();
+    let mask_refs: Vec<&[bool]> = masks.iter().map(|m| m.as_slice()).collect();
+    let (want, records) = metrics::evaluate(&map_refs, &mask_refs, SIZE, SIZE, 0.4, 10.0);
+    let m = json(&out.join("metrics.json"));
+    assert_eq!(m["n_slices"], want.n_slices);
+    assert_eq!(m["n_lesion_slices"], want.n_lesion_slices);
+    assert_eq!(m["threshold"], 0.4);
+    assert_eq!(m["radius"], 10.0);
+    for (key, v) in [
+        ("dice_at_threshold", want.dice_at_threshold),
+        ("dice_best", want.dice_best),
+        ("best_threshold", want.best_threshold),
+        ("r_at_1", want.r_at_1),
+        ("r_at_5", want.r_at_5),
+        ("r_at_10", want.r_at_10),
+    ] {
+        assert!(close(&m[key], v), "{key}: {} vs {v:?}", m[key]);
+    }
+    // slices.csv: sorted by id, one row per slice, cells matching the per-slice records.
+    let csv = std::fs::read_to_string(out.join("slices.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "id,lesion,dice,nearest_1,nearest_5,nearest_10,recalled_1,recalled_5,recalled_10"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), ids.len());
+    for ((row, id), rec) in rows.iter().zip(ids).zip(&records) {
+        assert_eq!(row[0], id);
+        assert_eq!(row[1], rec.lesion_pixels.to_string());
+        let cell = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let flag = |v: Option<bool>| v.map(|v| u8::from(v).to_string()).unwrap_or_default();
+        assert_eq!(row[2], cell(rec.dice), "{id}");
+        assert_eq!(row[3], cell(rec.distance_at_1), "{id}");
+        assert_eq!(row[5], cell(rec.distance_at_10), "{id}");
+        assert_eq!(row[6], flag(rec.recalled_at_1), "{id}");
+        assert_eq!(row[8], flag(rec.recalled_at_10), "{id}");
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn eval_png_dataset_reports_bad_cases_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    png_dataset(&data);
+    let out = tmp.path().join("out");
+
+    let r = eval(&data, &out, &["--save-maps", "--batch", "3"]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 4 slices (0 recorded earlier), 3 bad cases skipped"),
+        "{}",
+        stdout(&r)
+    );
+    let err = stderr(&r);
+    assert!(
+        err.contains("skipped nomod: missing modality: no T1w"),
+        "{err}"
+    );
+    assert!(err.contains("skipped constant: "), "{err}");
+
+    let m = json(&out.join("metrics.json"));
+    let mut keys: Vec<&str> = m.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "bad_cases",
+            "best_threshold",
+            "dice_at_threshold",
+            "dice_best",
+            "n_bad_cases",
+            "n_lesion_slices",
+            "n_slices",
+            "r_at_1",
+            "r_at_10",
+            "r_at_5",
+            "radius",
+            "threshold"
+        ]
+    );
+    assert_eq!(m["n_slices"], 4);
+    assert_eq!(m["n_lesion_slices"], 3);
+    assert_eq!(m["n_bad_cases"], 3);
+    let bad = m["bad_cases"].as_array().unwrap();
+    let reason = |i: usize| bad[i]["reason"].as_str().unwrap();
+    let bad_ids: Vec<&str> = bad.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(bad_ids, ["blank", "constant", "nomod"]);
+    assert!(
+        reason(0).contains("empty mask") && reason(0).contains("blank_roi.png"),
+        "{}",
+        reason(0)
+    );
+    assert!(
+        reason(1).contains("constant_FLAIR.png") && reason(1).contains("constant slice"),
+        "{}",
+        reason(1)
+    );
+    assert!(reason(2).contains("missing modality"), "{}", reason(2));
+
+    let ids: Vec<String> = ["h01", "p01", "p02", "p03"].map(String::from).to_vec();
+    let mut masks = vec![vec![false; SIZE * SIZE]];
+    for (_, at) in LESIONS {
+        masks.push(roi_image(SIZE, SIZE, at).iter().map(|&v| v > 0.0).collect());
+    }
+    assert_metrics_match(&out, &ids, &masks);
+    let records = out.join("records.jsonl");
+    let first = lines(&records);
+    assert_eq!(first.len(), 4);
+    let metrics_first = std::fs::read(out.join("metrics.json")).unwrap();
+
+    // A rerun finds everything recorded: no sampling, same outputs.
+    let r = eval(&data, &out, &["--save-maps"]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 0 slices (4 recorded earlier), 3 bad cases skipped"),
+        "{}",
+        stdout(&r)
+    );
+    assert_eq!(lines(&records), first);
+    assert_eq!(
+        std::fs::read(out.join("metrics.json")).unwrap(),
+        metrics_first
+    );
+
+    // A partial line left by a killed run is dropped, not an error.
+    let mut text = first.join("\n") + "\n";
+    std::fs::write(&records, text.clone() + "{\"id\":\"p0").unwrap();
+    let r = eval(&data, &out, &[]);
+    assert_ok(&r);
+    assert!(stdout(&r).contains("evaluated 0 slices"), "{}", stdout(&r));
+    assert_eq!(std::fs::read_to_string(&records).unwrap(), text);
+
+    // One record removed: exactly that slice runs again, alone in its batch this time, and
+    // its result does not depend on the batch it ran in.
+    let removed = first.iter().position(|l| l.contains("\"p02\"")).unwrap();
+    let kept: Vec<&String> = first.iter().filter(|l| !l.contains("\"p02\"")).collect();
+    text = kept.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&records, text).unwrap();
+    let r = eval(&data, &out, &["--save-maps"]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 1 slices (3 recorded earlier)"),
+        "{}",
+        stdout(&r)
+    );
+    let again = lines(&records);
+    assert_eq!(again.len(), 4);
+    assert_eq!(again[3], first[removed]);
+    assert_eq!(
+        std::fs::read(out.join("metrics.json")).unwrap(),
+        metrics_first
+    );
+    assert_metrics_match(&out, &ids, &masks);
+
+    // Other settings on the same output are refused, and nothing is touched.
+    let r = eval(&data, &out, &["--threshold", "0.5"]);
+    assert_eq!(r.status.code(), Some(1));
+    let err = stderr(&r);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("threshold") && err.contains("--restart") && err.contains("new --out"),
+        "{err}"
+    );
+    assert_eq!(lines(&records).len(), 4);
+
+    // --restart starts over with the new settings.
+    let r = eval(&data, &out, &["--threshold", "0.5", "--restart"]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 4 slices (0 recorded earlier)"),
+        "{}",
+        stdout(&r)
+    );
+    assert_eq!(json(&out.join("metrics.json"))["threshold"], 0.5);
+    assert!(!out.join("maps").exists());
+}
+
+#[test]
+fn eval_refuses_a_dataset_with_no_cases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("notes")).unwrap();
+    let out = tmp.path().join("out");
+    let r = eval(&data, &out, &[]);
+    assert_eq!(r.status.code(), Some(1));
+    let err = stderr(&r);
+    assert!(
+        err.contains("no cases found") && err.contains("data"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// `nx x ny x nz` volume from a function of (x, y, z), identity affine.
+fn volume(dims: [usize; 3], f: impl Fn(usize, usize, usize) -> f32) -> Volume {
+    let [nx, ny, nz] = dims;
+    let mut data = Vec::with_capacity(nx * ny * nz);
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                data.push(f(x, y, z));
+            }
+        }
+    }
+    let mut affine = [[0.0; 4]; 4];
+    for (i, row) in affine.iter_mut().enumerate() {
+        row[i] = 1.0;
+    }
+    Volume {
+        dims,
+        data,
+        affine,
+        path: PathBuf::new(),
+    }
+}
+
+fn write_nii(path: &Path, v: &Volume) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, volume::encode_like(v, &v.data).unwrap()).unwrap();
+}
+
+fn in_lesion(x: usize, y: usize, z: usize) -> bool {
+    (4..=5).contains(&z) && (x as f64 - 14.0).hypot(y as f64 - 18.0) <= 5.0
+}
+
+#[test]
+fn eval_nifti_subjects_over_a_slice_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dims = [40, 40, 12];
+    let t1 = volume(dims, |x, y, z| {
+        (80.0 + 30.0 * (x as f64 / 6.0 + y as f64 / 9.0 + z as f64).cos()) as f32
+    });
+    let flair = |lesion: bool| {
+        volume(dims, move |x, y, z| {
+            let base = 90.0 + 40.0 * (x as f64 / 5.0).sin() * (y as f64 / 7.0 + z as f64).cos();
+            let bump = if lesion && in_lesion(x, y, z) {
+                100.0
+            } else {
+                0.0
+            };
+            (base + bump) as f32
+        })
+    };
+    let roi = volume(dims, |x, y, z| f32::from(u8::from(in_lesion(x, y, z))));
+    let anat = |sub: &str| data.join(sub).join("anat");
+    write_nii(&anat("sub-01").join("sub-01_T1w.nii.gz"), &t1);
+    write_nii(&anat("sub-01").join("sub-01_FLAIR.nii.gz"), &flair(true));
+    write_nii(&anat("sub-01").join("sub-01_FLAIR_roi.nii.gz"), &roi);
+    write_nii(&anat("sub-02").join("sub-02_T1w.nii.gz"), &t1);
+    write_nii(&anat("sub-02").join("sub-02_FLAIR.nii.gz"), &flair(false));
+    let small = volume([40, 36, 12], |x, y, _| (x + y) as f32);
+    write_nii(&anat("sub-03").join("sub-03_T1w.nii.gz"), &small);
+    write_nii(&anat("sub-03").join("sub-03_FLAIR.nii.gz"), &flair(false));
+
+    let out = tmp.path().join("out");
+    let r = eval(&data, &out, &["--slices", "4:6", "--save-maps"]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 6 slices (0 recorded earlier), 1 bad cases skipped"),
+        "{}",
+        stdout(&r)
+    );
+    let m = json(&out.join("metrics.json"));
+    assert_eq!(m["n_slices"], 6);
+    assert_eq!(m["n_lesion_slices"], 2);
+    assert_eq!(m["bad_cases"][0]["id"], "sub-03");
+    let reason = m["bad_cases"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("sub-03_T1w.nii.gz")
+            && reason.contains("sub-03_FLAIR.nii.gz")
+            && reason.contains("same voxel grid"),
+        "{reason}"
+    );
+
+    // Masks as the evaluation defines them: roi > 0, resized bilinearly, kept where >= 0.5.
+    let range: fcd::slices::SliceRange = "4:6".parse().unwrap();
+    let bin = volume(dims, |x, y, z| f32::from(u8::from(in_lesion(x, y, z))));
+    let net = fcd::slices::to_network(&bin, range, SIZE).unwrap();
+    let mut ids = Vec::new();
+    let mut masks = Vec::new();
+    for sub in ["sub-01", "sub-02"] {
+        for (i, z) in (4..=6).enumerate() {
+            ids.push(format!("{sub}_z{z:03}"));
+            masks.push(if sub == "sub-01" {
+                net[i * SIZE * SIZE..(i + 1) * SIZE * SIZE]
+                    .iter()
+                    .map(|&v| v >= 0.5)
+                    .collect()
+            } else {
+                vec![false; SIZE * SIZE]
+            });
+        }
+    }
+    assert_metrics_match(&out, &ids, &masks);
+
+    // Resuming a NIfTI run does nothing more.
+    let r = eval(&data, &out, &["--slices", "4:6"]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 0 slices (6 recorded earlier)"),
+        "{}",
+        stdout(&r)
+    );
+
+    // A range outside the volumes makes every subject bad, each reported.
+    let out2 = tmp.path().join("out2");
+    let r = eval(&data, &out2, &["--slices", "10:12"]);
+    assert_ok(&r);
+    let m = json(&out2.join("metrics.json"));
+    assert_eq!(m["n_slices"], 0);
+    assert_eq!(m["n_bad_cases"], 3);
+    assert!(m["r_at_5"].is_null());
+    assert!(
+        stderr(&r).contains("skipped sub-01: ") && stderr(&r).contains("outside the volume"),
+        "{}",
+        stderr(&r)
+    );
+}
