@@ -239,19 +239,6 @@ fn noise(args: &DetectArgs, shape: &[usize]) -> Result<Tensor> {
     Tensor::new(shape.to_vec(), n.data)
 }
 
-fn classifier_path(args: &DetectArgs, cfg: &Config) -> Result<PathBuf> {
-    if let Some(p) = &args.classifier {
-        return Ok(p.clone());
-    }
-    match &cfg.classifier.ckpt_path {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => bail!(
-            "no --classifier given and {} has no classifier ckpt_path",
-            args.config.display()
-        ),
-    }
-}
-
 pub fn run(args: DetectArgs) -> Result<()> {
     let t_start = Instant::now();
     let cfg = Config::load(&args.config)?;
@@ -332,7 +319,7 @@ impl OnBackend for Job<'_> {
         let s = inputs.flair.shape[0];
         let t_load = Instant::now();
         let unet = pipeline::load_net(backend, &cfg.unet, NetKind::Unet, &args.unet)?;
-        let cls_path = classifier_path(args, cfg)?;
+        let cls_path = super::classifier_path(args.classifier.as_deref(), cfg, &args.config)?;
         let classifier =
             pipeline::load_net(backend, &cfg.classifier, NetKind::Classifier, &cls_path)?;
         let load_s = t_load.elapsed().as_secs_f64();

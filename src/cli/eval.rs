@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::eval::{self, Job, Report, Settings};
 use crate::slices::SliceRange;
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -95,14 +95,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "--radius {} must be a finite number >= 0",
         args.radius
     );
-    let classifier = match (&args.classifier, &cfg.classifier.ckpt_path) {
-        (Some(p), _) => p.clone(),
-        (None, Some(p)) => PathBuf::from(p),
-        (None, None) => bail!(
-            "no --classifier given and {} has no classifier ckpt_path",
-            args.config.display()
-        ),
-    };
+    let classifier = super::classifier_path(args.classifier.as_deref(), &cfg, &args.config)?;
     let job = Job {
         cfg: &cfg,
         config: &args.config,

@@ -58,3 +58,26 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect { file, config, net } => inspect::run(&file, config.as_deref(), net),
     }
 }
+
+/// `--classifier`, else the config's classifier `ckpt_path` (a relative one
+/// taken from the config file's folder).
+fn classifier_path(
+    given: Option<&std::path::Path>,
+    cfg: &crate::config::Config,
+    config_file: &std::path::Path,
+) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    match &cfg.classifier.ckpt_path {
+        Some(p) if std::path::Path::new(p).is_absolute() => Ok(PathBuf::from(p)),
+        Some(p) => Ok(config_file
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(p)),
+        None => anyhow::bail!(
+            "no --classifier given and {} has no classifier ckpt_path",
+            config_file.display()
+        ),
+    }
+}
