@@ -23,15 +23,8 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct DetectArgs {
-    /// The diffusion YAML config (unet_config and classifier_config).
-    #[arg(long)]
-    config: PathBuf,
-    /// UNet checkpoint (.pt or .safetensors).
-    #[arg(long)]
-    unet: PathBuf,
-    /// Classifier checkpoint (default: the config's classifier ckpt_path).
-    #[arg(long)]
-    classifier: Option<PathBuf>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     /// FLAIR: a NIfTI volume (.nii, .nii.gz), a PNG slice, or .npy slices
     /// (B,1,H,W), (B,H,W) or (H,W).
     #[arg(long)]
@@ -241,7 +234,7 @@ fn noise(args: &DetectArgs, shape: &[usize]) -> Result<Tensor> {
 
 pub fn run(args: DetectArgs) -> Result<()> {
     let t_start = Instant::now();
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load(&args.model.config)?;
     let steps = args.steps.unwrap_or(cfg.defaults.noise_level);
     let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
     ensure!(
@@ -318,8 +311,9 @@ impl OnBackend for Job<'_> {
         let size = cfg.unet.image_size;
         let s = inputs.flair.shape[0];
         let t_load = Instant::now();
-        let unet = pipeline::load_net(backend, &cfg.unet, NetKind::Unet, &args.unet)?;
-        let cls_path = super::classifier_path(args.classifier.as_deref(), cfg, &args.config)?;
+        let unet = pipeline::load_net(backend, &cfg.unet, NetKind::Unet, &args.model.unet)?;
+        let cls_path =
+            super::classifier_path(args.model.classifier.as_deref(), cfg, &args.model.config)?;
         let classifier =
             pipeline::load_net(backend, &cfg.classifier, NetKind::Classifier, &cls_path)?;
         let load_s = t_load.elapsed().as_secs_f64();
@@ -451,7 +445,7 @@ impl OnBackend for Job<'_> {
         let summary = json!({
             "fcd_version": env!("CARGO_PKG_VERSION"),
             "inputs": {
-                "config": abs(&args.config), "unet": abs(&args.unet), "classifier": abs(&cls_path),
+                "config": abs(&args.model.config), "unet": abs(&args.model.unet), "classifier": abs(&cls_path),
                 "flair": abs(&args.flair), "t1": abs(&args.t1), "mask": args.mask.as_deref().map(abs),
                 "slices": s, "height": size, "width": size,
                 "slice_range": match &inputs.source { Source::Nifti { range, .. } => Some(range.to_string()), _ => None },

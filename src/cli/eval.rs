@@ -12,15 +12,8 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// The diffusion YAML config (unet_config and classifier_config).
-    #[arg(long)]
-    config: PathBuf,
-    /// UNet checkpoint (.pt or .safetensors).
-    #[arg(long)]
-    unet: PathBuf,
-    /// Classifier checkpoint (default: the config's classifier ckpt_path).
-    #[arg(long)]
-    classifier: Option<PathBuf>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     /// Dataset: one folder per slice (*T1w*.png, *FLAIR*.png, optional *roi*.png) or
     /// sub-*/anat/ with *T1w.nii.gz, *FLAIR.nii.gz and optional *FLAIR_roi.nii.gz.
     #[arg(long)]
@@ -73,7 +66,7 @@ impl OnBackend for OnDevice<'_, '_> {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load(&args.model.config)?;
     let steps = args.steps.unwrap_or(cfg.defaults.noise_level);
     let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
     let threshold = args.threshold.unwrap_or(cfg.defaults.threshold);
@@ -95,11 +88,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "--radius {} must be a finite number >= 0",
         args.radius
     );
-    let classifier = super::classifier_path(args.classifier.as_deref(), &cfg, &args.config)?;
+    let classifier =
+        super::classifier_path(args.model.classifier.as_deref(), &cfg, &args.model.config)?;
     let job = Job {
         cfg: &cfg,
-        config: &args.config,
-        unet: &args.unet,
+        config: &args.model.config,
+        unet: &args.model.unet,
         classifier: &classifier,
         data: &args.data,
         out: &args.out,

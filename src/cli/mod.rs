@@ -59,6 +59,20 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The config and the two checkpoints, as every command that runs the networks takes them.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// The diffusion YAML config (unet_config and classifier_config).
+    #[arg(long)]
+    config: PathBuf,
+    /// UNet checkpoint (.pt or .safetensors).
+    #[arg(long)]
+    unet: PathBuf,
+    /// Classifier checkpoint (default: the config's classifier ckpt_path).
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+}
+
 /// `--classifier`, else the config's classifier `ckpt_path` (a relative one
 /// taken from the config file's folder).
 fn classifier_path(
