@@ -2,7 +2,8 @@
 //! weights for every parameter, 256 x 256. Prints one JSON object:
 //! rel-L2 of one UNet forward and of one classifier input gradient against
 //! the CPU reference, and the wall time of the whole N = 100 sampler on a
-//! batch of 8. `cargo bench --bench gpu_full_config [-- --steps N --batch B]`
+//! batch of 8; and the two parity figures of the bf16 and fp16 modes.
+//! `cargo bench --bench gpu_full_config [-- --steps N --batch B]`
 
 use anyhow::{ensure, Result};
 use fcd::backend::cpu::Cpu;
@@ -12,6 +13,7 @@ use fcd::cuda::backend::Cuda;
 use fcd::ddim::alphas_cumprod;
 use fcd::model::{random::random_weights, weights, Net, NetKind, NetSpec};
 use fcd::pipeline::seeded_noise;
+use fcd::precision::Precision;
 use fcd::sampler::Sampler;
 use fcd::tensor::rel_l2;
 use std::path::Path;
@@ -52,18 +54,29 @@ fn main() -> Result<()> {
     // Parity at batch 1: fresh random input, timestep and label.
     let x2 = seeded_noise(&[1, s, s, 2], 21);
     let x1 = seeded_noise(&[1, s, s, 1], 22);
-    let unet_rel = {
-        let cu = net(&Cpu, &uspec, 11)?;
-        let c = cu.unet(&Cpu, &x2, &[437], &[3])?;
-        let d = g.download(&gu.unet(&g, &g.upload(&x2)?, &[437], &[3])?)?;
-        rel_l2(&d.data, &c.data)
+    let cpu_unet = net(&Cpu, &uspec, 11)?.unet(&Cpu, &x2, &[437], &[3])?;
+    let (_, cpu_grad) = net(&Cpu, &cspec, 12)?.classifier_grad(&Cpu, &x1, &[61], &[0])?;
+    // (UNet, gradient) rel-L2 of a GPU backend against the CPU.
+    let parity = |b: &Cuda, u: &Net<Cuda>, c: &Net<Cuda>| -> Result<(f64, f64)> {
+        let d = b.download(&u.unet(b, &b.upload(&x2)?, &[437], &[3])?)?;
+        let (_, gr) = c.classifier_grad(b, &b.upload(&x1)?, &[61], &[0])?;
+        Ok((
+            rel_l2(&d.data, &cpu_unet.data),
+            rel_l2(&b.download(&gr)?.data, &cpu_grad.data),
+        ))
     };
-    let grad_rel = {
-        let cc = net(&Cpu, &cspec, 12)?;
-        let (_, c) = cc.classifier_grad(&Cpu, &x1, &[61], &[0])?;
-        let (_, d) = gc.classifier_grad(&g, &g.upload(&x1)?, &[61], &[0])?;
-        rel_l2(&g.download(&d)?.data, &c.data)
-    };
+    let (unet_rel, grad_rel) = parity(&g, &gu, &gc)?;
+    // The tensor-core modes against the same float32 CPU reference.
+    let mut fast = serde_json::Map::new();
+    for p in [Precision::Bf16, Precision::Fp16] {
+        let b = Cuda::with_precision(0, p)?;
+        let (u, c) = (net(&b, &uspec, 11)?, net(&b, &cspec, 12)?);
+        let (ue, ge) = parity(&b, &u, &c)?;
+        fast.insert(
+            p.label().into(),
+            serde_json::json!({"unet_rel_l2": ue, "grad_rel_l2": ge}),
+        );
+    }
 
     // The whole sampler on a batch, timed after a one-step warm-up.
     let sampler = Sampler {
@@ -102,7 +115,7 @@ fn main() -> Result<()> {
             "gpu": g.gpu().name(), "unet_rel_l2": unet_rel, "grad_rel_l2": grad_rel,
             "sampler_seconds_batch8": if batch == 8 && steps == 100 { Some(secs) } else { None },
             "steps": steps, "batch": batch, "sampler_seconds": secs,
-            "approx_tflop": tflop, "tflop_per_s": tflop / secs,
+            "approx_tflop": tflop, "tflop_per_s": tflop / secs, "fast_modes": fast,
         })
     );
     Ok(())

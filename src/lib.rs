@@ -12,6 +12,7 @@ pub mod model;
 pub mod overlay;
 pub mod pipeline;
 pub mod post;
+pub mod precision;
 pub mod sampler;
 pub mod slices;
 pub mod tensor;

@@ -246,3 +246,46 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     }
     (n > 0).then(|| sum / n as f64)
 }
+
+/// Peak signal-to-noise ratio in dB of `test` against `reference`, the
+/// peak being the reference's range (max - min), so that it reads the same
+/// for maps in [0, 1] and in other units. Infinite when the two are equal;
+/// None when the lengths differ, they are empty, or the reference is constant.
+pub fn psnr(reference: &[f32], test: &[f32]) -> Option<f64> {
+    if reference.len() != test.len() || reference.is_empty() {
+        return None;
+    }
+    let (lo, hi) = reference
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v as f64), hi.max(v as f64))
+        });
+    let range = hi - lo;
+    if range.is_nan() || range <= 0.0 {
+        return None;
+    }
+    let mse = reference
+        .iter()
+        .zip(test)
+        .map(|(&r, &t)| (r as f64 - t as f64).powi(2))
+        .sum::<f64>()
+        / reference.len() as f64;
+    Some(10.0 * (range * range / mse).log10())
+}
+
+#[cfg(test)]
+mod psnr_tests {
+    use super::psnr;
+
+    #[test]
+    fn psnr_of_a_known_error() {
+        // Range 1, every element off by 0.01: MSE 1e-4, PSNR 40 dB.
+        let r: Vec<f32> = (0..101).map(|i| i as f32 / 100.0).collect();
+        let t: Vec<f32> = r.iter().map(|v| v + 0.01).collect();
+        let p = psnr(&r, &t).unwrap();
+        assert!((p - 40.0).abs() < 1e-4, "{p}");
+        assert_eq!(psnr(&r, &r), Some(f64::INFINITY));
+        assert_eq!(psnr(&[1.0, 1.0], &[1.0, 2.0]), None);
+        assert_eq!(psnr(&r, &t[1..]), None);
+    }
+}

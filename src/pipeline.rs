@@ -41,6 +41,19 @@ pub fn load_net<B: Backend>(
     Ok(Net { spec, w })
 }
 
+/// The most slices one sampler call should take on a device with `free`
+/// bytes: 80% of them over the per-slice activation bound of both networks
+/// (`NetSpec::activation_bytes`), at least 1 and at most `MAX_AUTO_BATCH`.
+pub fn auto_batch(unet: &NetSpec, classifier: &NetSpec, free: usize) -> usize {
+    let per_slice = unet.activation_bytes().max(classifier.activation_bytes());
+    let fit = (0.8 * free as f64 / per_slice).floor() as usize;
+    fit.clamp(1, MAX_AUTO_BATCH)
+}
+
+/// Beyond this, larger batches stop paying on one GPU and only delay the
+/// first results.
+pub const MAX_AUTO_BATCH: usize = 64;
+
 /// Standard normal noise from a seed, reproducible across platforms.
 pub fn seeded_noise(shape: &[usize], seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -108,4 +121,32 @@ pub fn detect<B: Backend>(
         pseudo_healthy: b.download(&xhat)?,
         anomaly,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_batch_of_the_paper_model() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/published/config_t1_cond_multiclass_cg.yaml");
+        let cfg = Config::load(&path).unwrap();
+        let unet = NetSpec::build(&cfg.unet, NetKind::Unet);
+        let cls = NetSpec::build(&cfg.classifier, NetKind::Classifier);
+        // The UNet's bound dominates: its 256 x 256 levels carry 96..192 channels.
+        let per_slice = unet.activation_bytes();
+        assert!(per_slice > cls.activation_bytes());
+        assert!(
+            (0.2e9..2e9).contains(&per_slice),
+            "{per_slice} bytes per slice"
+        );
+        let gib = 1usize << 30;
+        let h100 = auto_batch(&unet, &cls, 78 * gib);
+        assert!((16..=MAX_AUTO_BATCH).contains(&h100), "{h100}");
+        assert_eq!(auto_batch(&unet, &cls, 1 << 20), 1);
+        assert_eq!(auto_batch(&unet, &cls, usize::MAX / 2), MAX_AUTO_BATCH);
+        let b = auto_batch(&unet, &cls, 8 * gib);
+        assert_eq!(b, (0.8 * (8 * gib) as f64 / per_slice) as usize);
+    }
 }

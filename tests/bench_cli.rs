@@ -1,5 +1,5 @@
 //! `fcd bench` as scripts use it: one JSON line with positive times, and a
-//! one-line refusal of the precisions the engine does not have yet.
+//! one-line refusal of the tensor-core precisions on the CPU.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -58,7 +58,7 @@ fn json_line_with_positive_times() {
 }
 
 #[test]
-fn unimplemented_precision_is_one_line() {
+fn tensor_core_precisions_on_the_cpu_are_one_line() {
     for p in ["bf16", "fp16"] {
         let out = bench(&["--precision", p]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -66,7 +66,7 @@ fn unimplemented_precision_is_one_line() {
         assert!(!err.contains("panicked"), "panic: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
         assert!(
-            err.contains(p) && err.contains("not implemented yet"),
+            err.contains(p) && err.contains("need a GPU") && err.contains("fp32 only"),
             "{err}"
         );
         assert!(out.stdout.is_empty());

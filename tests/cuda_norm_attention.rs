@@ -6,7 +6,7 @@
 
 mod common;
 
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu::{self, Cpu};
 use fcd::backend::Backend;
 use fcd::cuda::{self, CudaSlice, Gpu};
 use fcd::tensor::{rel_l2, Tensor};
@@ -67,6 +67,68 @@ fn compare(label: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
     rel
 }
 
+/// One GroupNorm test shape and its data's mean and spread.
+struct GnCase {
+    b: usize,
+    hw: usize,
+    c: usize,
+    mean: f32,
+    std: f32,
+}
+
+impl GnCase {
+    fn new((b, hw, c): (usize, usize, usize), (mean, std): (f32, f32)) -> GnCase {
+        GnCase {
+            b,
+            hw,
+            c,
+            mean,
+            std,
+        }
+    }
+
+    fn label(&self) -> String {
+        let GnCase { b, hw, c, .. } = self;
+        format!("b={b} hw={hw} c={c} x~N({}, {})", self.mean, self.std)
+    }
+}
+
+/// Odd pixel counts and a single pixel; channel counts that do and do not
+/// divide the statistics kernel's 256 threads (96 channels run as 2 rows x
+/// 96 threads, 1536 as 6 sweeps of 256); data whose mean dwarfs its spread; and sizes
+/// where, at b = 3, each block of the statistics merges several tiles on a
+/// GPU of fewer than ~190 SMs (an H100 has 132).
+fn gn_cases() -> Vec<GnCase> {
+    let mut cases = Vec::new();
+    for b in [1, 3] {
+        for hw in [1, 7, 64, 33 * 17] {
+            for c in [32, 64, 96, 192, 1536] {
+                // An offset mean so that the two-pass variance matters.
+                cases.push(GnCase::new((b, hw, c), (0.7, 1.3)));
+            }
+        }
+        // Mean / sigma = 1e4: a one-pass sum of squares in double would
+        // keep ~8 of the variance's 16 digits.
+        for (hw, c) in [(7, 96), (33 * 17, 32), (33 * 17, 1536)] {
+            cases.push(GnCase::new((b, hw, c), (100.0, 0.01)));
+        }
+    }
+    for c in [32, 192] {
+        cases.push(GnCase::new((3, 181 * 181, c), (0.7, 1.3)));
+    }
+    cases
+}
+
+/// (scale/shift, SiLU) variants; the largest cases take one to keep the
+/// CPU reference quick.
+fn gn_variants(n: usize) -> &'static [(bool, bool)] {
+    if n > 4_000_000 {
+        &[(true, true)]
+    } else {
+        &[(false, false), (false, true), (true, false), (true, true)]
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(fcd_cuda_driver),
@@ -76,69 +138,175 @@ fn gpu_group_norm_matches_cpu() {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0x6e));
     let (mut worst_fwd, mut worst_bwd) = (0f64, 0f64);
+    for case in gn_cases() {
+        let GnCase { b, hw, c, .. } = case;
+        let n = b * hw * c;
+        for &(with_ss, silu) in gn_variants(n) {
+            let label = format!("{} ss={with_ss} silu={silu}", case.label());
+            let x = normals(&mut rng, n, case.mean, case.std);
+            let gamma = normals(&mut rng, c, 1.0, 0.2);
+            let beta = normals(&mut rng, c, 0.0, 0.3);
+            let ss = normals(&mut rng, 2 * b * c, 0.0, 0.3);
+            let dy = normals(&mut rng, n, 0.0, 1.0);
+
+            let shape = vec![b, hw, 1, c];
+            let xt = Tensor::new(shape.clone(), x.clone()).unwrap();
+            let gt = Tensor::new(vec![c], gamma.clone()).unwrap();
+            let bt = Tensor::new(vec![c], beta.clone()).unwrap();
+            let sst = Tensor::new(vec![b, 1, 1, 2 * c], ss.clone()).unwrap();
+            let dyt = Tensor::new(shape, dy.clone()).unwrap();
+            let sst = with_ss.then_some(&sst);
+            let want_y = Cpu.group_norm(&xt, &gt, &bt, sst, silu).unwrap();
+            let want_dx = Cpu.group_norm_bwd(&xt, &gt, &bt, sst, silu, &dyt).unwrap();
+
+            let xd = up(&gpu, &x);
+            let gd = up(&gpu, &gamma);
+            let bd = up(&gpu, &beta);
+            let ssd = up(&gpu, &ss);
+            let dyd = up(&gpu, &dy);
+            let ssd = with_ss.then_some(&ssd);
+            let mut y = poisoned(&gpu, n);
+            cuda::norm::group_norm(&gpu, &xd, &mut y, b, hw, c, &gd, &bd, ssd, silu).unwrap();
+            let mut dx = poisoned(&gpu, n);
+            cuda::norm::group_norm_bwd(&gpu, &xd, &dyd, &mut dx, b, hw, c, &gd, &bd, ssd, silu)
+                .unwrap();
+
+            // Both sides take mean and 1/sigma in double (the GPU by a
+            // split two-pass reduction merged with Chan's formula, the CPU
+            // by plain two-pass sums; they differ by <= ~1e-13 relative,
+            // even at mean / sigma = 1e4) and round the same f32 operations
+            // without FMA; only expf against Rust's exp in SiLU differs
+            // (<= 2 ulp). Expected ~1e-8; bound 1e-6.
+            worst_fwd = worst_fwd.max(compare(
+                &format!("group_norm {label}"),
+                &down(&gpu, &y),
+                &want_y.data,
+                1e-6,
+            ));
+            // All in double on both sides, one final rounding to f32; the
+            // cancellation in dxhat - s1/n - xhat s2/n acts on double
+            // rounding errors only. Expected ~1e-8; bound 1e-6.
+            worst_bwd = worst_bwd.max(compare(
+                &format!("group_norm_bwd {label}"),
+                &down(&gpu, &dx),
+                &want_dx.data,
+                1e-6,
+            ));
+        }
+    }
+    println!("group_norm: worst rel-L2 {worst_fwd:e}; group_norm_bwd: worst rel-L2 {worst_bwd:e}");
+}
+
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
+fn gpu_group_norm_affine_matches_cpu() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0x6f));
+    let mut worst = 0f64;
+    for case in gn_cases() {
+        let GnCase { b, hw, c, .. } = case;
+        for with_ss in [false, true] {
+            let label = format!("group_norm_affine {} ss={with_ss}", case.label());
+            let x = normals(&mut rng, b * hw * c, case.mean, case.std);
+            let gamma = normals(&mut rng, c, 1.0, 0.2);
+            let beta = normals(&mut rng, c, 0.0, 0.3);
+            let ss = normals(&mut rng, 2 * b * c, 0.0, 0.3);
+            let want =
+                cpu::group_norm_affine(&x, b, hw, c, &gamma, &beta, with_ss.then_some(&ss[..]));
+
+            let xd = up(&gpu, &x);
+            let gd = up(&gpu, &gamma);
+            let bd = up(&gpu, &beta);
+            let ssd = up(&gpu, &ss);
+            let mut out = poisoned(&gpu, 2 * b * c);
+            cuda::norm::group_norm_affine(
+                &gpu,
+                &xd,
+                b,
+                hw,
+                c,
+                &gd,
+                &bd,
+                with_ss.then_some(&ssd),
+                &mut out,
+            )
+            .unwrap();
+
+            // The same double operations in the same order on both sides,
+            // one rounding to f32 each; the statistics feeding them differ
+            // by <= ~1e-13 relative (summation order), so a and s round to
+            // the same float except where their exact values lie within
+            // ~1e-13 of a rounding boundary, and then by 1 ulp (6e-8).
+            // Expected 0 or a few 1e-9; bound 1e-7.
+            worst = worst.max(compare(&label, &down(&gpu, &out), &want, 1e-7));
+        }
+    }
+    println!("group_norm_affine: worst rel-L2 {worst:e}");
+}
+
+/// The CPU twin of the folded GroupNorm affine map (what a fused
+/// convolution prologue applies) reproduces the CPU GroupNorm: a * x + s in
+/// double, then the optional SiLU, against `Cpu::group_norm`.
+#[test]
+fn group_norm_affine_twin_matches_group_norm() {
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0x70));
+    let mut worst = 0f64;
     for b in [1, 3] {
-        for hw in [1, 7, 64, 33 * 17] {
-            for c in [32, 64, 96, 192] {
+        for hw in [7, 64, 33 * 17] {
+            for c in [32, 96, 192, 1536] {
                 for (with_ss, silu) in [(false, false), (false, true), (true, false), (true, true)]
                 {
                     let label = format!("b={b} hw={hw} c={c} ss={with_ss} silu={silu}");
                     let n = b * hw * c;
-                    // An offset mean so that the two-pass variance matters.
                     let x = normals(&mut rng, n, 0.7, 1.3);
                     let gamma = normals(&mut rng, c, 1.0, 0.2);
                     let beta = normals(&mut rng, c, 0.0, 0.3);
                     let ss = normals(&mut rng, 2 * b * c, 0.0, 0.3);
-                    let dy = normals(&mut rng, n, 0.0, 1.0);
-
-                    let shape = vec![b, hw, 1, c];
-                    let xt = Tensor::new(shape.clone(), x.clone()).unwrap();
+                    let xt = Tensor::new(vec![b, hw, 1, c], x.clone()).unwrap();
                     let gt = Tensor::new(vec![c], gamma.clone()).unwrap();
                     let bt = Tensor::new(vec![c], beta.clone()).unwrap();
                     let sst = Tensor::new(vec![b, 1, 1, 2 * c], ss.clone()).unwrap();
-                    let dyt = Tensor::new(shape, dy.clone()).unwrap();
-                    let sst = with_ss.then_some(&sst);
-                    let want_y = Cpu.group_norm(&xt, &gt, &bt, sst, silu).unwrap();
-                    let want_dx = Cpu.group_norm_bwd(&xt, &gt, &bt, sst, silu, &dyt).unwrap();
-
-                    let xd = up(&gpu, &x);
-                    let gd = up(&gpu, &gamma);
-                    let bd = up(&gpu, &beta);
-                    let ssd = up(&gpu, &ss);
-                    let dyd = up(&gpu, &dy);
-                    let ssd = with_ss.then_some(&ssd);
-                    let mut y = poisoned(&gpu, n);
-                    cuda::norm::group_norm(&gpu, &xd, &mut y, b, hw, c, &gd, &bd, ssd, silu)
+                    let want = Cpu
+                        .group_norm(&xt, &gt, &bt, with_ss.then_some(&sst), silu)
                         .unwrap();
-                    let mut dx = poisoned(&gpu, n);
-                    cuda::norm::group_norm_bwd(
-                        &gpu, &xd, &dyd, &mut dx, b, hw, c, &gd, &bd, ssd, silu,
-                    )
-                    .unwrap();
 
-                    // Both sides take mean and 1/sigma in double (differing
-                    // only in summation order, ~1e-16) and round the same f32
-                    // operations without FMA; only expf against Rust's exp in
-                    // SiLU differs (<= 2 ulp). Expected ~1e-8; bound 1e-6.
-                    worst_fwd = worst_fwd.max(compare(
-                        &format!("group_norm {label}"),
-                        &down(&gpu, &y),
-                        &want_y.data,
-                        1e-6,
-                    ));
-                    // All in double on both sides, one final rounding to f32;
-                    // the cancellation in dxhat - s1/n - xhat s2/n acts on
-                    // double rounding errors only. Expected ~1e-8; bound 1e-6.
-                    worst_bwd = worst_bwd.max(compare(
-                        &format!("group_norm_bwd {label}"),
-                        &down(&gpu, &dx),
-                        &want_dx.data,
-                        1e-6,
-                    ));
+                    let map = cpu::group_norm_affine(
+                        &x,
+                        b,
+                        hw,
+                        c,
+                        &gamma,
+                        &beta,
+                        with_ss.then_some(&ss[..]),
+                    );
+                    assert_eq!(map.len(), 2 * b * c, "{label}: map length");
+                    let got: Vec<f32> = x
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| {
+                            let (bi, ch) = (i / (hw * c), i % c);
+                            let a = map[bi * 2 * c + ch] as f64;
+                            let s = map[bi * 2 * c + c + ch] as f64;
+                            let z = a * v as f64 + s;
+                            (if silu { z / (1.0 + (-z).exp()) } else { z }) as f32
+                        })
+                        .collect();
+                    // a and s are rounded to f32 once (2^-24 relative each)
+                    // and a x, s are of the order of y for this data (mean /
+                    // sigma ~ 0.5), while group_norm rounds ~4 f32
+                    // operations per element. Expected ~1e-7; bound 1e-6.
+                    // (With mean / sigma = M, the rounding of a and s costs
+                    // ~M 2^-24 relative: the folded map is for activations,
+                    // not for data far from zero mean.)
+                    worst = worst.max(compare(&label, &got, &want.data, 1e-6));
                 }
             }
         }
     }
-    println!("group_norm: worst rel-L2 {worst_fwd:e}; group_norm_bwd: worst rel-L2 {worst_bwd:e}");
+    println!("group_norm_affine twin vs group_norm: worst rel-L2 {worst:e}");
 }
 
 #[test]
@@ -222,6 +390,14 @@ fn gpu_norm_attention_reject_bad_sizes() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("scale/shift has 32 elements"), "{err}");
+
+    let x = up(&gpu, &[0.0; 2 * 64]);
+    let g = up(&gpu, &[1.0; 64]);
+    let mut short = poisoned(&gpu, 2 * 2 * 64 - 1);
+    let err = cuda::norm::group_norm_affine(&gpu, &x, 2, 1, 64, &g, &g, None, &mut short)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected [b, 2c] = 2 * 2 * 64 = 256"), "{err}");
 
     let qkv = up(&gpu, &[0.0; 3 * 5 * 64]);
     let mut out = poisoned(&gpu, 5 * 64);

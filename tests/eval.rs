@@ -520,3 +520,65 @@ fn eval_nifti_subjects_over_a_slice_range() {
         stderr(&r)
     );
 }
+
+/// Issue 4: the bf16 and fp16 modes recall the same lesions at 5 and 10
+/// peaks as the fp32 engine on the fixture metric case (the PNG dataset).
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
+fn gpu_fast_precisions_recall_as_fp32() {
+    if let Some(reason) = fcd::cuda::unavailable_reason() {
+        println!("skipped: {reason}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    png_dataset(&data);
+    let (cfg, unet, cls) = (
+        fixture("config_small.yaml"),
+        fixture("unet.pt"),
+        fixture("classifier.pt"),
+    );
+    // (id, recalled_5, recalled_10) of each lesion slice.
+    let recalls = |precision: &str| {
+        let out = tmp.path().join(precision);
+        let r = fcd(&[
+            "eval",
+            "--config",
+            s(&cfg),
+            "--unet",
+            s(&unet),
+            "--classifier",
+            s(&cls),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "10",
+            "--device",
+            "cuda",
+            "--precision",
+            precision,
+        ]);
+        assert_ok(&r);
+        let rows: Vec<(String, String, String)> = lines(&out.join("slices.csv"))
+            .iter()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[0].to_string(), f[7].to_string(), f[8].to_string())
+            })
+            .collect();
+        rows
+    };
+    let reference = recalls("fp32");
+    assert_eq!(reference.len(), 4, "{reference:?}");
+    for p in ["bf16", "fp16"] {
+        let got = recalls(p);
+        println!("{p}: {got:?} (fp32 {reference:?})");
+        assert_eq!(got, reference, "{p}: recall at 5 / 10 differs from fp32");
+    }
+}

@@ -5,11 +5,13 @@
 # (benches/pytorch_peer.py) run the same sampler on the same GPU, one after
 # the other; writes $OUT/bench.json (every time in seconds per slice) and the
 # raw outputs beside it, and prints bench.json.
-#   BATCH (8), STEPS (10), SKIP_COMPILE (1: leave compiled_bf16 null),
+# The bf16 and fp16 runs also rerun fp32 on the same inputs (`--fidelity`)
+# for the anomaly-map PSNR.
+#   BATCH (16), STEPS (10), SKIP_COMPILE (1: leave compiled_bf16 null),
 #   CONFIG (the published config), UNET / CLASSIFIER (default random weights).
 set -euo pipefail
 OUT=${OUT:-/tmp/bench}
-BATCH=${BATCH:-8}
+BATCH=${BATCH:-16}
 STEPS=${STEPS:-10}
 SKIP_COMPILE=${SKIP_COMPILE:-1}
 CONFIG=${CONFIG:-tests/fixtures/published/config_t1_cond_multiclass_cg.yaml}
@@ -23,9 +25,13 @@ peer_flags=()
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n 1 > "$OUT/bench_gpu.txt"
 
-echo "=== engine: fcd bench, batch $BATCH, N = $STEPS" >&2
-.device/fcd bench --config "$CONFIG" "${ckpts[@]}" --device cuda \
-    --batch "$BATCH" --steps "$STEPS" --json > "$OUT/bench_engine.json"
+for p in fp32 bf16 fp16; do
+    echo "=== engine: fcd bench, $p, batch $BATCH, N = $STEPS" >&2
+    fidelity=()
+    [ "$p" != fp32 ] && fidelity+=(--fidelity)
+    .device/fcd bench --config "$CONFIG" "${ckpts[@]}" --device cuda --precision "$p" \
+        --batch "$BATCH" --steps "$STEPS" "${fidelity[@]}" --json > "$OUT/bench_engine_$p.json"
+done
 
 echo "=== PyTorch peer" >&2
 PYTHONUNBUFFERED=1 python3 benches/pytorch_peer.py --config "$CONFIG" "${ckpts[@]}" --device cuda \
@@ -34,29 +40,34 @@ PYTHONUNBUFFERED=1 python3 benches/pytorch_peer.py --config "$CONFIG" "${ckpts[@
 python3 - "$OUT" .device/commit <<'PY'
 import json, sys
 out, commit_file = sys.argv[1], sys.argv[2]
-engine = json.loads(open(f"{out}/bench_engine.json").read().strip().splitlines()[-1])
+engine = {
+    p: json.loads(open(f"{out}/bench_engine_{p}.json").read().strip().splitlines()[-1])
+    for p in ("fp32", "bf16", "fp16")
+}
 peer = json.loads(open(f"{out}/bench_peer.json").read().strip().splitlines()[-1])
 name, driver = (s.strip() for s in open(f"{out}/bench_gpu.txt").read().split(",", 1))
 try:
     commit = " ".join(open(commit_file).read().split()) or None
 except OSError:
     commit = None
-if (engine["batch"], engine["steps"]) != (peer["batch"], peer["steps"]):
-    sys.exit(f"engine ran batch {engine['batch']} N {engine['steps']}, the peer {peer['batch']} N {peer['steps']}")
+for p, e in engine.items():
+    if (e["batch"], e["steps"]) != (peer["batch"], peer["steps"]):
+        sys.exit(f"engine {p} ran batch {e['batch']} N {e['steps']}, the peer {peer['batch']} N {peer['steps']}")
 rate = peer["matmul_tflops_measured"]
 report = {
     "commit": commit,
     "gpu": name,
     "driver": driver,
-    "batch": engine["batch"],
-    "steps": engine["steps"],
-    "engine": {"fp32": engine["s_per_slice"], "bf16": None, "fp16": None},
+    "batch": peer["batch"],
+    "steps": peer["steps"],
+    "engine": {p: e["s_per_slice"] for p, e in engine.items()},
     "pytorch": peer["pytorch"],
     # The engine's count of the work per slice, done at the measured dense
     # bf16 matmul rate.
-    "floor_s_per_slice": engine["tflop_per_slice"] / rate if rate else None,
+    "floor_s_per_slice": engine["fp32"]["tflop_per_slice"] / rate if rate else None,
     "matmul_tflops_measured": rate,
-    "fidelity": {"bf16_psnr_db": None, "fp16_psnr_db": None},
+    # null: maps identical to fp32's (infinite PSNR).
+    "fidelity": {f"{p}_psnr_db": engine[p].get("fidelity_psnr_db") for p in ("bf16", "fp16")},
 }
 with open(f"{out}/bench.json", "w") as f:
     json.dump(report, f, indent=2)

@@ -8,6 +8,94 @@ use crate::ddim::DdimCoefs;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
+/// The 2x resampling a ResBlock applies between its first GroupNorm and conv.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resample {
+    None,
+    /// 2x2 average pooling.
+    Down,
+    /// Nearest 2x up-sampling.
+    Up,
+}
+
+/// GroupNorm arguments as `Backend::group_norm` takes them.
+#[derive(Clone, Copy)]
+pub struct Norm<'a, T> {
+    pub gamma: &'a T,
+    pub beta: &'a T,
+    pub ss: Option<&'a T>,
+    pub silu: bool,
+}
+
+/// What a fused convolution does to its input before the product.
+pub struct ConvPre<'a, T> {
+    pub norm: Option<Norm<'a, T>>,
+    pub resample: Resample,
+}
+
+/// What a fused convolution adds to its product (after the bias).
+pub struct ConvPost<'a, T> {
+    /// `[B,1,1,cout]`, broadcast over the pixels.
+    pub bcast: Option<&'a T>,
+    /// The output's shape.
+    pub residual: Option<&'a T>,
+}
+
+impl<T> Default for ConvPre<'_, T> {
+    fn default() -> Self {
+        ConvPre {
+            norm: None,
+            resample: Resample::None,
+        }
+    }
+}
+
+impl<T> Default for ConvPost<'_, T> {
+    fn default() -> Self {
+        ConvPost {
+            bcast: None,
+            residual: None,
+        }
+    }
+}
+
+/// `conv(resample(norm(x))) + bcast + residual`, one op at a time: the
+/// float32 path of every backend, and the CPU twin of the fused kernels.
+pub fn compose_conv_fused<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::T,
+    c: &B::Conv,
+    pre: &ConvPre<'_, B::T>,
+    post: &ConvPost<'_, B::T>,
+) -> Result<B::T> {
+    let normed;
+    let mut a = x;
+    if let Some(n) = &pre.norm {
+        normed = b.group_norm(x, n.gamma, n.beta, n.ss, n.silu)?;
+        a = &normed;
+    }
+    let resampled;
+    match pre.resample {
+        Resample::None => {}
+        Resample::Down => {
+            resampled = b.avg_pool2(a)?;
+            a = &resampled;
+        }
+        Resample::Up => {
+            resampled = b.upsample2(a)?;
+            a = &resampled;
+        }
+    }
+    let mut y = b.conv(a, c)?;
+    if let Some(e) = post.bcast {
+        y = b.add(&y, e)?;
+    }
+    if let Some(r) = post.residual {
+        y = b.add(&y, r)?;
+    }
+    Ok(y)
+}
+
 pub trait Backend {
     /// A tensor living on the device.
     type T: Clone;
@@ -16,6 +104,11 @@ pub trait Backend {
     type Conv;
 
     fn name(&self) -> &'static str;
+    /// Device memory free for activations, where the backend has a budget
+    /// (the GPU); None for host memory.
+    fn free_bytes(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
     fn dims<'a>(&self, t: &'a Self::T) -> &'a [usize];
     fn upload(&self, t: &Tensor) -> Result<Self::T>;
     fn download(&self, t: &Self::T) -> Result<Tensor>;
@@ -35,6 +128,17 @@ pub trait Backend {
         ss: Option<&Self::T>,
         silu: bool,
     ) -> Result<Self::T>;
+    /// `conv(resample(norm(x))) + bcast + residual` (see `compose_conv_fused`,
+    /// which backends without a fused kernel run).
+    fn conv_fused(
+        &self,
+        x: &Self::T,
+        c: &Self::Conv,
+        pre: &ConvPre<'_, Self::T>,
+        post: &ConvPost<'_, Self::T>,
+    ) -> Result<Self::T> {
+        compose_conv_fused(self, x, c, pre, post)
+    }
     fn silu(&self, x: &Self::T) -> Result<Self::T>;
     /// `a + b`, where `b` is `a`'s shape or `[B,1,1,C]` (broadcast over H, W).
     fn add(&self, a: &Self::T, b: &Self::T) -> Result<Self::T>;

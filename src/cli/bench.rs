@@ -13,33 +13,19 @@ use crate::backend::Backend;
 use crate::config::Config;
 use crate::cuda::{self, backend::Cuda};
 use crate::ddim::alphas_cumprod;
+use crate::metrics;
 use crate::model::{random::random_weights, weights, Net, NetKind, NetSpec};
 use crate::pipeline;
+use crate::precision::Precision;
 use crate::sampler::Sampler;
+use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Precision {
-    Fp32,
-    Bf16,
-    Fp16,
-}
-
-impl Precision {
-    fn label(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-            Precision::Fp16 => "fp16",
-        }
-    }
-}
-
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct BenchArgs {
     /// The diffusion YAML config (unet_config and classifier_config).
     #[arg(long)]
@@ -50,9 +36,10 @@ pub struct BenchArgs {
     /// Classifier checkpoint (default: random weights).
     #[arg(long)]
     classifier: Option<PathBuf>,
-    /// Slices per sampler run.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Slices per sampler run (default: on a GPU, as many as fit in 80% of
+    /// its free memory, at most 64; on the CPU, 1).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Noise level N of the timed run (N inversion + N guided steps).
     #[arg(long, default_value_t = 100)]
     steps: usize,
@@ -71,17 +58,15 @@ pub struct BenchArgs {
     /// One JSON line on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Then run the fp32 engine on the same inputs and report the PSNR of
+    /// this precision's anomaly maps against its maps (GPU only).
+    #[arg(long)]
+    fidelity: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.precision != Precision::Fp32 {
-        bail!(
-            "--precision {} is not implemented yet: the engine runs in fp32 only for now",
-            args.precision.label()
-        );
-    }
     let cfg = Config::load(&args.config)?;
-    ensure!(args.batch >= 1, "--batch must be at least 1");
+    ensure!(args.batch != Some(0), "--batch must be at least 1");
     for (flag, n) in [("--steps", args.steps), ("--warmup", args.warmup)] {
         ensure!(
             n <= cfg.schedule.timesteps,
@@ -103,22 +88,50 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cfg.unet.image_size,
         cfg.classifier.image_size
     );
-    match args.device {
-        Device::Cpu => execute(&Cpu, "cpu", None, &args, &cfg),
-        Device::Cuda => {
-            let g = Cuda::new(0).context("--device cuda")?;
-            let name = g.gpu().name().to_owned();
-            execute(&g, "cuda:0", Some(&name), &args, &cfg)
+    let on_gpu = match args.device {
+        Device::Cpu => false,
+        Device::Cuda => true,
+        Device::Auto => cuda::cuda_available(),
+    };
+    if !on_gpu {
+        if args.precision != Precision::Fp32 || args.fidelity {
+            bail!(
+                "--precision {} and --fidelity need a GPU ({}); the CPU backend computes in fp32 only",
+                args.precision,
+                cuda::unavailable_reason().unwrap_or_else(|| "--device cpu was asked for".into())
+            );
         }
-        Device::Auto if cuda::cuda_available() => {
-            let g = Cuda::new(0).context(
-                "--device auto found a GPU but could not use it (--device cpu runs on the CPU)",
-            )?;
-            let name = g.gpu().name().to_owned();
-            execute(&g, "cuda:0", Some(&name), &args, &cfg)
-        }
-        Device::Auto => execute(&Cpu, "cpu", None, &args, &cfg),
+        let run = execute(&Cpu, &args, &cfg)?;
+        return report(&args, "cpu", None, &run, None);
     }
+    let why = match args.device {
+        Device::Cuda => "--device cuda",
+        _ => "--device auto found a GPU but could not use it (--device cpu runs on the CPU)",
+    };
+    let g = Cuda::with_precision(0, args.precision).context(why)?;
+    let name = g.gpu().name().to_owned();
+    let run = execute(&g, &args, &cfg)?;
+    drop(g);
+    let psnr = if args.fidelity {
+        let g32 = Cuda::new(0).context(why)?;
+        let reference = execute(
+            &g32,
+            &BenchArgs {
+                batch: Some(run.batch),
+                warmup: 0,
+                ..args.clone()
+            },
+            &cfg,
+        )?;
+        Some(
+            metrics::psnr(&reference.anomaly.data, &run.anomaly.data).with_context(|| {
+                "the fp32 anomaly maps are constant: no PSNR to report".to_string()
+            })?,
+        )
+    } else {
+        None
+    };
+    report(&args, "cuda:0", Some(&name), &run, psnr)
 }
 
 fn network<B: Backend>(
@@ -145,13 +158,16 @@ fn network<B: Backend>(
     Ok(Net { spec, w })
 }
 
-fn execute<B: Backend>(
-    backend: &B,
-    device: &str,
-    gpu: Option<&str>,
-    args: &BenchArgs,
-    cfg: &Config,
-) -> Result<()> {
+/// One timed sampler run and what the report needs from it.
+struct Run {
+    batch: usize,
+    seconds: f64,
+    tflop_per_slice: f64,
+    /// Anomaly maps of the run (histogram-matched), for `--fidelity`.
+    anomaly: Tensor,
+}
+
+fn execute<B: Backend>(backend: &B, args: &BenchArgs, cfg: &Config) -> Result<Run> {
     let unet = network(backend, cfg, NetKind::Unet, args.unet.as_deref(), 11)?;
     let classifier = network(
         backend,
@@ -160,13 +176,18 @@ fn execute<B: Backend>(
         args.classifier.as_deref(),
         12,
     )?;
+    let batch = match (args.batch, backend.free_bytes()?) {
+        (Some(b), _) => b,
+        (None, Some(free)) => pipeline::auto_batch(&unet.spec, &classifier.spec, free),
+        (None, None) => 1,
+    };
     let s = cfg.unet.image_size;
-    let shape = [args.batch, s, s, 1];
+    let shape = [batch, s, s, 1];
     // Inputs live on the device before the clock starts: the timed part is
     // the sampler and the download of its result, which also waits for the
-    // GPU to finish.
-    let x0 = backend.upload(&pipeline::seeded_noise(&shape, 31))?;
-    let cond = backend.upload(&pipeline::seeded_noise(&shape, 32))?;
+    // GPU to finish. Noise slices normalised as FLAIR and T1 are.
+    let x0 = backend.normalize(&backend.upload(&pipeline::seeded_noise(&shape, 31))?)?;
+    let cond = backend.normalize(&backend.upload(&pipeline::seeded_noise(&shape, 32))?)?;
     let noise = backend.upload(&pipeline::seeded_noise(&shape, 33))?;
     let abar = alphas_cumprod(&cfg.schedule);
     let guidance = cfg.defaults.guidance as f32;
@@ -182,24 +203,46 @@ fn execute<B: Backend>(
         backend.download(&sampler(args.warmup).run(&x0, &cond, &noise, |_, _| {})?)?;
     }
     let t0 = Instant::now();
-    let out = backend.download(&sampler(args.steps).run(&x0, &cond, &noise, |_, _| {})?)?;
+    let xhat = sampler(args.steps).run(&x0, &cond, &noise, |_, _| {})?;
+    let out = backend.download(&xhat)?;
     let seconds = t0.elapsed().as_secs_f64();
     ensure!(
         out.data.iter().all(|v| v.is_finite()),
         "the sampler produced non-finite values"
     );
-
+    let anomaly = backend.download(&backend.anomaly(&x0, &xhat, true)?)?;
     let n = args.steps as f64;
-    let tflop_per_slice =
-        (2.0 * n * unet.spec.forward_flops() + 2.0 * n * classifier.spec.forward_flops()) / 1e12;
-    let s_per_slice = seconds / args.batch as f64;
+    Ok(Run {
+        batch,
+        seconds,
+        tflop_per_slice: (2.0 * n * unet.spec.forward_flops()
+            + 2.0 * n * classifier.spec.forward_flops())
+            / 1e12,
+        anomaly,
+    })
+}
+
+fn report(
+    args: &BenchArgs,
+    device: &str,
+    gpu: Option<&str>,
+    run: &Run,
+    psnr: Option<f64>,
+) -> Result<()> {
+    let Run {
+        batch,
+        seconds,
+        tflop_per_slice,
+        ..
+    } = *run;
+    let s_per_slice = seconds / batch as f64;
     let achieved = tflop_per_slice / s_per_slice;
     let floor = args.peak_tflops.map(|p| tflop_per_slice / p);
     let mut report = json!({
         "device": device,
         "gpu": gpu,
         "precision": args.precision.label(),
-        "batch": args.batch,
+        "batch": batch,
         "steps": args.steps,
         "seconds": seconds,
         "s_per_slice": s_per_slice,
@@ -211,6 +254,10 @@ fn execute<B: Backend>(
         report["floor_s_per_slice"] = json!(f);
         report["fraction_of_floor"] = json!(f / s_per_slice);
     }
+    // Identical maps give an infinite PSNR, which JSON writes as null.
+    if let Some(p) = psnr {
+        report["fidelity_psnr_db"] = json!(p);
+    }
 
     let mut table = vec![
         format!(
@@ -218,11 +265,9 @@ fn execute<B: Backend>(
             gpu.map(|g| format!(" ({g})")).unwrap_or_default()
         ),
         format!(
-            "work              batch {}, N = {}, {} ({:.4} TFLOP per slice: 2N UNet forwards + N classifier forward and input gradient, counted as 2 forwards)",
-            args.batch,
+            "work              batch {batch}, N = {}, {} ({tflop_per_slice:.4} TFLOP per slice: 2N UNet forwards + N classifier forward and input gradient, counted as 2 forwards)",
             args.steps,
             args.precision.label(),
-            tflop_per_slice
         ),
         format!("time              {seconds:.3} s, {s_per_slice:.4} s per slice"),
         format!("throughput        {:.3} slices/s", 1.0 / s_per_slice),
@@ -232,6 +277,11 @@ fn execute<B: Backend>(
         table.push(format!(
             "floor             {f:.4} s per slice at {p} TFLOP/s: {:.1}% of the floor's speed",
             100.0 * f / s_per_slice
+        ));
+    }
+    if let Some(p) = psnr {
+        table.push(format!(
+            "fidelity          anomaly-map PSNR {p:.2} dB against the fp32 engine"
         ));
     }
     if args.json {

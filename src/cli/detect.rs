@@ -11,6 +11,7 @@ use crate::model::NetKind;
 use crate::overlay;
 use crate::pipeline;
 use crate::post;
+use crate::precision::Precision;
 use crate::sampler::Phase;
 use crate::slices::{self, SliceRange};
 use crate::tensor::Tensor;
@@ -58,6 +59,10 @@ pub struct DetectArgs {
     no_hist_match: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Arithmetic of the networks: fp32 (the parity mode), or bf16 / fp16 on
+    /// tensor cores (GPU only).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 /// The inputs as the network sees them, and where they came from.
@@ -248,9 +253,10 @@ pub fn run(args: DetectArgs) -> Result<()> {
     );
     let inputs = read_inputs(&args, cfg.unet.image_size)?;
     let noise = noise(&args, &inputs.flair.shape)?;
-    let device = args.device;
+    let (device, precision) = (args.device, args.precision);
     run_on(
         device,
+        precision,
         Job {
             args: &args,
             cfg: &cfg,

@@ -5,6 +5,7 @@ use super::Device;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::eval::{self, Job, Report, Settings};
+use crate::precision::Precision;
 use crate::slices::SliceRange;
 use anyhow::{ensure, Result};
 use clap::Args;
@@ -47,6 +48,10 @@ pub struct EvalArgs {
     no_hist_match: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Arithmetic of the networks: fp32 (the parity mode), or bf16 / fp16 on
+    /// tensor cores (GPU only).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
     /// Discard the results already in --out instead of resuming.
     #[arg(long)]
     restart: bool,
@@ -110,7 +115,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         restart: args.restart,
         save_maps: args.save_maps,
     };
-    let report = run_on(args.device, OnDevice(&job))?;
+    let report = run_on(args.device, args.precision, OnDevice(&job))?;
     let e = &report.evaluation;
     let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
     println!(

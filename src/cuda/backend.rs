@@ -12,10 +12,12 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
 use super::conv::ConvDims;
-use super::{attention, conv, ddim, norm, ops, post, Gpu};
+use super::igemm::{self, FusedDims, PackedWeights};
+use super::{attention, conv, ddim, flash, norm, ops, post, Gpu};
 use crate::backend::cpu::Cpu;
-use crate::backend::{nhwc, same_shape, Backend};
+use crate::backend::{compose_conv_fused, nhwc, same_shape, Backend, ConvPost, ConvPre, Resample};
 use crate::ddim::DdimCoefs;
+use crate::precision::Precision;
 use crate::tensor::Tensor;
 
 /// A device tensor. Cloning copies the buffer on the stream (and, as
@@ -28,7 +30,8 @@ pub struct GpuTensor {
 
 /// A convolution's weights on the device, in the layout of
 /// `crate::backend::cpu::CpuConv`: `fwd` (k*k*cin) x cout, `bwd` (the
-/// flipped, transposed kernel) (k*k*cout) x cin.
+/// flipped, transposed kernel) (k*k*cout) x cin; plus both repacked for the
+/// tensor-core kernels in the bf16 / fp16 modes.
 #[derive(Debug)]
 pub struct GpuConv {
     pub k: usize,
@@ -37,6 +40,16 @@ pub struct GpuConv {
     pub fwd: CudaSlice<f32>,
     pub bwd: CudaSlice<f32>,
     pub bias: CudaSlice<f32>,
+    pub packed: Option<PackedConv>,
+}
+
+/// `GpuConv`'s weights rounded for the tensor-core kernels.
+#[derive(Debug)]
+pub struct PackedConv {
+    pub fwd: PackedWeights,
+    pub bwd: PackedWeights,
+    /// The backward-data product has no bias: `cin` zeros.
+    pub zero_bias: CudaSlice<f32>,
 }
 
 impl crate::backend::Shaped for GpuTensor {
@@ -48,6 +61,7 @@ impl crate::backend::Shaped for GpuTensor {
 pub struct Cuda {
     gpu: Gpu,
     blas: CudaBlas,
+    precision: Precision,
     poison: AtomicBool,
 }
 
@@ -83,8 +97,14 @@ fn gn_dims(
 
 impl Cuda {
     /// Opens device `ordinal` (see `Gpu::new`) and a cuBLAS handle on its
-    /// stream.
+    /// stream, in the float32 parity mode.
     pub fn new(ordinal: usize) -> Result<Cuda> {
+        Cuda::with_precision(ordinal, Precision::Fp32)
+    }
+
+    /// `new` in a given precision mode; convolutions prepared by this
+    /// backend carry the weights that mode needs.
+    pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Cuda> {
         let gpu = Gpu::new(ordinal)?;
         // SAFETY: only tries to load the library; cudarc would panic on the
         // first cuBLAS call without it.
@@ -110,6 +130,7 @@ impl Cuda {
         Ok(Cuda {
             gpu,
             blas,
+            precision,
             poison: AtomicBool::new(false),
         })
     }
@@ -120,6 +141,10 @@ impl Cuda {
 
     pub fn blas(&self) -> &CudaBlas {
         &self.blas
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Debug aid: when on, every output buffer is filled with NaN before its
@@ -146,6 +171,90 @@ impl Cuda {
             ops::fill(&self.gpu, &mut buf, f32::NAN)?;
         }
         Ok(GpuTensor { buf, shape })
+    }
+
+    /// One tensor-core convolution with its prologue and epilogue.
+    fn conv_packed(
+        &self,
+        x: &GpuTensor,
+        c: &GpuConv,
+        w: &PackedWeights,
+        pre: &ConvPre<'_, GpuTensor>,
+        post: &ConvPost<'_, GpuTensor>,
+    ) -> Result<GpuTensor> {
+        let (b, sh, sw, cin) = nhwc(x)?;
+        ensure!(
+            cin == c.cin,
+            "conv: input has {cin} channels, the weights expect {}",
+            c.cin
+        );
+        let (h, w_) = match pre.resample {
+            Resample::None => (sh, sw),
+            Resample::Up => (2 * sh, 2 * sw),
+            Resample::Down => {
+                ensure!(
+                    sh.is_multiple_of(2) && sw.is_multiple_of(2),
+                    "avg_pool2: odd spatial size {sh} x {sw}"
+                );
+                (sh / 2, sw / 2)
+            }
+        };
+        let out_shape = vec![b, h, w_, c.cout];
+        if let Some(e) = post.bcast {
+            ensure!(
+                e.shape == [b, 1, 1, c.cout],
+                "add: cannot broadcast {:?} onto {:?}",
+                e.shape,
+                out_shape
+            );
+        }
+        if let Some(r) = post.residual {
+            ensure!(
+                r.shape == out_shape,
+                "add: shapes {:?} and {:?} differ",
+                out_shape,
+                r.shape
+            );
+        }
+        let affine = match &pre.norm {
+            None => None,
+            Some(n) => {
+                gn_dims(x, n.gamma, n.beta, n.ss)?;
+                let mut a = self.output("group_norm_affine", vec![b, 1, 1, 2 * cin])?;
+                norm::group_norm_affine(
+                    &self.gpu,
+                    &x.buf,
+                    b,
+                    sh * sw,
+                    cin,
+                    &n.gamma.buf,
+                    &n.beta.buf,
+                    n.ss.map(|s| &s.buf),
+                    &mut a.buf,
+                )?;
+                Some(a)
+            }
+        };
+        let mut y = self.output("conv", out_shape)?;
+        let d = FusedDims {
+            b,
+            h,
+            w: w_,
+            cin,
+            cout: c.cout,
+            k: c.k,
+            resample: pre.resample,
+        };
+        let op = igemm::Operands {
+            x: &x.buf,
+            affine: affine.as_ref().map(|a| &a.buf),
+            silu: pre.norm.as_ref().is_some_and(|n| n.silu),
+            bias: &c.bias,
+            bvec: post.bcast.map(|e| &e.buf),
+            res: post.residual.map(|r| &r.buf),
+        };
+        igemm::conv(&self.gpu, &op, w, d, &mut y.buf)?;
+        Ok(y)
     }
 
     fn upload_indices(&self, op: &str, v: &[usize]) -> Result<CudaSlice<u32>> {
@@ -177,6 +286,10 @@ impl Backend for Cuda {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn free_bytes(&self) -> Result<Option<usize>> {
+        Ok(Some(self.gpu.memory()?.0))
     }
 
     fn dims<'a>(&self, t: &'a GpuTensor) -> &'a [usize] {
@@ -218,13 +331,29 @@ impl Backend for Cuda {
                 c.k, c.k, c.cin, c.cout
             )
         };
+        let fwd = self.upload_f32(&what("weights"), &c.fwd)?;
+        let bwd = self.upload_f32(&what("backward weights"), &c.bwd)?;
+        let packed = match self.precision.half() {
+            None => None,
+            Some(half) => {
+                let kk = c.k * c.k;
+                Some(PackedConv {
+                    fwd: igemm::pack_weights(&self.gpu, half, &fwd, kk * c.cin, c.cout)
+                        .with_context(|| what("packing the weights"))?,
+                    bwd: igemm::pack_weights(&self.gpu, half, &bwd, kk * c.cout, c.cin)
+                        .with_context(|| what("packing the backward weights"))?,
+                    zero_bias: self.upload_f32(&what("zero bias"), &vec![0.0; c.cin])?,
+                })
+            }
+        };
         Ok(GpuConv {
             k: c.k,
             cin: c.cin,
             cout: c.cout,
-            fwd: self.upload_f32(&what("weights"), &c.fwd)?,
-            bwd: self.upload_f32(&what("backward weights"), &c.bwd)?,
+            fwd,
+            bwd,
             bias: self.upload_f32(&what("bias"), &c.bias)?,
+            packed,
         })
     }
 
@@ -235,6 +364,9 @@ impl Backend for Cuda {
             "conv: input has {cin} channels, the weights expect {}",
             c.cin
         );
+        if let Some(p) = &c.packed {
+            return self.conv_packed(x, c, &p.fwd, &ConvPre::default(), &ConvPost::default());
+        }
         let mut y = self.output("conv", vec![b, h, w, c.cout])?;
         let d = ConvDims {
             b,
@@ -254,6 +386,19 @@ impl Backend for Cuda {
             &mut y.buf,
         )?;
         Ok(y)
+    }
+
+    fn conv_fused(
+        &self,
+        x: &GpuTensor,
+        c: &GpuConv,
+        pre: &ConvPre<'_, GpuTensor>,
+        post: &ConvPost<'_, GpuTensor>,
+    ) -> Result<GpuTensor> {
+        match &c.packed {
+            Some(p) => self.conv_packed(x, c, &p.fwd, pre, post),
+            None => compose_conv_fused(self, x, c, pre, post),
+        }
     }
 
     fn group_norm(
@@ -386,7 +531,22 @@ impl Backend for Cuda {
         );
         let c = c3 / 3;
         let mut y = self.output("attention", vec![b, h, w, c])?;
-        attention::attention(&self.gpu, &qkv.buf, &mut y.buf, b, h * w, c, heads, legacy)?;
+        match self.precision.half() {
+            Some(half) => flash::attention_fast(
+                &self.gpu,
+                half,
+                &qkv.buf,
+                &mut y.buf,
+                b,
+                h * w,
+                c,
+                heads,
+                legacy,
+            )?,
+            None => {
+                attention::attention(&self.gpu, &qkv.buf, &mut y.buf, b, h * w, c, heads, legacy)?
+            }
+        }
         Ok(y)
     }
 
@@ -418,6 +578,28 @@ impl Backend for Cuda {
             "conv_bwd: gradient has {co} channels, the weights give {}",
             c.cout
         );
+        if let Some(p) = &c.packed {
+            let mut dx = self.output("conv_bwd", vec![b, h, w, c.cin])?;
+            let d = FusedDims {
+                b,
+                h,
+                w,
+                cin: c.cout,
+                cout: c.cin,
+                k: c.k,
+                resample: Resample::None,
+            };
+            let op = igemm::Operands {
+                x: &dy.buf,
+                affine: None,
+                silu: false,
+                bias: &p.zero_bias,
+                bvec: None,
+                res: None,
+            };
+            igemm::conv(&self.gpu, &op, &p.bwd, d, &mut dx.buf)?;
+            return Ok(dx);
+        }
         let mut dx = self.output("conv_bwd", vec![b, h, w, c.cin])?;
         let d = ConvDims {
             b,

@@ -11,7 +11,9 @@ pub mod attention;
 pub mod backend;
 pub mod conv;
 pub mod ddim;
+pub mod flash;
 pub mod gemm;
+pub mod igemm;
 pub mod kernels;
 pub mod norm;
 pub mod ops;
@@ -179,6 +181,13 @@ impl Gpu {
 
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.context()
+            .mem_get_info()
+            .context("querying the GPU's free memory")
     }
 
     /// Waits for all queued work; reports asynchronous kernel faults.

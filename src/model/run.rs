@@ -3,7 +3,7 @@
 
 use super::spec::{Layer, NetKind, NetSpec, Resample};
 use super::weights::Bound;
-use crate::backend::Backend;
+use crate::backend::{Backend, ConvPost, ConvPre, Norm};
 use anyhow::{ensure, Result};
 
 /// A layer's output, and what it keeps for the backward pass when asked.
@@ -35,6 +35,15 @@ impl<B: Backend> Net<B> {
             emb = b.add_rows(&emb, self.w.vec("label_emb.weight"), y)?;
         }
         b.silu(&emb)
+    }
+
+    fn norm<'a>(&'a self, name: &str, ss: Option<&'a B::T>, silu: bool) -> Norm<'a, B::T> {
+        Norm {
+            gamma: self.w.vec(&format!("{name}.weight")),
+            beta: self.w.vec(&format!("{name}.bias")),
+            ss,
+            silu,
+        }
     }
 
     fn gn(&self, b: &B, x: &B::T, name: &str, ss: Option<&B::T>, silu: bool) -> Result<B::T> {
@@ -77,42 +86,72 @@ impl<B: Backend> Net<B> {
                 cout,
                 resample,
             } => {
-                let mut a = self.gn(b, &x, &format!("{name}.in_layers.0"), None, true)?;
-                let xs = match resample {
-                    Resample::None => None,
-                    Resample::Down => {
-                        a = b.avg_pool2(&a)?;
-                        Some(b.avg_pool2(&x)?)
-                    }
-                    Resample::Up => {
-                        a = b.upsample2(&a)?;
-                        Some(b.upsample2(&x)?)
-                    }
-                };
-                let mut h1 = b.conv(&a, self.w.conv(&format!("{name}.in_layers.2")))?;
                 let e = b.conv(semb, self.w.conv(&format!("{name}.emb_layers.1")))?;
-                let h2 = if self.spec.scale_shift {
-                    self.gn(b, &h1, &format!("{name}.out_layers.0"), Some(&e), true)?
-                } else {
-                    h1 = b.add(&h1, &e)?;
-                    self.gn(b, &h1, &format!("{name}.out_layers.0"), None, true)?
+                // Without scale/shift the embedding is added to h1 before
+                // the second GroupNorm, as a per-sample bias.
+                let h1 = b.conv_fused(
+                    &x,
+                    self.w.conv(&format!("{name}.in_layers.2")),
+                    &ConvPre {
+                        norm: Some(self.norm(&format!("{name}.in_layers.0"), None, true)),
+                        resample: *resample,
+                    },
+                    &ConvPost {
+                        bcast: (!self.spec.scale_shift).then_some(&e),
+                        residual: None,
+                    },
+                )?;
+                let skip_conv =
+                    (cin != cout).then(|| self.w.conv(&format!("{name}.skip_connection")));
+                let skip = match (skip_conv, resample) {
+                    (Some(sc), _) => Some(b.conv_fused(
+                        &x,
+                        sc,
+                        &ConvPre {
+                            norm: None,
+                            resample: *resample,
+                        },
+                        &ConvPost::default(),
+                    )?),
+                    (None, Resample::None) => None,
+                    (None, Resample::Down) => Some(b.avg_pool2(&x)?),
+                    (None, Resample::Up) => Some(b.upsample2(&x)?),
                 };
-                let h3 = b.conv(&h2, self.w.conv(&format!("{name}.out_layers.3")))?;
-                let xs_ref = xs.as_ref().unwrap_or(&x);
-                let out = if cin != cout {
-                    let s = b.conv(xs_ref, self.w.conv(&format!("{name}.skip_connection")))?;
-                    b.add(&s, &h3)?
-                } else {
-                    b.add(xs_ref, &h3)?
-                };
+                let ss = self.spec.scale_shift.then_some(&e);
+                let out = b.conv_fused(
+                    &h1,
+                    self.w.conv(&format!("{name}.out_layers.3")),
+                    &ConvPre {
+                        norm: Some(self.norm(&format!("{name}.out_layers.0"), ss, true)),
+                        resample: Resample::None,
+                    },
+                    &ConvPost {
+                        bcast: None,
+                        residual: Some(skip.as_ref().unwrap_or(&x)),
+                    },
+                )?;
                 Ok((out, keep.then_some(Saved::Res { x, h1, e })))
             }
             Layer::Attn { name, heads, .. } => {
-                let n = self.gn(b, &x, &format!("{name}.norm"), None, false)?;
-                let qkv = b.conv(&n, self.w.conv(&format!("{name}.qkv")))?;
+                let qkv = b.conv_fused(
+                    &x,
+                    self.w.conv(&format!("{name}.qkv")),
+                    &ConvPre {
+                        norm: Some(self.norm(&format!("{name}.norm"), None, false)),
+                        resample: Resample::None,
+                    },
+                    &ConvPost::default(),
+                )?;
                 let a = b.attention(&qkv, *heads, self.spec.legacy_attention)?;
-                let h = b.conv(&a, self.w.conv(&format!("{name}.proj_out")))?;
-                let out = b.add(&x, &h)?;
+                let out = b.conv_fused(
+                    &a,
+                    self.w.conv(&format!("{name}.proj_out")),
+                    &ConvPre::default(),
+                    &ConvPost {
+                        bcast: None,
+                        residual: Some(&x),
+                    },
+                )?;
                 Ok((out, keep.then(|| Saved::Attn { x, qkv })))
             }
         }
@@ -201,8 +240,15 @@ impl<B: Backend> Net<B> {
                 h = self.layer(b, l, h, &semb, false)?.0;
             }
         }
-        let h = self.gn(b, &h, "out.0", None, true)?;
-        b.conv(&h, self.w.conv("out.2"))
+        b.conv_fused(
+            &h,
+            self.w.conv("out.2"),
+            &ConvPre {
+                norm: Some(self.norm("out.0", None, true)),
+                resample: Resample::None,
+            },
+            &ConvPost::default(),
+        )
     }
 
     /// Classifier: logits `[B,1,1,K]` and `d/dx sum_b log_softmax(logits_b)[y_b]`.

@@ -3,12 +3,7 @@
 
 use crate::config::NetConfig;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Resample {
-    None,
-    Down,
-    Up,
-}
+pub use crate::backend::Resample;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Layer {
@@ -257,6 +252,46 @@ impl NetSpec {
             }
         }
         out
+    }
+
+    /// An upper bound on the float32 activation bytes one slice keeps alive
+    /// at the peak of a forward with its backward tape: every layer's input,
+    /// first product and output (the classifier keeps about that much; the
+    /// UNet's skips are less), plus eight tensors of the largest layer as the
+    /// working set (concatenations, attention's qkv, fused-op scratch).
+    pub fn activation_bytes(&self) -> f64 {
+        let mut side = self.image_size as f64;
+        let mut kept = 0f64;
+        let mut largest = 0f64;
+        for l in self
+            .input_blocks
+            .iter()
+            .flatten()
+            .chain(&self.middle)
+            .chain(self.output_blocks.iter().flatten())
+        {
+            let ch = match l {
+                Layer::Conv { cout, .. } => *cout,
+                Layer::Res {
+                    cin,
+                    cout,
+                    resample,
+                    ..
+                } => {
+                    match resample {
+                        Resample::Down => side /= 2.0,
+                        Resample::Up => side *= 2.0,
+                        Resample::None => {}
+                    }
+                    *cin.max(cout)
+                }
+                Layer::Attn { ch, .. } => 3 * ch,
+            };
+            let bytes = 4.0 * side * side * ch as f64;
+            kept += 3.0 * bytes;
+            largest = largest.max(bytes);
+        }
+        kept + 8.0 * largest
     }
 
     /// Multiply-accumulates x 2 of one forward at batch 1 (convolutions,

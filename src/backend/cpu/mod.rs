@@ -8,6 +8,7 @@ mod gemm;
 mod norm;
 
 pub use conv::CpuConv;
+pub use norm::group_norm_affine;
 
 use super::{nhwc, same_shape, Backend};
 use crate::ddim::{self, DdimCoefs};

@@ -61,6 +61,84 @@ fn stats_exact(x: &[f32], a: &GnArgs) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// GroupNorm (+ optional scale/shift) folded into a per-(sample, channel)
+/// affine map `y = a * x + s`; CPU twin of
+/// `crate::cuda::norm::group_norm_affine`. Returns `[b, 2, c]`: `a` then `s`
+/// per sample, with `m`, `r` the two-pass mean and 1/sigma of the channel's
+/// group (as `forward`), `a = r gamma (1 + scale)` and `s = (beta - m r
+/// gamma) (1 + scale) + shift` (scale = shift = 0 without `ss`), in double
+/// and rounded once. An empty sample (`hw = 0`) has no statistics and gives
+/// NaN.
+///
+/// # Panics
+///
+/// If `c` is not a positive multiple of 32 or a slice's length does not
+/// match `b`, `hw` and `c` (x `[b, hw, c]`, gamma and beta `[c]`, ss
+/// `[b, 2c]`).
+pub fn group_norm_affine(
+    x: &[f32],
+    b: usize,
+    hw: usize,
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    ss: Option<&[f32]>,
+) -> Vec<f32> {
+    assert!(
+        c > 0 && c.is_multiple_of(GROUPS),
+        "group_norm_affine: {c} channels are not a positive multiple of {GROUPS}"
+    );
+    assert_eq!(
+        x.len(),
+        b * hw * c,
+        "group_norm_affine: x for {b} x {hw} x {c}"
+    );
+    assert!(
+        gamma.len() == c && beta.len() == c,
+        "group_norm_affine: gamma / beta of {} / {} for {c} channels",
+        gamma.len(),
+        beta.len()
+    );
+    if let Some(ss) = ss {
+        assert_eq!(
+            ss.len(),
+            2 * b * c,
+            "group_norm_affine: scale/shift for [{b}, 2 * {c}]"
+        );
+    }
+    let args = GnArgs {
+        hw,
+        c,
+        gamma,
+        beta,
+        ss,
+        silu: false,
+    };
+    let per = hw * c;
+    let cg = c / GROUPS;
+    let mut out = vec![0f32; 2 * b * c];
+    for (bi, o) in out.chunks_mut(2 * c).enumerate() {
+        let st = stats_exact(&x[bi * per..(bi + 1) * per], &args);
+        let (oa, os) = o.split_at_mut(c);
+        for ch in 0..c {
+            let (m, r) = st[ch / cg];
+            // The operation order of gn_affine in kernels/groupnorm.cu, so
+            // that equal statistics give equal floats.
+            let rg = r * gamma[ch] as f64;
+            let mut av = rg;
+            let mut sv = beta[ch] as f64 - m * rg;
+            if let Some(ss) = ss {
+                let mul = 1.0 + ss[bi * 2 * c + ch] as f64;
+                av *= mul;
+                sv = sv * mul + ss[bi * 2 * c + c + ch] as f64;
+            }
+            oa[ch] = av as f32;
+            os[ch] = sv as f32;
+        }
+    }
+    out
+}
+
 pub fn forward(x: &[f32], b: usize, a: &GnArgs) -> Vec<f32> {
     let per = a.hw * a.c;
     let cg = a.c / GROUPS;

@@ -1,0 +1,418 @@
+// Fused multi-head attention forward on tensor cores (FlashAttention-2
+// style) for the bf16 / fp16 precision modes. Launcher: src/cuda/flash.rs;
+// float32 oracle: attn_fwd in attention.cu; CPU twin: forward in
+// src/backend/cpu/attention.rs.
+//
+// Conventions as attention.cu: qkv is [b, t, 3c] float32, the output
+// [b, t, c] float32; head h has d = c / heads channels; legacy order: q, k, v
+// of head h at channels h*3d, h*3d + d, h*3d + 2d, otherwise q, k, v are the
+// thirds (q at h*d, k at c + h*d, v at 2c + h*d). Output head h at h*d.
+//   S_ij = (q_i s) . (k_j s) with s = d^(-1/4),  W = softmax_j(S),
+//   A_i = sum_j W_ij v_j.
+//
+// Arithmetic. q, k and v are rounded (round to nearest even) from float32 to
+// the 16-bit type T as they are, unscaled; the scale is folded into the
+// logits: S_ij = (q16_i . k16_j) * d^(-1/2), formed in the log2 domain as
+// x_ij = (q16_i . k16_j) * (log2(e) / sqrt(d)) (the launcher passes that
+// factor), so exp(S - m) = exp2(x - m2). Products of two 16-bit values are
+// exact in float32 and the mma accumulates in float32. The online softmax
+// (running max, rescale, row sums) is float32. The unnormalised weights
+// p = exp2(x - m_running) are rounded to T to feed the P.V mma, and the row
+// sum l adds those rounded p, so the weights that multiply v sum to one
+// exactly: A_i = (sum_j p16_ij v16_j) / (sum_j p16_ij). Scores never leave
+// registers.
+//
+// Tiling. Grid (ceil(t / 64), heads, b), 128 threads = 4 warps; warp w owns
+// query rows 64 * blockIdx.x + 16 w .. + 16. The block walks the keys in
+// tiles of 64: all 128 threads stage the tile's K and V (float32 from
+// global, float4 loads, converted to T) in shared memory, rows padded to
+// dp + 8 elements (dp = d rounded up to 16; columns d..dp zero), then each
+// warp forms its 16 x 64 block of S with mma (k = dp), applies the online
+// softmax, converts P to mma A fragments in registers and accumulates
+// O += P V (16 x dp per warp). Keys >= t get -inf before the softmax (their
+// K and V rows are staged as zeros so P V sees 0 * 0); query rows >= t are
+// computed from zero q and never stored; a warp whose 16 rows all lie past t
+// skips the arithmetic but still stages tiles and meets the barriers.
+// Q fragments are loaded straight from global memory into registers once.
+//
+// Fragment layouts of mma.sync.aligned.m16n8k16 (.bf16 / .f16 operands, f32
+// accumulators), PTX ISA "Matrix Fragments for mma.m16n8k16". With
+// lane = threadIdx.x % 32, g = lane / 4 (groupID), q = lane % 4
+// (threadID_in_group); a .b32 register holds two 16-bit elements, the one
+// of lower column (A, C) or lower k (B) in its low half:
+//   A (16 x 16, row major), a0..a3:  a0 = A[g    ][2q, 2q+1]
+//                                    a1 = A[g + 8][2q, 2q+1]
+//                                    a2 = A[g    ][2q+8, 2q+9]
+//                                    a3 = A[g + 8][2q+8, 2q+9]
+//   B (16 x 8, k x n, "col"), b0, b1: b0 = B[2q, 2q+1  ][g]
+//                                    b1 = B[2q+8, 2q+9][g]
+//   C/D (16 x 8 f32), c0..c3:        c0, c1 = C[g    ][2q, 2q+1]
+//                                    c2, c3 = C[g + 8][2q, 2q+1]
+//
+// S = Q K^T: A = Q (rows = queries, k = head channel), B[k][n] = K[n][k]
+// (n = key). K sits in shared memory as [key][channel], so b0 = K[g][2q,
+// 2q+1] is a row-major 8 x 8 tile read by a plain ldmatrix (thread i gets
+// row i/4, columns 2(i%4), 2(i%4)+1). One ldmatrix.x4 fetches, for channel
+// chunk kk (16 channels) and key n-tiles 2np, 2np+1: matrix 0 = keys 16np +
+// 0..7 x channels 16kk + 0..7 (b0 of n-tile 2np), matrix 1 = same keys x
+// channels 16kk + 8..15 (b1), matrices 2, 3 the same for keys 16np + 8..15.
+//
+// P fragments (the FlashAttention-2 register trick): the S accumulators of
+// n-tiles 2j and 2j+1 (keys 16j + 0..7 and 16j + 8..15) give, unchanged in
+// position, the A operand of the P.V mma for key chunk j (k = key):
+//   a0 = A[g    ][2q, 2q+1]    = keys 16j + 2q, +1      = S tile 2j,   c0 c1
+//   a1 = A[g + 8][2q, 2q+1]    = same keys, row g + 8   = S tile 2j,   c2 c3
+//   a2 = A[g    ][2q+8, 2q+9]  = keys 16j + 8 + 2q, +1  = S tile 2j+1, c0 c1
+//   a3 = A[g + 8][2q+8, 2q+9]  = row g + 8              = S tile 2j+1, c2 c3
+// so each register is pack(lo = c0 or c2, hi = c1 or c3) of the right tile.
+//
+// O = P V: B[k][n] = V[key k][channel n], b0 = V[2q, 2q+1][g]: two rows, one
+// column of V as stored ([key][channel]), which is what ldmatrix .trans
+// gives (thread i gets elements [2(i%4)][i/4] and [2(i%4)+1][i/4] of the 8 x
+// 8 tile whose rows it addresses). One ldmatrix.x4.trans fetches, for key
+// chunk j and output n-tiles 2p, 2p+1: matrix 0 = keys 16j + 0..7 x channels
+// 16p + 0..7 (b0 of n-tile 2p), matrix 1 = keys 16j + 8..15 x same channels
+// (b1), matrices 2, 3 the same for channels 16p + 8..15.
+//
+// ldmatrix.x4 takes the row addresses of matrix m from lanes 8m..8m+7, so
+// lane i addresses row (i % 8) of matrix i / 8.
+//
+// Shared memory: rows of dp + 8 elements = (dp/8 + 1) 16-byte units, an odd
+// number since dp is a multiple of 16, so the 8 rows of each 8 x 8 ldmatrix
+// tile fall on 8 distinct 16-byte bank groups: no bank conflicts. Static
+// shared memory: 2 * 64 * (DMAX + 8) * 2 bytes = 18 KiB (DMAX 64) or 34 KiB
+// (DMAX 128). Every shared access is inside row 0..63, columns 0..dp-1.
+//
+// Global accesses: q, k, v rows are read as float2 / float4 at channel
+// offsets that are multiples of 8 (d and c are multiples of 8, as the
+// launcher checks), only for rows < t and columns < d; the output is written
+// as float2 for rows < t and columns < d. A 16-byte aligned base pointer is
+// assumed (every cudarc allocation is).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace flash {
+
+// (An enum rather than constexpr variables, which NVRTC emits as globals.)
+enum : int {
+    BM = 64,        // query rows per block (4 warps x 16)
+    BN = 64,        // keys per tile
+    THREADS = 128,  // 4 warps
+    PAD = 8,        // elements of padding at the end of a shared row
+};
+
+template <typename T>
+struct Ops;
+
+template <>
+struct Ops<__nv_bfloat16> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low half)
+        return *reinterpret_cast<unsigned*>(&v);
+    }
+    static __device__ __forceinline__ float2 unpack(unsigned u) {
+        return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+    }
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+template <>
+struct Ops<__half> {
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __half2 v = __floats2half2_rn(lo, hi);  // .x = lo (low half)
+        return *reinterpret_cast<unsigned*>(&v);
+    }
+    static __device__ __forceinline__ float2 unpack(unsigned u) {
+        return __half22float2(*reinterpret_cast<__half2*>(&u));
+    }
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// Four 8 x 8 tiles of 16-bit elements; lane i gives the address of row i % 8
+// of tile i / 8 (16-byte aligned). The memory clobber keeps these reads on
+// their side of the __syncthreads that guard the staging stores.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const unsigned short* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const unsigned short* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+// One block of 64 query rows of one (batch, head). DMAX: the largest padded
+// head dim this instantiation handles (register arrays and shared memory
+// are sized for it; loops run over the actual dp with warp-uniform guards).
+template <typename T, int DMAX>
+__device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float* __restrict__ out,
+                                           unsigned t, unsigned c, unsigned d, int legacy,
+                                           float scale_log2) {
+    static_assert(DMAX % 16 == 0 && DMAX <= 128, "DMAX: a multiple of 16, at most 128");
+    constexpr int KD = DMAX / 16;  // max channel chunks (Q K^T k-steps, P V n-tile pairs)
+    constexpr int NT = BN / 8;     // key n-tiles of S per tile
+    __shared__ __align__(16) unsigned short ks[BN * (DMAX + PAD)];
+    __shared__ __align__(16) unsigned short vs[BN * (DMAX + PAD)];
+
+    const unsigned dp = (d + 15u) & ~15u;  // padded head dim
+    // The launcher guarantees 8 <= d <= DMAX, d % 8 == 0; the guard is uniform.
+    if (d == 0 || dp > (unsigned)DMAX || (d & 7u) != 0) return;
+    const unsigned nk = dp / 16;   // channel chunks in use
+    const unsigned ld = dp + PAD;  // shared row stride, elements
+    const unsigned tid = threadIdx.x;
+    const unsigned lane = tid & 31u;
+    const unsigned warp = tid >> 5;
+    const unsigned g = lane >> 2;
+    const unsigned qd = lane & 3u;
+    const unsigned h = blockIdx.y;
+    const unsigned bi = blockIdx.z;
+    const unsigned c3 = 3u * c;
+    unsigned qo, ko, vo;
+    if (legacy) {
+        qo = h * 3u * d;
+        ko = qo + d;
+        vo = qo + 2u * d;
+    } else {
+        qo = h * d;
+        ko = c + h * d;
+        vo = 2u * c + h * d;
+    }
+    const float* base = qkv + (unsigned long long)bi * t * c3;
+    const unsigned row0 = blockIdx.x * BM + warp * 16u;  // first query row of this warp
+    const bool active = row0 < t;                         // uniform per warp
+    const unsigned r0 = row0 + g;                         // rows of c0 c1 / c2 c3
+    const unsigned r1 = r0 + 8u;
+
+    // Q A-fragments of every channel chunk, zero for rows >= t and
+    // channels >= d.
+    unsigned qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+        if (kk < (int)nk && active) {
+            const unsigned col = kk * 16u + 2u * qd;
+            float2 x[4] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f), make_float2(0.f, 0.f),
+                           make_float2(0.f, 0.f)};
+            // Columns col, col+1 lie in one 8-channel group, col+8, col+9 in
+            // the next: each pair is wholly inside d or wholly outside.
+            const bool lo_in = col < d;
+            const bool hi_in = col + 8u < d;
+            if (r0 < t) {
+                const float* p = base + (unsigned long long)r0 * c3 + qo + col;
+                if (lo_in) x[0] = *reinterpret_cast<const float2*>(p);
+                if (hi_in) x[2] = *reinterpret_cast<const float2*>(p + 8);
+            }
+            if (r1 < t) {
+                const float* p = base + (unsigned long long)r1 * c3 + qo + col;
+                if (lo_in) x[1] = *reinterpret_cast<const float2*>(p);
+                if (hi_in) x[3] = *reinterpret_cast<const float2*>(p + 8);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) qf[kk][e] = Ops<T>::pack(x[e].x, x[e].y);
+        }
+    }
+
+    float o[2 * KD][4];
+#pragma unroll
+    for (int n = 0; n < 2 * KD; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    const float ninf = __int_as_float(0xff800000);
+    float m0 = ninf, m1 = ninf;  // running max (log2 domain) of rows r0, r1
+    float l0 = 0.f, l1 = 0.f;    // this thread's part of the row sums
+
+    // ldmatrix addressing: lane gives row (lane % 8) of tile (lane / 8).
+    const unsigned lm_tile = lane >> 3;
+    const unsigned lm_row = lane & 7u;
+    const unsigned per_row = dp / 4;  // float4 per staged row
+    const unsigned ntiles = (t + BN - 1) / BN;
+
+    for (unsigned kt = 0; kt < ntiles; ++kt) {
+        const unsigned key0 = kt * BN;
+        __syncthreads();  // every warp is done reading the previous tile
+        // Stage K and V rows key0 .. key0+63, channels 0..dp, as T. The
+        // 64 * dp / 4 float4 slots split evenly: dp / 8 per thread.
+#pragma unroll
+        for (int it = 0; it < DMAX / 8; ++it) {
+            if (it < (int)(dp / 8)) {
+                const unsigned idx = tid + (unsigned)it * THREADS;
+                const unsigned r = idx / per_row;
+                const unsigned col = (idx - r * per_row) * 4u;
+                const unsigned key = key0 + r;
+                uint2 kw = make_uint2(0u, 0u);
+                uint2 vw = make_uint2(0u, 0u);
+                if (key < t && col < d) {
+                    const float* rowp = base + (unsigned long long)key * c3;
+                    const float4 kx = *reinterpret_cast<const float4*>(rowp + ko + col);
+                    const float4 vx = *reinterpret_cast<const float4*>(rowp + vo + col);
+                    kw = make_uint2(Ops<T>::pack(kx.x, kx.y), Ops<T>::pack(kx.z, kx.w));
+                    vw = make_uint2(Ops<T>::pack(vx.x, vx.y), Ops<T>::pack(vx.z, vx.w));
+                }
+                *reinterpret_cast<uint2*>(&ks[r * ld + col]) = kw;
+                *reinterpret_cast<uint2*>(&vs[r * ld + col]) = vw;
+            }
+        }
+        __syncthreads();
+        if (!active) continue;
+
+        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+        float s[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                if (kk < (int)nk) {
+                    unsigned b[4];
+                    const unsigned key = np * 16u + (lm_tile >> 1) * 8u + lm_row;
+                    const unsigned col = kk * 16u + (lm_tile & 1u) * 8u;
+                    ldsm_x4(b, &ks[key * ld + col]);
+                    Ops<T>::mma(s[2 * np], qf[kk], b[0], b[1]);
+                    Ops<T>::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+                }
+            }
+        }
+
+        // Log2-domain logits; keys >= t masked to -inf (element e of n-tile
+        // n is key key0 + 8n + 2q + (e & 1)).
+        const bool tail = key0 + BN > t;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] *= scale_log2;
+                if (tail && key0 + n * 8u + 2u * qd + (e & 1) >= t) s[n][e] = ninf;
+            }
+        }
+
+        // Row maxima over the tile: rows r0 (e = 0, 1) and r1 (e = 2, 3),
+        // spread over the 4 threads of a group (lanes 4g .. 4g+3).
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // Every tile holds key key0 < t, so mx is finite (for finite inputs)
+        // and the first tile's alpha is exp2(-inf) = 0.
+        const float alpha0 = exp2f(m0 - mx0);
+        const float alpha1 = exp2f(m1 - mx1);
+        m0 = mx0;
+        m1 = mx1;
+#pragma unroll
+        for (int n = 0; n < 2 * KD; ++n) {
+            o[n][0] *= alpha0;
+            o[n][1] *= alpha0;
+            o[n][2] *= alpha1;
+            o[n][3] *= alpha1;
+        }
+
+        // P = exp2(x - m) rounded to T, packed straight into A fragments
+        // (see the header), then O += P V per 16-key chunk.
+        float ls0 = 0.f, ls1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j) {
+            unsigned pf[4];
+            pf[0] = Ops<T>::pack(exp2f(s[2 * j][0] - mx0), exp2f(s[2 * j][1] - mx0));
+            pf[1] = Ops<T>::pack(exp2f(s[2 * j][2] - mx1), exp2f(s[2 * j][3] - mx1));
+            pf[2] = Ops<T>::pack(exp2f(s[2 * j + 1][0] - mx0), exp2f(s[2 * j + 1][1] - mx0));
+            pf[3] = Ops<T>::pack(exp2f(s[2 * j + 1][2] - mx1), exp2f(s[2 * j + 1][3] - mx1));
+            float2 u = Ops<T>::unpack(pf[0]);
+            ls0 += u.x + u.y;
+            u = Ops<T>::unpack(pf[2]);
+            ls0 += u.x + u.y;
+            u = Ops<T>::unpack(pf[1]);
+            ls1 += u.x + u.y;
+            u = Ops<T>::unpack(pf[3]);
+            ls1 += u.x + u.y;
+#pragma unroll
+            for (int p = 0; p < KD; ++p) {
+                if (p < (int)nk) {
+                    unsigned b[4];
+                    const unsigned key = j * 16u + (lm_tile & 1u) * 8u + lm_row;
+                    const unsigned col = p * 16u + (lm_tile >> 1) * 8u;
+                    ldsm_x4_trans(b, &vs[key * ld + col]);
+                    Ops<T>::mma(o[2 * p], pf, b[0], b[1]);
+                    Ops<T>::mma(o[2 * p + 1], pf, b[2], b[3]);
+                }
+            }
+        }
+        l0 = fmaf(l0, alpha0, ls0);
+        l1 = fmaf(l1, alpha1, ls1);
+    }
+    if (!active) return;  // no barrier follows
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    // l >= 1: the row maximum's own p is exp2(0) = 1.
+    const float inv0 = 1.f / l0;
+    const float inv1 = 1.f / l1;
+    float* ob = out + (unsigned long long)bi * t * c + h * d;
+#pragma unroll
+    for (int n = 0; n < 2 * KD; ++n) {
+        const unsigned col = n * 8u + 2u * qd;
+        if (n < (int)(2 * nk) && col < d) {
+            if (r0 < t)
+                *reinterpret_cast<float2*>(ob + (unsigned long long)r0 * c + col) =
+                    make_float2(o[n][0] * inv0, o[n][1] * inv0);
+            if (r1 < t)
+                *reinterpret_cast<float2*>(ob + (unsigned long long)r1 * c + col) =
+                    make_float2(o[n][2] * inv1, o[n][3] * inv1);
+        }
+    }
+}
+
+}  // namespace flash
+
+// Entry points: (const float* qkv, float* out, unsigned t, unsigned c,
+// unsigned d, int legacy, float scale_log2 = log2(e) / sqrt(d)); grid
+// (ceil(t / 64), heads, b), 128 threads, static shared memory only.
+// attn_flash_<type> takes 8 <= d <= 64, attn_flash_<type>_d128 takes
+// 64 < d <= 128 (d a multiple of 8 in both).
+
+extern "C" __global__ void __launch_bounds__(flash::THREADS)
+    attn_flash_bf16(const float* __restrict__ qkv, float* __restrict__ out, unsigned t,
+                    unsigned c, unsigned d, int legacy, float scale_log2) {
+    flash::attn_flash<__nv_bfloat16, 64>(qkv, out, t, c, d, legacy, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(flash::THREADS)
+    attn_flash_f16(const float* __restrict__ qkv, float* __restrict__ out, unsigned t, unsigned c,
+                   unsigned d, int legacy, float scale_log2) {
+    flash::attn_flash<__half, 64>(qkv, out, t, c, d, legacy, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(flash::THREADS)
+    attn_flash_bf16_d128(const float* __restrict__ qkv, float* __restrict__ out, unsigned t,
+                         unsigned c, unsigned d, int legacy, float scale_log2) {
+    flash::attn_flash<__nv_bfloat16, 128>(qkv, out, t, c, d, legacy, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(flash::THREADS)
+    attn_flash_f16_d128(const float* __restrict__ qkv, float* __restrict__ out, unsigned t,
+                        unsigned c, unsigned d, int legacy, float scale_log2) {
+    flash::attn_flash<__half, 128>(qkv, out, t, c, d, legacy, scale_log2);
+}

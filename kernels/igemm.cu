@@ -1,0 +1,393 @@
+// Implicit-GEMM 'same' convolution (k = 1 or 3, stride 1) on tensor cores
+// for the bf16 / fp16 modes, with the producer's elementwise work folded in:
+//   prologue: y = a[b,c] * x + s[b,c] (GroupNorm apply with scale/shift,
+//             see norm.rs group_norm_affine), then SiLU, then nearest 2x
+//             up-sampling or 2x2 average pooling of the result;
+//   epilogue: + bias[n] + bvec[b, n] + res[m, n].
+// CPU twin: `crate::backend::compose_conv_fused` (group_norm, upsample2 /
+// avg_pool2, conv, add), which the float32 mode also runs.
+//
+// GEMM view: M = b*h*w output pixels, N = cout, K = k*k*cin ordered
+// (ky, kx, ci) like the im2col rows of conv.cu. A (pixels x K) is gathered
+// from the float32 NHWC source, transformed, and rounded to T once, in
+// shared memory; zero padding is applied after the prologue (the network
+// pads the normalised activation, not x). B is the weight matrix repacked
+// at load time as T [cout][kp], K contiguous and zero-padded to kp (a
+// multiple of BK), which is the "col" operand of mma.sync.
+//
+// Block tile BM x BN x BK = 128 x 128 x 32, 8 warps as 2 (M) x 4 (N), each
+// warp 64 x 32 = 4 x 4 m16n8k16 tiles. Two shared-memory stages: the global
+// loads of tile k+1 are issued before the mma of tile k and stored after it.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define BM 128
+#define BN 128
+#define BK 32
+// Shared rows of BK + 8 halves (80 bytes): 16-byte aligned for ldmatrix and
+// uint4 stores, and the 8 row addresses of one ldmatrix phase fall in 8
+// distinct 16-byte bank groups.
+#define SROW 40
+#define THREADS 256
+
+enum Resample { RS_SAME = 0, RS_UP = 1, RS_DOWN = 2 };
+
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// d += a * b for one m16n8k16 tile, float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsigned* b);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const unsigned* a,
+                                                        const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix
+// l / 8 and receives, of matrix i, row l / 4, columns 2 (l % 4) and +1 in r[i].
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const unsigned short* p) {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+struct ConvArgs {
+    const float* x;            // source NHWC [b, sh, sw, cin]; (sh, sw) = (h, w), (h/2, w/2) up, (2h, 2w) down
+    const unsigned short* wt;  // T [cout][kp]
+    const float* bias;         // [cout]
+    const float* affine;       // [b][2][cin] (a then s), read when has_affine
+    const float* bvec;         // [b][cout], read when has_bvec
+    const float* res;          // [b*h*w][cout], read when has_res
+    float* y;                  // [b*h*w][cout]
+    int b, h, w, cin, cout, k, kp;
+    int has_affine, silu, has_bvec, has_res;
+};
+
+__device__ __forceinline__ float prologue(float v, float a, float s, int has_affine, int silu) {
+    if (has_affine) v = a * v + s;
+    if (silu) v = v / (1.0f + expf(-v));
+    return v;
+}
+
+// One output pixel's coordinates, decoded once per thread and row.
+struct Row {
+    int valid, bi, oy, ox;
+};
+
+// The transformed source value(s) at output-grid position (sy, sx) (inside
+// the image), channels ci..ci+3 (VEC) of sample bi.
+template <int RS>
+__device__ __forceinline__ float4 gather4(const ConvArgs& p, int bi, int sy, int sx, int ci) {
+    if (RS == RS_DOWN) {
+        const int sw = 2 * p.w, sh = 2 * p.h;
+        float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (p.has_affine) {
+            a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + ci);
+            s = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi + 1) * p.cin + ci);
+        }
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int yy = 2 * sy + (u >> 1), xx = 2 * sx + (u & 1);
+            const float4 v = *reinterpret_cast<const float4*>(
+                p.x + ((size_t)(bi * sh + yy) * sw + xx) * p.cin + ci);
+            acc.x += prologue(v.x, a.x, s.x, p.has_affine, p.silu);
+            acc.y += prologue(v.y, a.y, s.y, p.has_affine, p.silu);
+            acc.z += prologue(v.z, a.z, s.z, p.has_affine, p.silu);
+            acc.w += prologue(v.w, a.w, s.w, p.has_affine, p.silu);
+        }
+        return make_float4(acc.x * 0.25f, acc.y * 0.25f, acc.z * 0.25f, acc.w * 0.25f);
+    }
+    size_t idx;
+    if (RS == RS_UP)
+        idx = ((size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1)) * p.cin + ci;
+    else
+        idx = ((size_t)(bi * p.h + sy) * p.w + sx) * p.cin + ci;
+    return *reinterpret_cast<const float4*>(p.x + idx);
+}
+
+// Scalar twin of gather4 with the prologue applied, for cin % 32 != 0.
+template <int RS>
+__device__ __forceinline__ float gather1(const ConvArgs& p, int bi, int sy, int sx, int ci) {
+    float a = 1.f, s = 0.f;
+    if (p.has_affine) {
+        a = p.affine[(size_t)(2 * bi) * p.cin + ci];
+        s = p.affine[(size_t)(2 * bi + 1) * p.cin + ci];
+    }
+    if (RS == RS_DOWN) {
+        const int sw = 2 * p.w, sh = 2 * p.h;
+        float acc = 0.f;
+        for (int u = 0; u < 4; ++u) {
+            const int yy = 2 * sy + (u >> 1), xx = 2 * sx + (u & 1);
+            acc += prologue(p.x[((size_t)(bi * sh + yy) * sw + xx) * p.cin + ci], a, s,
+                            p.has_affine, p.silu);
+        }
+        return acc * 0.25f;
+    }
+    size_t idx;
+    if (RS == RS_UP)
+        idx = ((size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1)) * p.cin + ci;
+    else
+        idx = ((size_t)(bi * p.h + sy) * p.w + sx) * p.cin + ci;
+    return prologue(p.x[idx], a, s, p.has_affine, p.silu);
+}
+
+// Thread t stages rows t/8 + 32 i (i < 4) of A, columns 4 (t % 8) .. +3,
+// and rows t/4 + 64 j (j < 2) of B, columns 8 (t % 4) .. +7.
+template <typename T, int RS, bool VEC>
+struct Stage {
+    float4 av[4];   // A values: raw x (VEC, RS != DOWN) or transformed
+    int ain[4];     // A row inside the image for this tile's tap (VEC)
+    int aci;        // first channel of the thread's A columns (VEC)
+    uint4 bv[2];
+
+    __device__ __forceinline__ void load(const ConvArgs& p, const Row* rows, int k0, int n0,
+                                         int tid) {
+        const int q = tid & 7;
+        const int pad = p.k >> 1;
+        if (VEC) {
+            // BK divides cin, so the tile's 32 columns share one tap.
+            const int tap = k0 / p.cin;
+            const int ky = tap / p.k, kx = tap - (tap / p.k) * p.k;
+            aci = k0 - tap * p.cin + 4 * q;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const Row r = rows[i];
+                const int sy = r.oy + ky - pad, sx = r.ox + kx - pad;
+                ain[i] = r.valid && sy >= 0 && sy < p.h && sx >= 0 && sx < p.w;
+                av[i] = ain[i] ? gather4<RS>(p, r.bi, sy, sx, aci)
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        } else {
+            const int kk = p.k * p.k * p.cin;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const Row r = rows[i];
+                float v[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int kidx = k0 + 4 * q + j;
+                    v[j] = 0.f;
+                    if (r.valid && kidx < kk) {
+                        const int tap = kidx / p.cin;
+                        const int ci = kidx - tap * p.cin;
+                        const int ky = tap / p.k, kx = tap - (tap / p.k) * p.k;
+                        const int sy = r.oy + ky - pad, sx = r.ox + kx - pad;
+                        if (sy >= 0 && sy < p.h && sx >= 0 && sx < p.w)
+                            v[j] = gather1<RS>(p, r.bi, sy, sx, ci);
+                    }
+                }
+                av[i] = make_float4(v[0], v[1], v[2], v[3]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int n = n0 + (tid >> 2) + 64 * j;
+            bv[j] = n < p.cout ? *reinterpret_cast<const uint4*>(
+                                     p.wt + (size_t)n * p.kp + k0 + 8 * (tid & 3))
+                               : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+
+    __device__ __forceinline__ void store(const ConvArgs& p, const Row* rows,
+                                          unsigned short (*as)[SROW],
+                                          unsigned short (*bs)[SROW], int tid) {
+        const int q = tid & 7;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float4 v = av[i];
+            // The raw VEC loads get their prologue here, after the mma of the
+            // previous tile has hidden the load latency.
+            if (VEC && RS != RS_DOWN && ain[i] && (p.has_affine || p.silu)) {
+                const int bi = rows[i].bi;
+                float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (p.has_affine) {
+                    a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + aci);
+                    s = *reinterpret_cast<const float4*>(p.affine +
+                                                         (size_t)(2 * bi + 1) * p.cin + aci);
+                }
+                v.x = prologue(v.x, a.x, s.x, p.has_affine, p.silu);
+                v.y = prologue(v.y, a.y, s.y, p.has_affine, p.silu);
+                v.z = prologue(v.z, a.z, s.z, p.has_affine, p.silu);
+                v.w = prologue(v.w, a.w, s.w, p.has_affine, p.silu);
+            }
+            const uint2 packed = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+            *reinterpret_cast<uint2*>(&as[(tid >> 3) + 32 * i][4 * q]) = packed;
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            *reinterpret_cast<uint4*>(&bs[(tid >> 2) + 64 * j][8 * (tid & 3)]) = bv[j];
+    }
+};
+
+template <typename T, int RS, bool VEC>
+__device__ __forceinline__ void igemm(const ConvArgs& p) {
+    __shared__ __align__(16) unsigned short As[2][BM][SROW];
+    __shared__ __align__(16) unsigned short Bs[2][BN][SROW];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 1, wn = warp >> 1;
+    const int hw = p.h * p.w;
+    const int m_total = p.b * hw;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+
+    Row rows[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + (tid >> 3) + 32 * i;
+        rows[i].valid = m < m_total;
+        const int mm = rows[i].valid ? m : 0;
+        rows[i].bi = mm / hw;
+        const int rem = mm - rows[i].bi * hw;
+        rows[i].oy = rem / p.w;
+        rows[i].ox = rem - rows[i].oy * p.w;
+    }
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const int ktiles = p.kp / BK;
+    Stage<T, RS, VEC> st;
+    st.load(p, rows, 0, n0, tid);
+    st.store(p, rows, As[0], Bs[0], tid);
+    __syncthreads();
+
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int cur = kt & 1;
+        const bool more = kt + 1 < ktiles;
+        if (more) st.load(p, rows, (kt + 1) * BK, n0, tid);
+#pragma unroll
+        for (int ks = 0; ks < BK; ks += 16) {
+            unsigned af[4][4], bf[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+                ldmatrix_x4(af[mt], &As[cur][wm * 64 + mt * 16 + (lane & 15)][ks + 8 * (lane >> 4)]);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                unsigned r[4];
+                ldmatrix_x4(r, &Bs[cur][wn * 32 + np * 16 + (lane & 7) + 8 * (lane >> 4)]
+                                  [ks + 8 * ((lane >> 3) & 1)]);
+                bf[2 * np][0] = r[0];
+                bf[2 * np][1] = r[1];
+                bf[2 * np + 1][0] = r[2];
+                bf[2 * np + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) mma16816<T>(acc[mt][nt], af[mt], bf[nt]);
+        }
+        if (more) st.store(p, rows, As[cur ^ 1], Bs[cur ^ 1], tid);
+        __syncthreads();
+    }
+
+    // Accumulator (mt, nt) holds rows g and g + 8, columns 2 (lane % 4) and +1
+    // of its 16 x 8 tile, g = lane / 4.
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m0 + wm * 64 + mt * 16 + g + 8 * half;
+            if (m >= m_total) continue;
+            const int bi = m / hw;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int n = n0 + wn * 32 + nt * 8 + 2 * t4 + e;
+                    if (n >= p.cout) continue;
+                    float v = acc[mt][nt][2 * half + e] + p.bias[n];
+                    if (p.has_bvec) v += p.bvec[(size_t)bi * p.cout + n];
+                    const size_t o = (size_t)m * p.cout + n;
+                    if (p.has_res) v += p.res[o];
+                    p.y[o] = v;
+                }
+            }
+        }
+    }
+}
+
+// The kernel's arguments, in launch order (src/cuda/igemm.rs).
+#define IGEMM_KERNEL(NAME, T, RS, VEC)                                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                    \
+        NAME(const float* x, const unsigned short* wt, const float* bias, const float* affine, \
+             const float* bvec, const float* res, float* y, int b, int h, int w, int cin,      \
+             int cout, int k, int kp, int has_affine, int silu, int has_bvec, int has_res) {  \
+        const ConvArgs p = {x,    wt, bias, affine, bvec,       res,  y,        b,       h,  \
+                            w,    cin, cout, k,     kp,         has_affine, silu, has_bvec, \
+                            has_res};                                                        \
+        igemm<T, RS, VEC>(p);                                                                \
+    }
+
+IGEMM_KERNEL(igemm_bf16_same_v, __nv_bfloat16, RS_SAME, true)
+IGEMM_KERNEL(igemm_bf16_same_s, __nv_bfloat16, RS_SAME, false)
+IGEMM_KERNEL(igemm_bf16_up_v, __nv_bfloat16, RS_UP, true)
+IGEMM_KERNEL(igemm_bf16_up_s, __nv_bfloat16, RS_UP, false)
+IGEMM_KERNEL(igemm_bf16_down_v, __nv_bfloat16, RS_DOWN, true)
+IGEMM_KERNEL(igemm_bf16_down_s, __nv_bfloat16, RS_DOWN, false)
+IGEMM_KERNEL(igemm_f16_same_v, __half, RS_SAME, true)
+IGEMM_KERNEL(igemm_f16_same_s, __half, RS_SAME, false)
+IGEMM_KERNEL(igemm_f16_up_v, __half, RS_UP, true)
+IGEMM_KERNEL(igemm_f16_up_s, __half, RS_UP, false)
+IGEMM_KERNEL(igemm_f16_down_v, __half, RS_DOWN, true)
+IGEMM_KERNEL(igemm_f16_down_s, __half, RS_DOWN, false)
+
+// w16[n * kp + j] = w[j * cout + n] rounded to T for j < kk, else 0: the
+// (kk x cout) float32 weight matrix of conv.cu transposed and padded.
+template <typename T>
+__device__ __forceinline__ void pack_weights(const float* __restrict__ w,
+                                             unsigned short* __restrict__ w16,
+                                             unsigned long long kk, unsigned long long cout,
+                                             unsigned long long kp) {
+    const unsigned long long n = cout * kp;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += stride) {
+        const unsigned long long co = i / kp, j = i - co * kp;
+        const float v = j < kk ? w[j * cout + co] : 0.0f;
+        w16[i] = (unsigned short)(pack2<T>(v, 0.0f) & 0xffffu);
+    }
+}
+
+extern "C" __global__ void pack_weights_bf16(const float* __restrict__ w,
+                                             unsigned short* __restrict__ w16,
+                                             unsigned long long kk, unsigned long long cout,
+                                             unsigned long long kp) {
+    pack_weights<__nv_bfloat16>(w, w16, kk, cout, kp);
+}
+
+extern "C" __global__ void pack_weights_f16(const float* __restrict__ w,
+                                            unsigned short* __restrict__ w16,
+                                            unsigned long long kk, unsigned long long cout,
+                                            unsigned long long kp) {
+    pack_weights<__half>(w, w16, kk, cout, kp);
+}

@@ -1,0 +1,205 @@
+//! Launcher for `kernels/flash.cu`: fused multi-head attention forward on
+//! tensor cores (bf16 / fp16 operands, float32 accumulation and softmax) for
+//! the fast precision modes. Same semantics and layouts as
+//! `super::attention::attention` (the float32 oracle) and the CPU twin in
+//! `crate::backend::cpu` (`attention.rs`): qkv `[b, t, 3c]`, output
+//! `[b, t, c]`, `d = c / heads` channels per head.
+//!
+//! Rounding: q, k and v are rounded to the 16-bit type unscaled and the
+//! scale is folded into the logits, `S = (q16 . k16) / sqrt(d)`; the
+//! softmax weights are rounded to the 16-bit type before the product with
+//! v, and normalised by the sum of the rounded weights.
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::ops::{expect_len, launch};
+use super::Gpu;
+use crate::precision::Half;
+
+const MODULE: &str = "flash";
+/// Query rows per block (4 warps of 16 rows).
+const BLOCK_ROWS: usize = 64;
+/// Threads per block: the kernel's 4 warps (`flash::THREADS`).
+const THREADS: u32 = 128;
+/// Largest head dim of the `attn_flash_<type>` kernels; larger ones (up to
+/// `MAX_HEAD_DIM`) use `attn_flash_<type>_d128`, whose register tiles are
+/// twice as wide.
+const SMALL_HEAD_DIM: usize = 64;
+const MAX_HEAD_DIM: usize = 128;
+
+/// A checked attention launch: grid and kernel arguments.
+#[derive(Debug, PartialEq)]
+struct Plan {
+    kernel: String,
+    /// (ceil(t / 64), heads, b).
+    grid: (u32, u32, u32),
+    t: u32,
+    c: u32,
+    d: u32,
+    legacy: i32,
+    /// log2(e) / sqrt(d): turns q16 . k16 into the log2-domain logit.
+    scale_log2: f32,
+}
+
+/// Validates the sizes of one call; None when there is nothing to compute.
+fn plan(
+    half: Half,
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+    legacy: bool,
+) -> Result<Option<Plan>> {
+    let op = "attention_fast";
+    ensure!(
+        heads > 0 && c > 0 && c.is_multiple_of(heads),
+        "{op}: {heads} heads do not divide {c} channels"
+    );
+    let d = c / heads;
+    ensure!(
+        d.is_multiple_of(8) && d <= MAX_HEAD_DIM,
+        "{op}: head dim d = {d} ({c} channels / {heads} heads) is not a multiple of 8 \
+         up to {MAX_HEAD_DIM}"
+    );
+    if b == 0 || t == 0 {
+        return Ok(None);
+    }
+    // The kernel indexes rows (up to t + 63) and channels (up to 3c) in 32
+    // bits and the grid's y and z dimensions are at most 65535.
+    let t32 = u32::try_from(t)
+        .ok()
+        .filter(|&v| v <= u32::MAX - BLOCK_ROWS as u32)
+        .with_context(|| format!("{op}: {t} tokens"))?;
+    let c32 = u32::try_from(c)
+        .ok()
+        .filter(|v| v.checked_mul(3).is_some())
+        .with_context(|| format!("{op}: {c} channels"))?;
+    let heads32 = u32::try_from(heads)
+        .ok()
+        .filter(|&v| v <= 65535)
+        .with_context(|| format!("{op}: {heads} heads (at most 65535)"))?;
+    let b32 = u32::try_from(b)
+        .ok()
+        .filter(|&v| v <= 65535)
+        .with_context(|| format!("{op}: batch {b} (at most 65535)"))?;
+    let tiles = t32.div_ceil(BLOCK_ROWS as u32);
+    let kernel = if d <= SMALL_HEAD_DIM {
+        format!("attn_flash_{}", half.suffix())
+    } else {
+        format!("attn_flash_{}_d128", half.suffix())
+    };
+    Ok(Some(Plan {
+        kernel,
+        grid: (tiles, heads32, b32),
+        t: t32,
+        c: c32,
+        d: d as u32,
+        legacy: i32::from(legacy),
+        scale_log2: (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32,
+    }))
+}
+
+/// `out[b, i, head h] = sum_j softmax_j((q_i s) . (k_j s)) v_j` with s =
+/// d^(-1/4), on tensor cores with `half` operands (see the module note for
+/// where the rounding happens); see `Backend::attention`. `legacy`: per
+/// head q, k, v are consecutive; else q, k, v are the thirds of the 3c
+/// channels. d = c / heads must be a multiple of 8, at most 128. Every
+/// element of `out` is written.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fast(
+    gpu: &Gpu,
+    half: Half,
+    qkv: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+    legacy: bool,
+) -> Result<()> {
+    let op = "attention_fast";
+    let plan = plan(half, b, t, c, heads, legacy)?;
+    let n = b
+        .checked_mul(t)
+        .and_then(|v| v.checked_mul(3 * c))
+        .with_context(|| format!("{op}: size {b} x {t} x 3*{c} overflows"))?;
+    expect_len(gpu, op, "qkv", qkv, n)?;
+    expect_len(gpu, op, "out", out, n / 3)?;
+    let Some(p) = plan else {
+        return Ok(());
+    };
+    let func = gpu.function(MODULE, &p.kernel)?;
+    let cfg = LaunchConfig {
+        grid_dim: p.grid,
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut args = gpu.stream().launch_builder(&func);
+    args.arg(qkv)
+        .arg(out)
+        .arg(&p.t)
+        .arg(&p.c)
+        .arg(&p.d)
+        .arg(&p.legacy)
+        .arg(&p.scale_log2);
+    // SAFETY: the arguments match attn_flash_*(const float* qkv, float* out,
+    // unsigned t, unsigned c, unsigned d, int legacy, float scale_log2); qkv
+    // holds b * t * 3c floats and out b * t * c, both on this Gpu's stream;
+    // the grid is (ceil(t / 64), heads, b) blocks of 128 threads with static
+    // shared memory only, and d = c / heads is a multiple of 8 within the
+    // chosen kernel's range, as the kernel requires. The kernel reads and
+    // writes only rows < t, channels of head blockIdx.y < heads.
+    unsafe {
+        launch(
+            args,
+            cfg,
+            &format!("{} ({b} x {t} tokens x {c}, {heads} heads)", p.kernel),
+            n / 3,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(r: Result<Option<Plan>>) -> String {
+        format!("{:#}", r.expect_err("refused"))
+    }
+
+    #[test]
+    fn plan_refuses_bad_head_dims() {
+        // d = 20 and 36: not multiples of 8; 136: above 128.
+        for (c, heads, d) in [(40, 2, 20), (144, 4, 36), (272, 2, 136)] {
+            let e = err(plan(Half::Bf16, 1, 5, c, heads, false));
+            assert!(e.contains(&format!("head dim d = {d}")), "{e}");
+        }
+        let e = err(plan(Half::Fp16, 1, 5, 64, 3, true));
+        assert!(e.contains("3 heads do not divide 64"), "{e}");
+        let e = err(plan(Half::Fp16, 1, 5, 64, 0, true));
+        assert!(e.contains("0 heads"), "{e}");
+        // A bad d is refused even when there is nothing to compute.
+        let e = err(plan(Half::Fp16, 0, 0, 40, 2, true));
+        assert!(e.contains("head dim d = 20"), "{e}");
+    }
+
+    #[test]
+    fn plan_picks_kernel_and_grid() {
+        let p = plan(Half::Bf16, 3, 1000, 8 * 48, 8, true).unwrap().unwrap();
+        assert_eq!(p.kernel, "attn_flash_bf16");
+        assert_eq!(p.grid, (16, 8, 3));
+        assert_eq!((p.t, p.c, p.d, p.legacy), (1000, 384, 48, 1));
+        let p = plan(Half::Fp16, 1, 65, 2 * 128, 2, false).unwrap().unwrap();
+        assert_eq!(p.kernel, "attn_flash_f16_d128");
+        assert_eq!(p.grid, (2, 2, 1));
+        let p = plan(Half::Fp16, 1, 1, 72, 1, false).unwrap().unwrap();
+        assert_eq!(p.kernel, "attn_flash_f16_d128");
+        let p = plan(Half::Fp16, 1, 64, 8, 1, false).unwrap().unwrap();
+        assert_eq!((p.kernel.as_str(), p.grid), ("attn_flash_f16", (1, 1, 1)));
+        assert!(plan(Half::Bf16, 0, 17, 64, 2, false).unwrap().is_none());
+        assert!(plan(Half::Bf16, 2, 0, 64, 2, false).unwrap().is_none());
+        let e = err(plan(Half::Bf16, 70000, 17, 64, 2, false));
+        assert!(e.contains("batch 70000"), "{e}");
+    }
+}

@@ -1,0 +1,60 @@
+//! The arithmetic a run uses for its matrix products. GroupNorm statistics,
+//! softmax and the sampler state stay float32 in every mode (DESIGN.md).
+
+use std::fmt;
+
+/// `fp32`: plain float32 everywhere, the parity mode checked against the CPU
+/// reference. `bf16` / `fp16`: convolution and attention products on tensor
+/// cores with 16-bit operands and float32 accumulation; activations stored
+/// between kernels stay float32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+/// The 16-bit operand type of a tensor-core mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Half {
+    Bf16,
+    Fp16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Bf16, Precision::Fp16];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    /// The tensor-core operand type, or None for the float32 parity mode.
+    pub fn half(self) -> Option<Half> {
+        match self {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(Half::Bf16),
+            Precision::Fp16 => Some(Half::Fp16),
+        }
+    }
+}
+
+impl Half {
+    /// Suffix of the kernels instantiated for this type (`igemm_bf16`, ...).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Half::Bf16 => "bf16",
+            Half::Fp16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}

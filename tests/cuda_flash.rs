@@ -1,0 +1,375 @@
+//! The tensor-core attention forward (`cuda::flash::attention_fast`, bf16 and
+//! fp16 operands) against its CPU twin, the `Cpu` backend's attention, on
+//! fresh random inputs.
+//!
+//! The kernel rounds q, k and v to the 16-bit type as they are (the scale is
+//! folded into the logits, `(q16 . k16) / sqrt(d)`), so the CPU twin is run on
+//! qkv pre-rounded the same way (round to nearest even, the `half` crate);
+//! the CPU's `(q16 s) . (k16 s)` with s = d^(-1/4) differs from that only by
+//! float32 rounding. What remains is the rounding of the softmax weights P to
+//! 16 bits before the P.V product, and float32 accumulation order.
+//!
+//! `gpu_*` tests need a CUDA device; without one they print
+//! "skipped: <reason>" and return.
+
+mod common;
+
+use fcd::backend::cpu::Cpu;
+use fcd::backend::Backend;
+use fcd::cuda::{self, CudaSlice, Gpu};
+use fcd::precision::Half;
+use fcd::tensor::{rel_l2, Tensor};
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
+use rand_distr::StandardNormal;
+
+/// Unit roundoff u of round to nearest: 2^-8 for bf16 (8 significant bits),
+/// 2^-11 for fp16 (11 bits); |relative error| <= u for every normal value.
+fn unit_roundoff(half: Half) -> f64 {
+    match half {
+        Half::Bf16 => 2f64.powi(-8),
+        Half::Fp16 => 2f64.powi(-11),
+    }
+}
+
+/// Tolerance on the rel-L2 distance to the CPU twin.
+///
+/// Derivation. With p_ij the unnormalised weights and e_ij the relative
+/// error of rounding them to 16 bits, the kernel computes (its row sum adds
+/// the rounded p too) A_i = sum_j p_ij (1 + e_ij) v_j / sum_j p_ij (1 + e_ij),
+/// so to first order dA_i = sum_j W_ij e_ij (v_j - A_i). Round to nearest
+/// makes e uniform within half an ulp; over the mantissas of a binade
+/// (log-uniform) its RMS is sigma = 2u * sqrt(E[1/m^2] / 12) with
+/// E[1/m^2] = 3 / (8 ln 2) = 0.541 for m in [1, 2), so sigma = 0.425 u:
+/// 2^-9.2 = 1.7e-3 (bf16), 2^-12.2 = 2.1e-4 (fp16). (The 2^-9 / 2^-12 often
+/// quoted are these RMS values; the worst case per element is u.) For
+/// independent e, E|dA_i|^2 = sigma^2 sum_j W_ij^2 |v_j - A_i|^2, and for v
+/// independent of W with zero mean |A_i|^2 ~ sum_j W_ij^2 |v_j|^2, so the
+/// rel-L2 is ~ sigma sqrt(1 + sum_j W_ij^2) ~ sigma; smaller where one key
+/// dominates, as the row maximum's own p = exp2(0) = 1 is exact (t = 1 gives
+/// ~0). The other differences (float32 accumulation order in the mma,
+/// exp2f against exp, d^-1/2 against (d^-1/4)^2 in float32) are ~1e-6
+/// relative, far below. The worst-case (not statistical) bound is useless:
+/// u sum_j W_ij |v_j - A_i| / |A_i| grows like sqrt(t) when the weights are
+/// spread and A_i averages out. Bound: 2u = 4.7 sigma, i.e. 7.8e-3 (bf16)
+/// and 9.8e-4 (fp16): room for the model's slack on small cases, while a
+/// wrong fragment mapping, a missed rescale or truncating instead of
+/// rounding shows up at 1e-2 .. 1.
+fn tolerance(half: Half) -> f64 {
+    2.0 * unit_roundoff(half)
+}
+
+/// The predicted rel-L2, sigma = 0.425 u (see `tolerance`).
+fn sigma(half: Half) -> f64 {
+    0.425 * unit_roundoff(half)
+}
+
+fn round16(kind: Half, x: f32) -> f32 {
+    match kind {
+        Half::Bf16 => half::bf16::from_f32(x).to_f32(),
+        Half::Fp16 => half::f16::from_f32(x).to_f32(),
+    }
+}
+
+fn label(half: Half) -> &'static str {
+    match half {
+        Half::Bf16 => "bf16",
+        Half::Fp16 => "fp16",
+    }
+}
+
+fn gpu_or_skip() -> Option<Gpu> {
+    if let Some(reason) = cuda::unavailable_reason() {
+        println!("skipped: {reason}");
+        return None;
+    }
+    let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}"));
+    println!("device: {} ({})", gpu.name(), gpu.image_kind().label());
+    Some(gpu)
+}
+
+fn normals(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| std * rng.sample::<f32, _>(StandardNormal))
+        .collect()
+}
+
+fn up(gpu: &Gpu, v: &[f32]) -> CudaSlice<f32> {
+    gpu.stream().clone_htod(v).unwrap()
+}
+
+/// An output buffer filled with NaN, so that an element never written shows.
+fn poisoned(gpu: &Gpu, n: usize) -> CudaSlice<f32> {
+    gpu.stream().clone_htod(&vec![f32::NAN; n]).unwrap()
+}
+
+fn down(gpu: &Gpu, buf: &CudaSlice<f32>) -> Vec<f32> {
+    let mut out = vec![f32::NAN; buf.len()];
+    gpu.stream().memcpy_dtoh(buf, &mut out).unwrap();
+    gpu.synchronize().unwrap();
+    out
+}
+
+/// One case: shape, head order, operand type and input spread.
+struct Case {
+    half: Half,
+    std: f32,
+    b: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+    legacy: bool,
+}
+
+impl Case {
+    fn label(&self) -> String {
+        format!(
+            "{} std={} b={} t={} d={} heads={} legacy={}",
+            label(self.half),
+            self.std,
+            self.b,
+            self.t,
+            self.d,
+            self.heads,
+            self.legacy
+        )
+    }
+}
+
+/// Runs one case; asserts every element is written and finite and the
+/// rel-L2 within `tolerance`; returns the rel-L2.
+fn run_case(gpu: &Gpu, rng: &mut ChaCha8Rng, k: &Case) -> f64 {
+    let label = k.label();
+    let c = k.d * k.heads;
+    let qkv = normals(rng, k.b * k.t * 3 * c, k.std);
+    // Every qkv channel is a q, k or v channel of some head.
+    let rounded: Vec<f32> = qkv.iter().map(|&x| round16(k.half, x)).collect();
+    let qkvt = Tensor::new(vec![k.b, 1, k.t, 3 * c], rounded).unwrap();
+    let want = Cpu.attention(&qkvt, k.heads, k.legacy).unwrap();
+
+    // The GPU gets the unrounded input: its own rounding must match.
+    let qkvd = up(gpu, &qkv);
+    let mut out = poisoned(gpu, k.b * k.t * c);
+    cuda::flash::attention_fast(gpu, k.half, &qkvd, &mut out, k.b, k.t, c, k.heads, k.legacy)
+        .unwrap_or_else(|e| panic!("{label}: {e:#}"));
+    let got = down(gpu, &out);
+
+    assert_eq!(got.len(), want.data.len(), "{label}: length");
+    for (i, (&g, &w)) in got.iter().zip(&want.data).enumerate() {
+        assert!(w.is_finite(), "{label}: CPU element {i} is {w}");
+        assert!(g.is_finite(), "{label}: element {i} is {g} (cpu {w})");
+    }
+    let rel = rel_l2(&got, &want.data);
+    let max_abs = got
+        .iter()
+        .zip(&want.data)
+        .map(|(&g, &w)| (g - w).abs())
+        .fold(0f32, f32::max);
+    let tol = tolerance(k.half);
+    assert!(
+        rel <= tol,
+        "{label}: rel-L2 {rel:e} > {tol:e} (max |diff| {max_abs:e})"
+    );
+    rel
+}
+
+/// Worst and mean rel-L2 of a group of cases, for the --nocapture report.
+#[derive(Default)]
+struct Stats {
+    worst: f64,
+    worst_case: String,
+    sum: f64,
+    n: usize,
+}
+
+impl Stats {
+    fn add(&mut self, rel: f64, case: &Case) {
+        if rel >= self.worst {
+            self.worst = rel;
+            self.worst_case = case.label();
+        }
+        self.sum += rel;
+        self.n += 1;
+    }
+
+    fn report(&self, group: &str, half: Half) {
+        println!(
+            "{group}: {} cases, mean rel-L2 {:.3e} ({:.2} sigma), worst {:.3e} ({:.2} sigma, \
+             tolerance {:.3e}) at {}",
+            self.n,
+            self.sum / self.n.max(1) as f64,
+            self.sum / self.n.max(1) as f64 / sigma(half),
+            self.worst,
+            self.worst / sigma(half),
+            tolerance(half),
+            self.worst_case
+        );
+    }
+}
+
+/// Heads per head dim: c stays near 64..128 channels.
+fn heads_for(d: usize) -> usize {
+    if d <= 24 {
+        3
+    } else {
+        2
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
+fn gpu_flash_attention_matches_cpu() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a5));
+    for half in [Half::Bf16, Half::Fp16] {
+        // std 1: logits of std ~1 (spread weights, the largest P rounding
+        // error); std 3: logits of std ~9 (peaky weights).
+        for std in [1.0f32, 3.0] {
+            let mut stats = Stats::default();
+            let mut by_t: Vec<(usize, Stats)> = Vec::new();
+            for t in [1, 17, 65, 256, 1000, 1024] {
+                let mut st = Stats::default();
+                for d in [24, 32, 48, 64] {
+                    for legacy in [true, false] {
+                        for b in [1, 3] {
+                            let case = Case {
+                                half,
+                                std,
+                                b,
+                                t,
+                                d,
+                                heads: heads_for(d),
+                                legacy,
+                            };
+                            let rel = run_case(&gpu, &mut rng, &case);
+                            stats.add(rel, &case);
+                            st.add(rel, &case);
+                        }
+                    }
+                }
+                by_t.push((t, st));
+            }
+            let group = format!("flash {} std={std}", label(half));
+            stats.report(&group, half);
+            for (t, st) in &by_t {
+                st.report(&format!("  {group} t={t}"), half);
+            }
+        }
+    }
+}
+
+/// Head dims other than the network's (the d <= 64 kernel's smallest
+/// padding, and the d <= 128 kernel), the largest token count, and a wide
+/// grid (b = 64, 16 heads).
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
+fn gpu_flash_attention_other_shapes() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a6));
+    for half in [Half::Bf16, Half::Fp16] {
+        let mut stats = Stats::default();
+        let mut cases = Vec::new();
+        for d in [8, 16, 40, 72, 80, 96, 128] {
+            for t in [63, 300] {
+                cases.push((2, t, d, 2, d % 16 == 0));
+            }
+        }
+        cases.push((1, 4096, 64, 2, false));
+        cases.push((1, 4095, 24, 1, true));
+        cases.push((64, 64, 32, 16, false));
+        cases.push((5, 129, 48, 16, true));
+        for (b, t, d, heads, legacy) in cases {
+            for std in [1.0f32, 3.0] {
+                let case = Case {
+                    half,
+                    std,
+                    b,
+                    t,
+                    d,
+                    heads,
+                    legacy,
+                };
+                let rel = run_case(&gpu, &mut rng, &case);
+                stats.add(rel, &case);
+            }
+        }
+        stats.report(&format!("flash {} other shapes", label(half)), half);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
+fn gpu_flash_attention_rejects_bad_sizes() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    // c = 40 over 2 heads: d = 20, not a multiple of 8.
+    let qkv = up(&gpu, &[0.0; 3 * 5 * 40]);
+    let mut out = poisoned(&gpu, 5 * 40);
+    let err = cuda::flash::attention_fast(&gpu, Half::Bf16, &qkv, &mut out, 1, 5, 40, 2, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("head dim d = 20"), "{err}");
+    let err = cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, &mut out, 1, 5, 40, 3, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 heads do not divide 40"), "{err}");
+    let mut short = poisoned(&gpu, 5 * 40 - 1);
+    let err = cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, &mut short, 1, 5, 40, 5, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out has 199 elements, expected 200"), "{err}");
+    let err = cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, &mut out, 1, 6, 40, 5, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("qkv has 600 elements, expected 720"), "{err}");
+}
+
+/// Times the network's attention shapes (UNet: 8 heads, d = 24 at 32 x 32
+/// and d = 48 at 16 x 16; classifier: d = 64) against the float32 kernel.
+/// Prints only; correctness is the other tests' business.
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
+fn gpu_flash_attention_timing() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a7));
+    const REPS: u32 = 20;
+    for (b, t, c, heads) in [(8, 1024, 192, 8), (8, 256, 384, 8), (8, 1024, 64, 1)] {
+        let qkv = up(&gpu, &normals(&mut rng, b * t * 3 * c, 1.0));
+        let mut out = poisoned(&gpu, b * t * c);
+        let mut time = |f: &mut dyn FnMut(&mut CudaSlice<f32>)| {
+            f(&mut out);
+            gpu.synchronize().unwrap();
+            let t0 = std::time::Instant::now();
+            for _ in 0..REPS {
+                f(&mut out);
+            }
+            gpu.synchronize().unwrap();
+            t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPS)
+        };
+        let fp32 = time(&mut |o| {
+            cuda::attention::attention(&gpu, &qkv, o, b, t, c, heads, false).unwrap()
+        });
+        let bf16 = time(&mut |o| {
+            cuda::flash::attention_fast(&gpu, Half::Bf16, &qkv, o, b, t, c, heads, false).unwrap()
+        });
+        let fp16 = time(&mut |o| {
+            cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, o, b, t, c, heads, false).unwrap()
+        });
+        println!(
+            "timing b={b} t={t} c={c} heads={heads} (d={}): fp32 {fp32:.3} ms, bf16 {bf16:.3} ms, \
+             fp16 {fp16:.3} ms",
+            c / heads
+        );
+    }
+}
