@@ -75,7 +75,7 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const unsigned short* p
 
 struct ConvArgs {
     const float* x;            // source NHWC [b, sh, sw, cin]; (sh, sw) = (h, w), (h/2, w/2) up, (2h, 2w) down
-    const unsigned short* wt;  // T [cout][kp]
+    const void* wt;            // T [cout][kp] (16-bit types), or float [cout][kp]
     const float* bias;         // [cout]
     const float* affine;       // [b][2][cin] (a then s), read when has_affine
     const float* bvec;         // [b][cout], read when has_bvec
@@ -154,6 +154,51 @@ __device__ __forceinline__ float gather1(const ConvArgs& p, int bi, int sy, int 
     return prologue(p.x[idx], a, s, p.has_affine, p.silu);
 }
 
+// Accumulator (mt, nt) of a warp holds rows g and g + 8, columns 2 (lane % 4)
+// and +1 of its 16 x 8 tile, g = lane / 4; the warp's tile starts at
+// (wm0, wn0).
+__device__ __forceinline__ void epilogue(const ConvArgs& p, const float (&acc)[4][4][4], int wm0,
+                                         int wn0, int lane) {
+    const int hw = p.h * p.w;
+    const int m_total = p.b * hw;
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = wm0 + mt * 16 + g + 8 * half;
+            if (m >= m_total) continue;
+            const int bi = m / hw;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int n = wn0 + nt * 8 + 2 * t4 + e;
+                    if (n >= p.cout) continue;
+                    float v = acc[mt][nt][2 * half + e] + p.bias[n];
+                    if (p.has_bvec) v += p.bvec[(size_t)bi * p.cout + n];
+                    const size_t o = (size_t)m * p.cout + n;
+                    if (p.has_res) v += p.res[o];
+                    p.y[o] = v;
+                }
+            }
+        }
+    }
+}
+
+// Rows of the output (pixels) a thread stages, decoded once.
+__device__ __forceinline__ Row decode_row(const ConvArgs& p, int m) {
+    const int hw = p.h * p.w;
+    Row r;
+    r.valid = m < p.b * hw;
+    const int mm = r.valid ? m : 0;
+    r.bi = mm / hw;
+    const int rem = mm - r.bi * hw;
+    r.oy = rem / p.w;
+    r.ox = rem - r.oy * p.w;
+    return r;
+}
+
 // Thread t stages rows t/8 + 32 i (i < 4) of A, columns 4 (t % 8) .. +3,
 // and rows t/4 + 64 j (j < 2) of B, columns 8 (t % 4) .. +7.
 template <typename T, int RS, bool VEC>
@@ -206,7 +251,7 @@ struct Stage {
         for (int j = 0; j < 2; ++j) {
             const int n = n0 + (tid >> 2) + 64 * j;
             bv[j] = n < p.cout ? *reinterpret_cast<const uint4*>(
-                                     p.wt + (size_t)n * p.kp + k0 + 8 * (tid & 3))
+                                     static_cast<const unsigned short*>(p.wt) + (size_t)n * p.kp + k0 + 8 * (tid & 3))
                                : make_uint4(0u, 0u, 0u, 0u);
         }
     }
@@ -250,21 +295,11 @@ __device__ __forceinline__ void igemm(const ConvArgs& p) {
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
     const int wm = warp & 1, wn = warp >> 1;
-    const int hw = p.h * p.w;
-    const int m_total = p.b * hw;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
 
     Row rows[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = m0 + (tid >> 3) + 32 * i;
-        rows[i].valid = m < m_total;
-        const int mm = rows[i].valid ? m : 0;
-        rows[i].bi = mm / hw;
-        const int rem = mm - rows[i].bi * hw;
-        rows[i].oy = rem / p.w;
-        rows[i].ox = rem - rows[i].oy * p.w;
-    }
+    for (int i = 0; i < 4; ++i) rows[i] = decode_row(p, m0 + (tid >> 3) + 32 * i);
 
     float acc[4][4][4];
 #pragma unroll
@@ -309,57 +344,221 @@ __device__ __forceinline__ void igemm(const ConvArgs& p) {
         __syncthreads();
     }
 
-    // Accumulator (mt, nt) holds rows g and g + 8, columns 2 (lane % 4) and +1
-    // of its 16 x 8 tile, g = lane / 4.
-    const int g = lane >> 2, t4 = lane & 3;
+    epilogue(p, acc, m0 + wm * 64, n0 + wn * 32, lane);
+}
+
+// ---- float32 mode: the same kernel shape on TF32 tensor cores, 3 products
+// per tile (the "3xTF32" split): x = big + small with big = tf32(x) and
+// small = tf32(x - big); x y ~ big_x big_y + big_x small_y + small_x big_y,
+// whose dropped terms are ~2^-22 relative, near float32's own 2^-24. BK is
+// 16 here so that two float32 stages of A and B fit 48 KiB.
+
+#define BK32 16
+// Rows of BK32 + 4 floats: the fragment loads of 8 rows g (stride 20 words)
+// and 4 columns t land in 32 distinct banks; rows stay 16-byte aligned.
+#define SROW32 20
+
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
+    big = to_tf32(x);
+    small = to_tf32(x - __uint_as_float(big));
+}
+
+// d += a * b for one m16n8k8 TF32 tile. A: a0 (row g, k t), a1 (g + 8, t),
+// a2 (g, t + 4), a3 (g + 8, t + 4); B: b0 (k t, n g), b1 (k t + 4, n g);
+// C as m16n8k16's; g = lane / 4, t = lane % 4.
+__device__ __forceinline__ void mma1688(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Thread t stages rows t/4 + 64 i (i < 2) of A and of B, columns 4 (t % 4) .. +3.
+template <int RS, bool VEC>
+struct StageF32 {
+    float4 av[2];
+    int ain[2];
+    int aci;
+    float4 bv[2];
+
+    __device__ __forceinline__ void load(const ConvArgs& p, const Row* rows, int k0, int n0,
+                                         int tid) {
+        const int q = tid & 3;
+        const int pad = p.k >> 1;
+        if (VEC) {
+            // BK32 divides cin, so the tile's 16 columns share one tap.
+            const int tap = k0 / p.cin;
+            const int ky = tap / p.k, kx = tap - (tap / p.k) * p.k;
+            aci = k0 - tap * p.cin + 4 * q;
 #pragma unroll
-    for (int mt = 0; mt < 4; ++mt) {
+            for (int i = 0; i < 2; ++i) {
+                const Row r = rows[i];
+                const int sy = r.oy + ky - pad, sx = r.ox + kx - pad;
+                ain[i] = r.valid && sy >= 0 && sy < p.h && sx >= 0 && sx < p.w;
+                av[i] = ain[i] ? gather4<RS>(p, r.bi, sy, sx, aci)
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        } else {
+            const int kk = p.k * p.k * p.cin;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int m = m0 + wm * 64 + mt * 16 + g + 8 * half;
-            if (m >= m_total) continue;
-            const int bi = m / hw;
+            for (int i = 0; i < 2; ++i) {
+                const Row r = rows[i];
+                float v[4];
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int n = n0 + wn * 32 + nt * 8 + 2 * t4 + e;
-                    if (n >= p.cout) continue;
-                    float v = acc[mt][nt][2 * half + e] + p.bias[n];
-                    if (p.has_bvec) v += p.bvec[(size_t)bi * p.cout + n];
-                    const size_t o = (size_t)m * p.cout + n;
-                    if (p.has_res) v += p.res[o];
-                    p.y[o] = v;
+                for (int j = 0; j < 4; ++j) {
+                    const int kidx = k0 + 4 * q + j;
+                    v[j] = 0.f;
+                    if (r.valid && kidx < kk) {
+                        const int tap = kidx / p.cin;
+                        const int ci = kidx - tap * p.cin;
+                        const int ky = tap / p.k, kx = tap - (tap / p.k) * p.k;
+                        const int sy = r.oy + ky - pad, sx = r.ox + kx - pad;
+                        if (sy >= 0 && sy < p.h && sx >= 0 && sx < p.w)
+                            v[j] = gather1<RS>(p, r.bi, sy, sx, ci);
+                    }
                 }
+                av[i] = make_float4(v[0], v[1], v[2], v[3]);
             }
         }
+        const float* w = static_cast<const float*>(p.wt);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int n = n0 + (tid >> 2) + 64 * j;
+            bv[j] = n < p.cout ? *reinterpret_cast<const float4*>(w + (size_t)n * p.kp + k0 + 4 * q)
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
+
+    __device__ __forceinline__ void store(const ConvArgs& p, const Row* rows, float (*as)[SROW32],
+                                          float (*bs)[SROW32], int tid) {
+        const int q = tid & 3;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float4 v = av[i];
+            if (VEC && RS != RS_DOWN && ain[i] && (p.has_affine || p.silu)) {
+                const int bi = rows[i].bi;
+                float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (p.has_affine) {
+                    a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + aci);
+                    s = *reinterpret_cast<const float4*>(p.affine +
+                                                         (size_t)(2 * bi + 1) * p.cin + aci);
+                }
+                v.x = prologue(v.x, a.x, s.x, p.has_affine, p.silu);
+                v.y = prologue(v.y, a.y, s.y, p.has_affine, p.silu);
+                v.z = prologue(v.z, a.z, s.z, p.has_affine, p.silu);
+                v.w = prologue(v.w, a.w, s.w, p.has_affine, p.silu);
+            }
+            *reinterpret_cast<float4*>(&as[(tid >> 2) + 64 * i][4 * q]) = v;
+            *reinterpret_cast<float4*>(&bs[(tid >> 2) + 64 * i][4 * q]) = bv[i];
+        }
+    }
+};
+
+template <int RS, bool VEC>
+__device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
+    __shared__ __align__(16) float As[2][BM][SROW32];
+    __shared__ __align__(16) float Bs[2][BN][SROW32];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 1, wn = warp >> 1;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+
+    Row rows[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) rows[i] = decode_row(p, m0 + (tid >> 2) + 64 * i);
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const int ktiles = p.kp / BK32;
+    StageF32<RS, VEC> st;
+    st.load(p, rows, 0, n0, tid);
+    st.store(p, rows, As[0], Bs[0], tid);
+    __syncthreads();
+
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int cur = kt & 1;
+        const bool more = kt + 1 < ktiles;
+        if (more) st.load(p, rows, (kt + 1) * BK32, n0, tid);
+#pragma unroll
+        for (int ks = 0; ks < BK32; ks += 8) {
+            unsigned ab[4][4], as_[4][4], bb[4][2], bs_[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) {
+                const int r = wm * 64 + mt * 16 + g;
+                split_tf32(As[cur][r][ks + t4], ab[mt][0], as_[mt][0]);
+                split_tf32(As[cur][r + 8][ks + t4], ab[mt][1], as_[mt][1]);
+                split_tf32(As[cur][r][ks + t4 + 4], ab[mt][2], as_[mt][2]);
+                split_tf32(As[cur][r + 8][ks + t4 + 4], ab[mt][3], as_[mt][3]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const int n = wn * 32 + nt * 8 + g;
+                split_tf32(Bs[cur][n][ks + t4], bb[nt][0], bs_[nt][0]);
+                split_tf32(Bs[cur][n][ks + t4 + 4], bb[nt][1], bs_[nt][1]);
+            }
+            // The small cross terms first, so that they are not lost
+            // against the large running sum.
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    mma1688(acc[mt][nt], as_[mt], bb[nt]);
+                    mma1688(acc[mt][nt], ab[mt], bs_[nt]);
+                    mma1688(acc[mt][nt], ab[mt], bb[nt]);
+                }
+        }
+        if (more) st.store(p, rows, As[cur ^ 1], Bs[cur ^ 1], tid);
+        __syncthreads();
+    }
+
+    epilogue(p, acc, m0 + wm * 64, n0 + wn * 32, lane);
 }
 
 // The kernel's arguments, in launch order (src/cuda/igemm.rs).
-#define IGEMM_KERNEL(NAME, T, RS, VEC)                                                       \
+#define IGEMM_KERNEL(NAME, FN)                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                    \
-        NAME(const float* x, const unsigned short* wt, const float* bias, const float* affine, \
+        NAME(const float* x, const void* wt, const float* bias, const float* affine,         \
              const float* bvec, const float* res, float* y, int b, int h, int w, int cin,      \
              int cout, int k, int kp, int has_affine, int silu, int has_bvec, int has_res) {  \
         const ConvArgs p = {x,    wt, bias, affine, bvec,       res,  y,        b,       h,  \
                             w,    cin, cout, k,     kp,         has_affine, silu, has_bvec, \
                             has_res};                                                        \
-        igemm<T, RS, VEC>(p);                                                                \
+        FN(p);                                                                               \
     }
 
-IGEMM_KERNEL(igemm_bf16_same_v, __nv_bfloat16, RS_SAME, true)
-IGEMM_KERNEL(igemm_bf16_same_s, __nv_bfloat16, RS_SAME, false)
-IGEMM_KERNEL(igemm_bf16_up_v, __nv_bfloat16, RS_UP, true)
-IGEMM_KERNEL(igemm_bf16_up_s, __nv_bfloat16, RS_UP, false)
-IGEMM_KERNEL(igemm_bf16_down_v, __nv_bfloat16, RS_DOWN, true)
-IGEMM_KERNEL(igemm_bf16_down_s, __nv_bfloat16, RS_DOWN, false)
-IGEMM_KERNEL(igemm_f16_same_v, __half, RS_SAME, true)
-IGEMM_KERNEL(igemm_f16_same_s, __half, RS_SAME, false)
-IGEMM_KERNEL(igemm_f16_up_v, __half, RS_UP, true)
-IGEMM_KERNEL(igemm_f16_up_s, __half, RS_UP, false)
-IGEMM_KERNEL(igemm_f16_down_v, __half, RS_DOWN, true)
-IGEMM_KERNEL(igemm_f16_down_s, __half, RS_DOWN, false)
+IGEMM_KERNEL(igemm_bf16_same_v, (igemm<__nv_bfloat16, RS_SAME, true>))
+IGEMM_KERNEL(igemm_bf16_same_s, (igemm<__nv_bfloat16, RS_SAME, false>))
+IGEMM_KERNEL(igemm_bf16_up_v, (igemm<__nv_bfloat16, RS_UP, true>))
+IGEMM_KERNEL(igemm_bf16_up_s, (igemm<__nv_bfloat16, RS_UP, false>))
+IGEMM_KERNEL(igemm_bf16_down_v, (igemm<__nv_bfloat16, RS_DOWN, true>))
+IGEMM_KERNEL(igemm_bf16_down_s, (igemm<__nv_bfloat16, RS_DOWN, false>))
+IGEMM_KERNEL(igemm_f16_same_v, (igemm<__half, RS_SAME, true>))
+IGEMM_KERNEL(igemm_f16_same_s, (igemm<__half, RS_SAME, false>))
+IGEMM_KERNEL(igemm_f16_up_v, (igemm<__half, RS_UP, true>))
+IGEMM_KERNEL(igemm_f16_up_s, (igemm<__half, RS_UP, false>))
+IGEMM_KERNEL(igemm_f16_down_v, (igemm<__half, RS_DOWN, true>))
+IGEMM_KERNEL(igemm_f16_down_s, (igemm<__half, RS_DOWN, false>))
+IGEMM_KERNEL(igemm_tf32x3_same_v, (igemm_tf32x3<RS_SAME, true>))
+IGEMM_KERNEL(igemm_tf32x3_same_s, (igemm_tf32x3<RS_SAME, false>))
+IGEMM_KERNEL(igemm_tf32x3_up_v, (igemm_tf32x3<RS_UP, true>))
+IGEMM_KERNEL(igemm_tf32x3_up_s, (igemm_tf32x3<RS_UP, false>))
+IGEMM_KERNEL(igemm_tf32x3_down_v, (igemm_tf32x3<RS_DOWN, true>))
+IGEMM_KERNEL(igemm_tf32x3_down_s, (igemm_tf32x3<RS_DOWN, false>))
 
 // w16[n * kp + j] = w[j * cout + n] rounded to T for j < kk, else 0: the
 // (kk x cout) float32 weight matrix of conv.cu transposed and padded.
@@ -390,4 +589,17 @@ extern "C" __global__ void pack_weights_f16(const float* __restrict__ w,
                                             unsigned long long kk, unsigned long long cout,
                                             unsigned long long kp) {
     pack_weights<__half>(w, w16, kk, cout, kp);
+}
+
+// w32[n * kp + j] = w[j * cout + n] for j < kk, else 0 (the 3xTF32 kernels').
+extern "C" __global__ void pack_weights_f32(const float* __restrict__ w, float* __restrict__ w32,
+                                            unsigned long long kk, unsigned long long cout,
+                                            unsigned long long kp) {
+    const unsigned long long n = cout * kp;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += stride) {
+        const unsigned long long co = i / kp, j = i - co * kp;
+        w32[i] = j < kk ? w[j * cout + co] : 0.0f;
+    }
 }

@@ -1,6 +1,9 @@
 //! `Backend` on one CUDA device: tensors are float32 buffers on the Gpu's
-//! stream, convolutions go through cuBLAS SGEMM (kernels/conv.cu prepares
-//! their operands), everything else through the hand-written kernels. The
+//! stream. Convolutions run on the implicit-GEMM tensor-core kernels
+//! (kernels/igemm.cu: 3xTF32 in fp32, bf16 / fp16 operands otherwise) with
+//! their producers' GroupNorm, SiLU and resampling fused in; the reference
+//! backend (`Cuda::reference`) keeps the simple path, im2col + cuBLAS SGEMM
+//! (kernels/conv.cu) and one kernel per op. The
 //! CPU backend (`crate::backend::cpu`) is the reference every op is tested
 //! against; its shape checks and error messages are repeated here.
 
@@ -12,7 +15,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
 use super::conv::ConvDims;
-use super::igemm::{self, FusedDims, PackedWeights};
+use super::igemm::{self, Arith, FusedDims, PackedWeights};
 use super::{attention, conv, ddim, flash, norm, ops, post, Gpu};
 use crate::backend::cpu::Cpu;
 use crate::backend::{compose_conv_fused, nhwc, same_shape, Backend, ConvPost, ConvPre, Resample};
@@ -31,7 +34,7 @@ pub struct GpuTensor {
 /// A convolution's weights on the device, in the layout of
 /// `crate::backend::cpu::CpuConv`: `fwd` (k*k*cin) x cout, `bwd` (the
 /// flipped, transposed kernel) (k*k*cout) x cin; plus both repacked for the
-/// tensor-core kernels in the bf16 / fp16 modes.
+/// tensor-core kernels (absent on the reference backend).
 #[derive(Debug)]
 pub struct GpuConv {
     pub k: usize,
@@ -62,6 +65,9 @@ pub struct Cuda {
     gpu: Gpu,
     blas: CudaBlas,
     precision: Precision,
+    /// The simple kernels only: im2col + SGEMM convolutions, unfused ops,
+    /// SIMT attention; the oracle the fast path is tested against.
+    reference: bool,
     poison: AtomicBool,
 }
 
@@ -105,6 +111,17 @@ impl Cuda {
     /// `new` in a given precision mode; convolutions prepared by this
     /// backend carry the weights that mode needs.
     pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Cuda> {
+        Cuda::open(ordinal, precision, false)
+    }
+
+    /// float32 on the simple kernels only (im2col + cuBLAS SGEMM
+    /// convolutions, one op per kernel, SIMT attention): the reference the
+    /// fast kernels are checked against on the GPU.
+    pub fn reference(ordinal: usize) -> Result<Cuda> {
+        Cuda::open(ordinal, Precision::Fp32, true)
+    }
+
+    fn open(ordinal: usize, precision: Precision, reference: bool) -> Result<Cuda> {
         let gpu = Gpu::new(ordinal)?;
         // SAFETY: only tries to load the library; cudarc would panic on the
         // first cuBLAS call without it.
@@ -131,6 +148,7 @@ impl Cuda {
             gpu,
             blas,
             precision,
+            reference,
             poison: AtomicBool::new(false),
         })
     }
@@ -333,18 +351,18 @@ impl Backend for Cuda {
         };
         let fwd = self.upload_f32(&what("weights"), &c.fwd)?;
         let bwd = self.upload_f32(&what("backward weights"), &c.bwd)?;
-        let packed = match self.precision.half() {
-            None => None,
-            Some(half) => {
-                let kk = c.k * c.k;
-                Some(PackedConv {
-                    fwd: igemm::pack_weights(&self.gpu, half, &fwd, kk * c.cin, c.cout)
-                        .with_context(|| what("packing the weights"))?,
-                    bwd: igemm::pack_weights(&self.gpu, half, &bwd, kk * c.cout, c.cin)
-                        .with_context(|| what("packing the backward weights"))?,
-                    zero_bias: self.upload_f32(&what("zero bias"), &vec![0.0; c.cin])?,
-                })
-            }
+        let packed = if self.reference {
+            None
+        } else {
+            let arith = Arith::for_precision(self.precision);
+            let kk = c.k * c.k;
+            Some(PackedConv {
+                fwd: igemm::pack_weights(&self.gpu, arith, &fwd, kk * c.cin, c.cout)
+                    .with_context(|| what("packing the weights"))?,
+                bwd: igemm::pack_weights(&self.gpu, arith, &bwd, kk * c.cout, c.cin)
+                    .with_context(|| what("packing the backward weights"))?,
+                zero_bias: self.upload_f32(&what("zero bias"), &vec![0.0; c.cin])?,
+            })
         };
         Ok(GpuConv {
             k: c.k,

@@ -1,7 +1,8 @@
 //! Launchers for `kernels/igemm.cu`: the tensor-core implicit-GEMM 'same'
-//! convolution of the bf16 / fp16 modes, with GroupNorm apply, SiLU and 2x
-//! resampling fused into its operand load and bias, per-sample bias and
-//! residual into its store. CPU twin: `crate::backend::compose_conv_fused`.
+//! convolution, with GroupNorm apply, SiLU and 2x resampling fused into its
+//! operand load and bias, per-sample bias and residual into its store; bf16
+//! or fp16 operands, or float32 operands split into three TF32 products
+//! (the fp32 mode). CPU twin: `crate::backend::compose_conv_fused`.
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -9,58 +10,107 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::ops::{expect_len, launch};
 use super::Gpu;
 use crate::backend::Resample;
-use crate::precision::Half;
+use crate::precision::{Half, Precision};
 
-/// The kernels' K tile: packed weight rows are padded to a multiple of it.
-const BK: usize = 32;
 /// The kernels' M and N tiles and block size.
 const BM: usize = 128;
 const BN: usize = 128;
 const THREADS: u32 = 256;
 
-/// Convolution weights rounded to a 16-bit type, `[cout][kp]` with the
-/// `k*k*cin` products of one output channel contiguous and zero-padded to `kp`.
+/// The operand arithmetic of a packed convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arith {
+    /// One 16-bit product per tile.
+    Half(Half),
+    /// float32 operands, three TF32 products per tile.
+    Tf32x3,
+}
+
+impl Arith {
+    /// The packing a precision mode's convolutions use.
+    pub fn for_precision(p: Precision) -> Arith {
+        match p.half() {
+            Some(h) => Arith::Half(h),
+            None => Arith::Tf32x3,
+        }
+    }
+
+    /// The kernel family's K tile: packed rows are padded to a multiple of
+    /// it, and an input whose channels are a multiple of it takes the
+    /// vectorised path.
+    fn bk(self) -> usize {
+        match self {
+            Arith::Half(_) => 32,
+            Arith::Tf32x3 => 16,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Arith::Half(h) => h.suffix(),
+            Arith::Tf32x3 => "tf32x3",
+        }
+    }
+}
+
+/// The packed weight buffer: 16-bit values, or float32.
+#[derive(Debug)]
+enum Buf {
+    Half(CudaSlice<u16>),
+    F32(CudaSlice<f32>),
+}
+
+/// Convolution weights for the implicit-GEMM kernels, `[cout][kp]` with the
+/// `k*k*cin` products of one output channel contiguous and zero-padded to
+/// `kp`; rounded to the 16-bit type in the bf16 / fp16 modes.
 #[derive(Debug)]
 pub struct PackedWeights {
-    pub half: Half,
+    pub kind: Arith,
     pub kp: usize,
     pub cout: usize,
-    pub w: CudaSlice<u16>,
+    buf: Buf,
 }
 
 /// Repacks the float32 `(kk x cout)` matrix of `crate::backend::cpu::CpuConv`.
 pub fn pack_weights(
     gpu: &Gpu,
-    half: Half,
+    kind: Arith,
     w: &CudaSlice<f32>,
     kk: usize,
     cout: usize,
 ) -> Result<PackedWeights> {
     expect_len(gpu, "pack_weights", "weights", w, kk * cout)?;
-    let kp = kk.div_ceil(BK).max(1) * BK;
+    let kp = kk.div_ceil(kind.bk()).max(1) * kind.bk();
     let n = cout * kp;
-    // SAFETY: the kernel writes all n elements before anything reads them.
-    let mut out = unsafe { gpu.stream().alloc::<u16>(n) }.with_context(|| {
-        format!("allocating {n} 16-bit weights for a {kk} x {cout} convolution")
-    })?;
+    let what = || format!("allocating {n} packed weights for a {kk} x {cout} convolution");
+    let dims = [kk as u64, cout as u64, kp as u64];
+    let f = gpu.function("igemm", &format!("pack_weights_{}", kind.name().replace("tf32x3", "f32")))?;
+    let mut args = gpu.stream().launch_builder(&f);
+    args.arg(w);
+    // SAFETY (both allocations): the kernel writes all n elements before
+    // anything reads them.
+    let mut buf = match kind {
+        Arith::Half(_) => Buf::Half(unsafe { gpu.stream().alloc::<u16>(n) }.with_context(what)?),
+        Arith::Tf32x3 => Buf::F32(unsafe { gpu.stream().alloc::<f32>(n) }.with_context(what)?),
+    };
+    match &mut buf {
+        Buf::Half(b) => args.arg(b),
+        Buf::F32(b) => args.arg(b),
+    };
+    for d in &dims {
+        args.arg(d);
+    }
     if n > 0 {
-        let f = gpu.function("igemm", &format!("pack_weights_{}", half.suffix()))?;
-        let dims = [kk as u64, cout as u64, kp as u64];
-        let mut args = gpu.stream().launch_builder(&f);
-        args.arg(w).arg(&mut out);
-        for d in &dims {
-            args.arg(d);
-        }
-        // SAFETY: (const float*, unsigned short*, u64 kk, u64 cout, u64 kp);
-        // w holds kk*cout floats (checked) and out cout*kp elements; the
-        // kernel reads w only at j < kk.
+        // SAFETY: (const float*, T*, u64 kk, u64 cout, u64 kp) with T the
+        // buffer's element type; w holds kk*cout floats (checked) and the
+        // output cout*kp elements; the kernel reads w only at j < kk.
         unsafe { launch(args, gpu.elementwise_config(n), "pack_weights", n) }?;
     }
     Ok(PackedWeights {
-        half,
+        kind,
         kp,
         cout,
-        w: out,
+        buf,
     })
 }
 
@@ -124,8 +174,9 @@ pub fn conv(
         );
     }
     let kk = d.k * d.k * d.cin;
+    let bk = w.kind.bk();
     ensure!(
-        w.cout == d.cout && w.kp == kk.div_ceil(BK).max(1) * BK,
+        w.cout == d.cout && w.kp == kk.div_ceil(bk).max(1) * bk,
         "conv: packed weights [{}][{}] for {} -> {} channels, k = {}",
         w.cout,
         w.kp,
@@ -137,7 +188,7 @@ pub fn conv(
     let m = d.b * d.h * d.w;
     let fits = |v: usize| i32::try_from(v).is_ok();
     ensure!(
-        fits(m) && fits(d.b * sh * sw) && fits(w.kp) && fits(d.cin) && fits(d.cout),
+        fits(m + BM) && fits(d.b * sh * sw) && fits(w.kp) && fits(d.cin) && fits(d.cout),
         "conv: sizes {d:?} exceed the kernel's 32-bit indices"
     );
     expect_len(gpu, "conv", "input", op.x, d.b * sh * sw * d.cin)?;
@@ -152,12 +203,15 @@ pub fn conv(
     if let Some(r) = op.res {
         expect_len(gpu, "conv", "residual", r, m * d.cout)?;
     }
-    gpu.check_stream(&w.w, "weights")?;
+    match &w.buf {
+        Buf::Half(b) => gpu.check_stream(b, "weights")?,
+        Buf::F32(b) => gpu.check_stream(b, "weights")?,
+    }
     if m * d.cout == 0 {
         return Ok(());
     }
-    // Whole 32-channel tiles of one tap take the float4 path.
-    let vec = d.cin.is_multiple_of(BK);
+    // Whole K tiles of one tap take the float4 path.
+    let vec = d.cin.is_multiple_of(bk);
     let rs = match d.resample {
         Resample::None => "same",
         Resample::Up => "up",
@@ -165,7 +219,7 @@ pub fn conv(
     };
     let name = format!(
         "igemm_{}_{rs}_{}",
-        w.half.suffix(),
+        w.kind.name(),
         if vec { "v" } else { "s" }
     );
     let f = gpu.function("igemm", &name)?;
@@ -185,9 +239,12 @@ pub fn conv(
     ]
     .map(|v| v as i32);
     let mut args = gpu.stream().launch_builder(&f);
-    args.arg(op.x)
-        .arg(&w.w)
-        .arg(op.bias)
+    args.arg(op.x);
+    match &w.buf {
+        Buf::Half(b) => args.arg(b),
+        Buf::F32(b) => args.arg(b),
+    };
+    args.arg(op.bias)
         .arg(op.affine.unwrap_or(op.x))
         .arg(op.bvec.unwrap_or(op.x))
         .arg(op.res.unwrap_or(op.x))
