@@ -529,7 +529,10 @@ __device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
     epilogue(p, acc, m0 + wm * 64, n0 + wn * 32, lane);
 }
 
-// The kernel's arguments, in launch order (src/cuda/igemm.rs).
+// The kernel's arguments, in launch order (src/cuda/igemm.rs). The scalar
+// path exists for the resampling-free case only (input convolutions and
+// odd 1x1 layers): every resampling layer of these networks has whole K
+// tiles of channels, and the launcher refuses the other combination.
 #define IGEMM_KERNEL(NAME, FN)                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                    \
         NAME(const float* x, const void* wt, const float* bias, const float* affine,         \
@@ -544,21 +547,15 @@ __device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
 IGEMM_KERNEL(igemm_bf16_same_v, (igemm<__nv_bfloat16, RS_SAME, true>))
 IGEMM_KERNEL(igemm_bf16_same_s, (igemm<__nv_bfloat16, RS_SAME, false>))
 IGEMM_KERNEL(igemm_bf16_up_v, (igemm<__nv_bfloat16, RS_UP, true>))
-IGEMM_KERNEL(igemm_bf16_up_s, (igemm<__nv_bfloat16, RS_UP, false>))
 IGEMM_KERNEL(igemm_bf16_down_v, (igemm<__nv_bfloat16, RS_DOWN, true>))
-IGEMM_KERNEL(igemm_bf16_down_s, (igemm<__nv_bfloat16, RS_DOWN, false>))
 IGEMM_KERNEL(igemm_f16_same_v, (igemm<__half, RS_SAME, true>))
 IGEMM_KERNEL(igemm_f16_same_s, (igemm<__half, RS_SAME, false>))
 IGEMM_KERNEL(igemm_f16_up_v, (igemm<__half, RS_UP, true>))
-IGEMM_KERNEL(igemm_f16_up_s, (igemm<__half, RS_UP, false>))
 IGEMM_KERNEL(igemm_f16_down_v, (igemm<__half, RS_DOWN, true>))
-IGEMM_KERNEL(igemm_f16_down_s, (igemm<__half, RS_DOWN, false>))
 IGEMM_KERNEL(igemm_tf32x3_same_v, (igemm_tf32x3<RS_SAME, true>))
 IGEMM_KERNEL(igemm_tf32x3_same_s, (igemm_tf32x3<RS_SAME, false>))
 IGEMM_KERNEL(igemm_tf32x3_up_v, (igemm_tf32x3<RS_UP, true>))
-IGEMM_KERNEL(igemm_tf32x3_up_s, (igemm_tf32x3<RS_UP, false>))
 IGEMM_KERNEL(igemm_tf32x3_down_v, (igemm_tf32x3<RS_DOWN, true>))
-IGEMM_KERNEL(igemm_tf32x3_down_s, (igemm_tf32x3<RS_DOWN, false>))
 
 // w16[n * kp + j] = w[j * cout + n] rounded to T for j < kk, else 0: the
 // (kk x cout) float32 weight matrix of conv.cu transposed and padded.

@@ -414,8 +414,10 @@ impl Backend for Cuda {
         post: &ConvPost<'_, GpuTensor>,
     ) -> Result<GpuTensor> {
         match &c.packed {
-            Some(p) => self.conv_packed(x, c, &p.fwd, pre, post),
-            None => compose_conv_fused(self, x, c, pre, post),
+            Some(p) if igemm::fuses_resample(&p.fwd, c.cin, pre.resample) => {
+                self.conv_packed(x, c, &p.fwd, pre, post)
+            }
+            _ => compose_conv_fused(self, x, c, pre, post),
         }
     }
 

@@ -151,6 +151,11 @@ pub struct Operands<'a> {
     pub res: Option<&'a CudaSlice<f32>>,
 }
 
+/// Whether `conv` takes resampling `r` in its prologue for `cin` channels.
+pub fn fuses_resample(w: &PackedWeights, cin: usize, r: Resample) -> bool {
+    r == Resample::None || cin.is_multiple_of(w.kind.bk())
+}
+
 /// `y = conv(resample(silu?(a x + s)), w) + bias + bvec + res`, every
 /// element of `y` written.
 pub fn conv(
@@ -212,6 +217,11 @@ pub fn conv(
     }
     // Whole K tiles of one tap take the float4 path.
     let vec = d.cin.is_multiple_of(bk);
+    ensure!(
+        fuses_resample(w, d.cin, d.resample),
+        "conv: resampling in the prologue needs input channels in multiples of {bk}, got {}",
+        d.cin
+    );
     let rs = match d.resample {
         Resample::None => "same",
         Resample::Up => "up",
