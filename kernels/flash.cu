@@ -1,5 +1,7 @@
 // Fused multi-head attention forward on tensor cores (FlashAttention-2
-// style) for the bf16 / fp16 precision modes. Launcher: src/cuda/flash.rs;
+// style) for the bf16 / fp16 precision modes, and a float32-accurate 3xTF32
+// variant of it for the fp32 mode (attn_flash_tf32x3*, described in its own
+// section below the 16-bit kernel). Launcher: src/cuda/flash.rs;
 // float32 oracle: attn_fwd in attention.cu; CPU twin: forward in
 // src/backend/cpu/attention.rs.
 //
@@ -385,6 +387,333 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
     }
 }
 
+// ---- float32 mode: 3xTF32 ----------------------------------------------
+//
+// The same algorithm (grid, 4 warps of 16 query rows, online softmax over
+// key tiles staged in shared memory) with float32 operands on the TF32
+// tensor cores, mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, each
+// product done in three (the "3xTF32" split of igemm.cu): an operand x is
+// x = big + small + r with big = tf32(x), small = tf32(x - big)
+// (cvt.rna.tf32.f32: round to nearest, ties away, to 10 fraction bits), so
+// |x - big| <= 2^-11 |x| and |r| <= 2^-22 |x|; x y is taken as
+// small_x big_y + big_x small_y + big_x big_y (the small cross terms first,
+// so they are not added to a large running sum before the big one), which
+// drops small_x small_y and the r terms: ~2^-21 |x y| at worst, against
+// float32's own 2^-24 rounding of the accumulation. Nothing is rounded to a
+// narrower type on the way: q, k, v and the softmax weights p reach the
+// tensor cores through their splits.
+//
+// Logits. S_ij = (q_i . k_j) / sqrt(d) is formed in the log2 domain as in
+// the 16-bit kernel, x_ij = fl(q_i . k_j) * fl(log2(e) / sqrt(d)), one
+// rounding of the folded constant (systematic, <= 2^-24 relative) and one
+// of the product; the CPU twin's (q s) . (k s) with s = fl(d^(-1/4))
+// rounds every scaled q and k element and carries s's rounding twice, so
+// the folded form is the smaller of the two errors (the emulator measured
+// both: /tmp/fl/emu_tf32.py). p = exp2f(x - m) (exp(S - m) to exp2f's 2
+// ulp), the running max, the rescale and the row sums are float32, as in
+// the 16-bit kernel; the row sum adds the p's split, big + small, which is
+// what multiplies v, and the output is o / l rounded once (__fdiv_rn).
+//
+// Fragment layouts of m16n8k8 .tf32 (PTX ISA "Matrix Fragments for
+// mma.m16n8k8"), one element per .b32 register, g = lane / 4, q = lane % 4:
+//   A (16 x 8, row major): a0 = A[g][q],  a1 = A[g + 8][q],
+//                          a2 = A[g][q + 4], a3 = A[g + 8][q + 4]
+//   B (8 x 8, k x n):      b0 = B[q][g],  b1 = B[q + 4][g]
+//   C/D (16 x 8 f32):      c0, c1 = C[g][2q, 2q+1], c2, c3 = C[g + 8][2q, 2q+1]
+//
+// Permuted k. An mma sums over k, and any permutation of k applied to both
+// A's columns and B's rows gives the same sum, so each product picks the k
+// order that suits its operands (no shuffles, no staging of P):
+//  - S = Q K^T, k = channel: within an 8-channel step kk, k-index q holds
+//    channel 8kk + 2q and k-index q + 4 channel 8kk + 2q + 1, so a thread's
+//    a0/a2 (row g) and a1/a3 (row g + 8) are float2 pairs of Q in global
+//    memory and its b0/b1 = K[key 8n + g][8kk + 2q, +1] one float2 of
+//    shared memory.
+//  - O = P V, k = key: S's accumulator of key group j (keys 8j + 0..7 of
+//    the tile) holds c0, c1 = P[g][8j + 2q, +1] and c2, c3 = P[g + 8][same];
+//    taking k-index q as key 8j + 2q and k-index q + 4 as key 8j + 2q + 1,
+//    A = P is a0 = c0, a1 = c2, a2 = c1, a3 = c3 of the same thread, and
+//    b0 = V[key 8j + 2q][8n + g], b1 = V[key 8j + 2q + 1][8n + g].
+// The output tile n (channels 8n..8n+7) is C's layout: c0, c1 at row g,
+// channels 8n + 2q, +1, stored as a float2.
+//
+// Tiling. Grid (ceil(t / 64), heads, b), 128 threads, warp w owns query
+// rows 64 * blockIdx.x + 16 w .. + 16 as before; key tiles of KN keys
+// (64 for d <= 64, 32 for d <= 128) are staged as float32, K in rows of
+// ldk floats and V in rows of ldv floats, columns 0..d-1 written (float4)
+// and read, the padding never touched. Keys >= t are staged as zeros and
+// masked to -inf; query rows >= t have zero q and are not stored; a warp
+// whose rows all lie past t only stages and meets the barriers. Q stays in
+// registers as float32 (d / 2 per thread) and is split per key tile (once
+// per channel step, shared by the tile's KN / 8 key groups).
+//
+// Shared memory banks (32 banks of 4 bytes). K: a half warp's float2 reads
+// cover rows g = 0..3 (or 4..7) x 8 consecutive floats; ldk = d or d + 8,
+// whichever has ldk / 8 odd, puts the 4 rows 8 banks apart (ldk = 8 or 24
+// mod 32; 4 ldk = 0 mod 32). V: b0 reads rows 2q (q = 0..3) x channels g:
+// ldv = d + 4 gives 2 ldv = 8 or 24 mod 32, 4 distinct groups of 8 banks;
+// b1 is the same shifted by one row. Rows stay 16-byte aligned (ldk, ldv
+// multiples of 4). Static shared memory: KN * (ldk_max + ldv_max) * 4 =
+// 64 * (72 + 68) * 4 = 35 KiB (DMAX 64) or 32 * (136 + 132) * 4 = 33.5 KiB
+// (DMAX 128), under the 48 KiB static limit.
+//
+// Global accesses: q is read as float2 at channel offsets 8kk + 2q (even),
+// k and v as float4 at multiples of 4, all inside rows < t, columns < d of
+// the head; the output as float2, rows < t, columns < d. With d and c
+// multiples of 8 every such offset is aligned for its width on a 16-byte
+// aligned base.
+
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
+    big = to_tf32(x);
+    small = to_tf32(__fsub_rn(x, __uint_as_float(big)));  // exact: x - big fits float32
+}
+
+// c += a * b for one m16n8k8 TF32 tile (layouts above).
+__device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                        unsigned b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// c += a * b in 3xTF32: a = (ab, as), b = (bb0 + bs0, bb1 + bs1).
+__device__ __forceinline__ void mma3(float (&c)[4], const unsigned (&ab)[4],
+                                     const unsigned (&as)[4], unsigned bb0, unsigned bb1,
+                                     unsigned bs0, unsigned bs1) {
+    mma1688(c, as, bb0, bb1);
+    mma1688(c, ab, bs0, bs1);
+    mma1688(c, ab, bb0, bb1);
+}
+
+// One block of 64 query rows of one (batch, head), float32 operands.
+// DMAX: the largest head dim this instantiation handles (register arrays
+// and shared memory are sized for it; loops run over the actual d with
+// warp-uniform guards); KN: keys per staged tile.
+template <int DMAX, int KN>
+__device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
+                                                  float* __restrict__ out, unsigned t,
+                                                  unsigned c, unsigned d, int legacy,
+                                                  float scale_log2) {
+    static_assert(DMAX % 8 == 0 && DMAX <= 128, "DMAX: a multiple of 8, at most 128");
+    static_assert(KN % 8 == 0 && KN <= 64, "KN: a multiple of 8, at most 64");
+    constexpr int KD = DMAX / 8;  // max channel steps (S k-steps, O n-tiles)
+    constexpr int NT = KN / 8;    // key groups per tile (S n-tiles, P V k-steps)
+    constexpr int STAGE_IT = (KN * DMAX / 4 + THREADS - 1) / THREADS;
+    __shared__ __align__(16) float ks[KN * (DMAX + 8)];
+    __shared__ __align__(16) float vs[KN * (DMAX + 4)];
+
+    // The launcher guarantees 8 <= d <= DMAX, d % 8 == 0; the guard is uniform.
+    if (d == 0 || d > (unsigned)DMAX || (d & 7u) != 0) return;
+    const unsigned nk = d / 8;                     // channel steps in use
+    const unsigned ldk = (nk & 1u) ? d : d + 8u;  // ldk / 8 odd, <= DMAX + 8
+    const unsigned ldv = d + 4u;                   // ldv = 4 mod 8
+    const unsigned tid = threadIdx.x;
+    const unsigned lane = tid & 31u;
+    const unsigned warp = tid >> 5;
+    const unsigned g = lane >> 2;
+    const unsigned qd = lane & 3u;
+    const unsigned h = blockIdx.y;
+    const unsigned bi = blockIdx.z;
+    const unsigned c3 = 3u * c;
+    unsigned qo, ko, vo;
+    if (legacy) {
+        qo = h * 3u * d;
+        ko = qo + d;
+        vo = qo + 2u * d;
+    } else {
+        qo = h * d;
+        ko = c + h * d;
+        vo = 2u * c + h * d;
+    }
+    const float* base = qkv + (unsigned long long)bi * t * c3;
+    const unsigned row0 = blockIdx.x * BM + warp * 16u;  // first query row of this warp
+    const bool active = row0 < t;                         // uniform per warp
+    const unsigned r0 = row0 + g;                         // rows of c0 c1 / c2 c3
+    const unsigned r1 = r0 + 8u;
+
+    // Q A-fragments (float32, split per tile) of every channel step, zero
+    // for rows >= t: a0, a2 = q[r0][8kk + 2q, +1], a1, a3 = q[r1][same].
+    float qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+        qf[kk][0] = qf[kk][1] = qf[kk][2] = qf[kk][3] = 0.f;
+        if (kk < (int)nk && active) {
+            const unsigned col = kk * 8u + 2u * qd;  // col + 1 < d
+            if (r0 < t) {
+                const float2 x = *reinterpret_cast<const float2*>(
+                    base + (unsigned long long)r0 * c3 + qo + col);
+                qf[kk][0] = x.x;
+                qf[kk][2] = x.y;
+            }
+            if (r1 < t) {
+                const float2 x = *reinterpret_cast<const float2*>(
+                    base + (unsigned long long)r1 * c3 + qo + col);
+                qf[kk][1] = x.x;
+                qf[kk][3] = x.y;
+            }
+        }
+    }
+
+    float o[KD][4];
+#pragma unroll
+    for (int n = 0; n < KD; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    const float ninf = __int_as_float(0xff800000);
+    float m0 = ninf, m1 = ninf;  // running max (log2 domain) of rows r0, r1
+    float l0 = 0.f, l1 = 0.f;    // this thread's part of the row sums
+
+    const unsigned per_row = d / 4;  // float4 per staged row
+    const unsigned slots = KN * per_row;
+    const unsigned ntiles = (t + KN - 1) / KN;
+
+    for (unsigned kt = 0; kt < ntiles; ++kt) {
+        const unsigned key0 = kt * KN;
+        __syncthreads();  // every warp is done reading the previous tile
+        // Stage K and V rows key0 .. key0 + KN - 1, channels 0..d-1.
+#pragma unroll
+        for (int it = 0; it < STAGE_IT; ++it) {
+            const unsigned idx = tid + (unsigned)it * THREADS;
+            if (idx < slots) {
+                const unsigned r = idx / per_row;
+                const unsigned col = (idx - r * per_row) * 4u;
+                const unsigned key = key0 + r;
+                float4 kx = make_float4(0.f, 0.f, 0.f, 0.f);
+                float4 vx = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (key < t) {
+                    const float* rowp = base + (unsigned long long)key * c3;
+                    kx = *reinterpret_cast<const float4*>(rowp + ko + col);
+                    vx = *reinterpret_cast<const float4*>(rowp + vo + col);
+                }
+                *reinterpret_cast<float4*>(&ks[r * ldk + col]) = kx;
+                *reinterpret_cast<float4*>(&vs[r * ldv + col]) = vx;
+            }
+        }
+        __syncthreads();
+        if (!active) continue;
+
+        // S = Q K^T for this warp's 16 rows and the tile's KN keys; n-tile n
+        // is keys 8n..8n+7 of the tile.
+        float s[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            if (kk < (int)nk) {
+                unsigned ab[4], as[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    // An empty asm that "changes" q: keeps the compiler from
+                    // hoisting the loop-invariant split out of the tile loop,
+                    // which would hold both halves of Q (d registers) live.
+                    asm volatile("" : "+f"(qf[kk][e]));
+                    split_tf32(qf[kk][e], ab[e], as[e]);
+                }
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    const float2 kv =
+                        *reinterpret_cast<const float2*>(&ks[(n * 8u + g) * ldk + kk * 8u + 2u * qd]);
+                    unsigned bb0, bs0, bb1, bs1;
+                    split_tf32(kv.x, bb0, bs0);
+                    split_tf32(kv.y, bb1, bs1);
+                    mma3(s[n], ab, as, bb0, bb1, bs0, bs1);
+                }
+            }
+        }
+
+        // Log2-domain logits; keys >= t masked to -inf (element e of n-tile
+        // n is key key0 + 8n + 2q + (e & 1)).
+        const bool tail = key0 + KN > t;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = __fmul_rn(s[n][e], scale_log2);
+                if (tail && key0 + n * 8u + 2u * qd + (e & 1) >= t) s[n][e] = ninf;
+            }
+        }
+
+        // Row maxima over the tile (rows r0: e = 0, 1; r1: e = 2, 3) over
+        // the 4 threads of a group.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // Key key0 < t is in every tile: mx is finite (for finite inputs)
+        // and the first tile's alpha is exp2(-inf) = 0.
+        const float alpha0 = exp2f(__fsub_rn(m0, mx0));
+        const float alpha1 = exp2f(__fsub_rn(m1, mx1));
+        m0 = mx0;
+        m1 = mx1;
+#pragma unroll
+        for (int n = 0; n < KD; ++n) {
+            o[n][0] = __fmul_rn(o[n][0], alpha0);
+            o[n][1] = __fmul_rn(o[n][1], alpha0);
+            o[n][2] = __fmul_rn(o[n][2], alpha1);
+            o[n][3] = __fmul_rn(o[n][3], alpha1);
+        }
+
+        // P = exp2(x - m), split; O += P V per key group j with the
+        // permuted k (header): a0 = p(c0), a1 = p(c2), a2 = p(c1), a3 = p(c3).
+        float ls0 = 0.f, ls1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            unsigned pb[4], ps[4];
+            split_tf32(exp2f(__fsub_rn(s[j][0], mx0)), pb[0], ps[0]);
+            split_tf32(exp2f(__fsub_rn(s[j][2], mx1)), pb[1], ps[1]);
+            split_tf32(exp2f(__fsub_rn(s[j][1], mx0)), pb[2], ps[2]);
+            split_tf32(exp2f(__fsub_rn(s[j][3], mx1)), pb[3], ps[3]);
+            ls0 = __fadd_rn(ls0, __fadd_rn(__fadd_rn(__uint_as_float(pb[0]), __uint_as_float(ps[0])),
+                                           __fadd_rn(__uint_as_float(pb[2]), __uint_as_float(ps[2]))));
+            ls1 = __fadd_rn(ls1, __fadd_rn(__fadd_rn(__uint_as_float(pb[1]), __uint_as_float(ps[1])),
+                                           __fadd_rn(__uint_as_float(pb[3]), __uint_as_float(ps[3]))));
+#pragma unroll
+            for (int n = 0; n < KD; ++n) {
+                if (n < (int)nk) {
+                    const float* vp = &vs[(j * 8u + 2u * qd) * ldv + n * 8u + g];
+                    unsigned vb0, vs0, vb1, vs1;
+                    split_tf32(vp[0], vb0, vs0);
+                    split_tf32(vp[ldv], vb1, vs1);
+                    mma3(o[n], pb, ps, vb0, vb1, vs0, vs1);
+                }
+            }
+        }
+        l0 = fmaf(l0, alpha0, ls0);
+        l1 = fmaf(l1, alpha1, ls1);
+    }
+    if (!active) return;  // no barrier follows
+
+    l0 = __fadd_rn(l0, __shfl_xor_sync(0xffffffffu, l0, 1));
+    l0 = __fadd_rn(l0, __shfl_xor_sync(0xffffffffu, l0, 2));
+    l1 = __fadd_rn(l1, __shfl_xor_sync(0xffffffffu, l1, 1));
+    l1 = __fadd_rn(l1, __shfl_xor_sync(0xffffffffu, l1, 2));
+    // l >= 1: the row maximum's own p is exp2(0) = 1.
+    float* ob = out + (unsigned long long)bi * t * c + h * d;
+#pragma unroll
+    for (int n = 0; n < KD; ++n) {
+        if (n < (int)nk) {
+            const unsigned col = n * 8u + 2u * qd;
+            if (r0 < t)
+                *reinterpret_cast<float2*>(ob + (unsigned long long)r0 * c + col) =
+                    make_float2(__fdiv_rn(o[n][0], l0), __fdiv_rn(o[n][1], l0));
+            if (r1 < t)
+                *reinterpret_cast<float2*>(ob + (unsigned long long)r1 * c + col) =
+                    make_float2(__fdiv_rn(o[n][2], l1), __fdiv_rn(o[n][3], l1));
+        }
+    }
+}
+
 }  // namespace flash
 
 // Entry points: (const float* qkv, float* out, unsigned t, unsigned c,
@@ -415,4 +744,20 @@ extern "C" __global__ void __launch_bounds__(flash::THREADS)
     attn_flash_f16_d128(const float* __restrict__ qkv, float* __restrict__ out, unsigned t,
                         unsigned c, unsigned d, int legacy, float scale_log2) {
     flash::attn_flash<__half, 128>(qkv, out, t, c, d, legacy, scale_log2);
+}
+
+// attn_flash_tf32x3 takes 8 <= d <= 64 (key tiles of 64), attn_flash_tf32x3_d128
+// 64 < d <= 128 (key tiles of 32, so that its shared memory stays static);
+// same arguments, grid and block as the 16-bit kernels.
+
+extern "C" __global__ void __launch_bounds__(flash::THREADS)
+    attn_flash_tf32x3(const float* __restrict__ qkv, float* __restrict__ out, unsigned t,
+                      unsigned c, unsigned d, int legacy, float scale_log2) {
+    flash::attn_flash_tf32x3<64, 64>(qkv, out, t, c, d, legacy, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(flash::THREADS)
+    attn_flash_tf32x3_d128(const float* __restrict__ qkv, float* __restrict__ out, unsigned t,
+                           unsigned c, unsigned d, int legacy, float scale_log2) {
+    flash::attn_flash_tf32x3<128, 32>(qkv, out, t, c, d, legacy, scale_log2);
 }

@@ -1,5 +1,6 @@
-// Implicit-GEMM 'same' convolution (k = 1 or 3, stride 1) on tensor cores
-// for the bf16 / fp16 modes, with the producer's elementwise work folded in:
+// Implicit-GEMM 'same' convolution (k = 1 or 3, stride 1) on tensor cores,
+// bf16 / fp16 operands (below) or float32 as three TF32 products (the fp32
+// mode, further down), with the producer's elementwise work folded in:
 //   prologue: y = a[b,c] * x + s[b,c] (GroupNorm apply with scale/shift,
 //             see norm.rs group_norm_affine), then SiLU, then nearest 2x
 //             up-sampling or 2x2 average pooling of the result;
@@ -15,7 +16,7 @@
 // at load time as T [cout][kp], K contiguous and zero-padded to kp (a
 // multiple of BK), which is the "col" operand of mma.sync.
 //
-// Block tile BM x BN x BK = 128 x 128 x 32, 8 warps as 2 (M) x 4 (N), each
+// 16-bit kernels: block tile BM x BN x BK = 128 x 128 x 32, 8 warps as 2 (M) x 4 (N), each
 // warp 64 x 32 = 4 x 4 m16n8k16 tiles. Two shared-memory stages: the global
 // loads of tile k+1 are issued before the mma of tile k and stored after it.
 
@@ -128,7 +129,8 @@ __device__ __forceinline__ float4 gather4(const ConvArgs& p, int bi, int sy, int
     return *reinterpret_cast<const float4*>(p.x + idx);
 }
 
-// Scalar twin of gather4 with the prologue applied, for cin % 32 != 0.
+// Scalar twin of gather4 with the prologue applied, for input channels
+// that are not a multiple of the K tile.
 template <int RS>
 __device__ __forceinline__ float gather1(const ConvArgs& p, int bi, int sy, int sx, int ci) {
     float a = 1.f, s = 0.f;
@@ -511,15 +513,21 @@ __device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
                 split_tf32(Bs[cur][n][ks + t4], bb[nt][0], bs_[nt][0]);
                 split_tf32(Bs[cur][n][ks + t4 + 4], bb[nt][1], bs_[nt][1]);
             }
-            // The small cross terms first, so that they are not lost
-            // against the large running sum.
+            // The three products of one k8 step sum into a fresh tile first:
+            // the tensor core's internal adder is not IEEE (it truncates), and
+            // re-rounding the long running sum three times per step lets the
+            // error grow with K (emulated: 3.3e-5 at K = 4608, 25x a float32
+            // loop; with the fresh tile ~5e-7).
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
-                    mma1688(acc[mt][nt], as_[mt], bb[nt]);
-                    mma1688(acc[mt][nt], ab[mt], bs_[nt]);
-                    mma1688(acc[mt][nt], ab[mt], bb[nt]);
+                    float t[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma1688(t, as_[mt], bb[nt]);
+                    mma1688(t, ab[mt], bs_[nt]);
+                    mma1688(t, ab[mt], bb[nt]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][nt][e] += t[e];
                 }
         }
         if (more) st.store(p, rows, As[cur ^ 1], Bs[cur ^ 1], tid);

@@ -84,7 +84,10 @@ pub fn pack_weights(
     let n = cout * kp;
     let what = || format!("allocating {n} packed weights for a {kk} x {cout} convolution");
     let dims = [kk as u64, cout as u64, kp as u64];
-    let f = gpu.function("igemm", &format!("pack_weights_{}", kind.name().replace("tf32x3", "f32")))?;
+    let f = gpu.function(
+        "igemm",
+        &format!("pack_weights_{}", kind.name().replace("tf32x3", "f32")),
+    )?;
     let mut args = gpu.stream().launch_builder(&f);
     args.arg(w);
     // SAFETY (both allocations): the kernel writes all n elements before
@@ -275,7 +278,7 @@ pub fn conv(
     // SAFETY: the arguments match the kernel's (x, wt, bias, affine, bvec,
     // res, y, 11 ints); every buffer's length is checked above against the
     // sizes the kernel indexes with, on this Gpu's stream; absent operands
-    // are flagged 0 and not read; the float4 path needs cin % 32 == 0 and
+    // are flagged 0 and not read; the float4 path needs cin % bk == 0 and
     // 16-byte aligned buffers (cudarc allocations are).
     unsafe { launch(args, cfg, &name, m * d.cout) }
 }
