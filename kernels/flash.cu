@@ -414,6 +414,19 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
 // the 16-bit kernel; the row sum adds the p's split, big + small, which is
 // what multiplies v, and the output is o / l rounded once (__fdiv_rn).
 //
+// Accumulation. Every mma here starts from a zero accumulator: the three
+// products of one 8-channel step of S (or one 8-key group of P V) go into a
+// fresh C, which is then added to the running s (or o) with a float32 FADD
+// (round to nearest). The tensor cores' own float32 accumulation is not
+// IEEE: on A100 (Fasi et al., "Numerical behavior of NVIDIA tensor cores",
+// PeerJ CS 2021) the addends are aligned with truncation and the sum is
+// normalised toward zero, so a long chain of mma on one accumulator (O
+// over t / 8 key groups x 3 products) drifts: the emulator's
+// round-toward-zero model gives rel-L2 ~1e-5 at t = 1000 that way, growing
+// with t, against ~2e-7 with the fresh accumulators (chains of 3 mma, then
+// one correctly rounded add per group), the same as round to nearest.
+// Cost: 4 FADD per 3 mma.
+//
 // Fragment layouts of m16n8k8 .tf32 (PTX ISA "Matrix Fragments for
 // mma.m16n8k8"), one element per .b32 register, g = lane / 4, q = lane % 4:
 //   A (16 x 8, row major): a0 = A[g][q],  a1 = A[g + 8][q],
@@ -621,7 +634,10 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
                     unsigned bb0, bs0, bb1, bs1;
                     split_tf32(kv.x, bb0, bs0);
                     split_tf32(kv.y, bb1, bs1);
-                    mma3(s[n], ab, as, bb0, bb1, bs0, bs1);
+                    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // fresh: see "Accumulation"
+                    mma3(acc, ab, as, bb0, bb1, bs0, bs1);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[n][e] = __fadd_rn(s[n][e], acc[e]);
                 }
             }
         }
@@ -685,7 +701,10 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
                     unsigned vb0, vs0, vb1, vs1;
                     split_tf32(vp[0], vb0, vs0);
                     split_tf32(vp[ldv], vb1, vs1);
-                    mma3(o[n], pb, ps, vb0, vb1, vs0, vs1);
+                    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // fresh: see "Accumulation"
+                    mma3(acc, pb, ps, vb0, vb1, vs0, vs1);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[n][e] = __fadd_rn(o[n][e], acc[e]);
                 }
             }
         }

@@ -123,6 +123,16 @@ __device__ double gn_group_total(const double* chan, double* red, unsigned cg, u
     return total;
 }
 
+// Channel ch of pixel pix (counted over the whole batch) of the channel
+// concatenation [x, x2]: x holds c1 channels, x2 the other c - c1 (c1 = c
+// and x2 unread for a single tensor). Reading the two halves in place spares
+// the skip concatenation of the UNet's output blocks a copy.
+__device__ __forceinline__ float gn_at(const float* __restrict__ x, const float* __restrict__ x2,
+                                       unsigned c1, unsigned c, unsigned long long pix,
+                                       unsigned ch) {
+    return ch < c1 ? x[pix * c1 + ch] : x2[pix * (c - c1) + (ch - c1)];
+}
+
 // Partial statistics of pixel run blockIdx.x of sample blockIdx.y: the run
 // is pixels [blockIdx.x * span, min(hw, (blockIdx.x + 1) * span)), taken in
 // tiles of `tile` pixels. Writes part[2 * ((bi * gridDim.x + run) * 32 + g)]
@@ -139,7 +149,8 @@ __device__ double gn_group_total(const double* chan, double* red, unsigned cg, u
 extern "C" __global__ void gn_stats_partial(const float* __restrict__ x,
                                             double* __restrict__ part, unsigned long long hw,
                                             unsigned c, unsigned cw, unsigned tile,
-                                            unsigned long long span) {
+                                            unsigned long long span,
+                                            const float* __restrict__ x2, unsigned c1) {
     extern __shared__ double gn_sh[];
     __shared__ double gmean[GN_GROUPS];
     __shared__ double pivot[GN_GROUPS];
@@ -154,15 +165,14 @@ extern "C" __global__ void gn_stats_partial(const float* __restrict__ x,
     const unsigned r0 = t / cw;
     const unsigned long long p_begin = (unsigned long long)blockIdx.x * span;
     const unsigned long long p_end = min(hw, p_begin + span);
-    const float* xs = x + (unsigned long long)blockIdx.y * hw * c;
-    if (t < 32u) pivot[t] = (double)xs[t * cg];
+    const unsigned long long pix0 = (unsigned long long)blockIdx.y * hw;
+    if (t < 32u) pivot[t] = (double)gn_at(x, x2, c1, c, pix0, t * cg);
     __syncthreads();
 
     // The run's merged state of group t, kept by threads 0..31.
     double run_n = 0.0, run_mean = 0.0, run_m2 = 0.0;
     for (unsigned long long p0 = p_begin; p0 < p_end; p0 += tile) {
         const unsigned rows = (unsigned)min((unsigned long long)tile, p_end - p0);
-        const float* xt = xs + p0 * c;
         // Every (r0, ch) slot of chan is written, zero where r0 >= rows, so
         // the group totals never read a stale tile.
         for (unsigned ch = ch0; ch < c; ch += cw) {
@@ -170,7 +180,7 @@ extern "C" __global__ void gn_stats_partial(const float* __restrict__ x,
             double s = 0.0;
 #pragma unroll 4
             for (unsigned r = r0; r < rows; r += rows_par)
-                s += (double)xt[(unsigned long long)r * c + ch] - k;
+                s += (double)gn_at(x, x2, c1, c, pix0 + p0 + r, ch) - k;
             chan[r0 * row + gn_slot(ch, cg, gs)] = s;
         }
         __syncthreads();
@@ -184,7 +194,7 @@ extern "C" __global__ void gn_stats_partial(const float* __restrict__ x,
             double q = 0.0;
 #pragma unroll 4
             for (unsigned r = r0; r < rows; r += rows_par) {
-                const double d = ((double)xt[(unsigned long long)r * c + ch] - k) - m;
+                const double d = ((double)gn_at(x, x2, c1, c, pix0 + p0 + r, ch) - k) - m;
                 q += d * d;
             }
             chan[r0 * row + gn_slot(ch, cg, gs)] = q;
@@ -211,7 +221,8 @@ extern "C" __global__ void gn_stats_combine(const float* __restrict__ x,
                                             const double* __restrict__ part,
                                             double* __restrict__ stats, unsigned b,
                                             unsigned runs, unsigned long long hw, unsigned cg,
-                                            unsigned long long span) {
+                                            unsigned long long span,
+                                            const float* __restrict__ x2, unsigned c1) {
     const unsigned lane = threadIdx.x & 31u;
     const unsigned long long wid =
         ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -233,7 +244,7 @@ extern "C" __global__ void gn_stats_combine(const float* __restrict__ x,
         if (lane + off < 32u) gn_chan_merge(n, mean, m2, nb, mb, m2b);
     }
     if (lane == 0) {
-        stats[2 * wid] = (double)x[bi * hw * (GN_GROUPS * cg) + g * cg] + mean;
+        stats[2 * wid] = (double)gn_at(x, x2, c1, GN_GROUPS * cg, bi * hw, g * cg) + mean;
         stats[2 * wid + 1] = 1.0 / sqrt(m2 / n + GN_EPS);
     }
 }

@@ -84,7 +84,18 @@ struct ConvArgs {
     float* y;                  // [b*h*w][cout]
     int b, h, w, cin, cout, k, kp;
     int has_affine, silu, has_bvec, has_res;
+    // The input is the channel concatenation [x, x2]: x holds c1 channels,
+    // x2 the other cin - c1 (c1 = cin and x2 unread for one tensor).
+    const float* x2;
+    int c1;
 };
+
+// Address of channel ci of source pixel pix (counted over the batch) of the
+// input [x, x2]. On the float4 path a K tile never straddles c1 (c1 is a
+// multiple of the tile), so four channels come from one half.
+__device__ __forceinline__ const float* src_at(const ConvArgs& p, size_t pix, int ci) {
+    return ci < p.c1 ? p.x + pix * p.c1 + ci : p.x2 + pix * (p.cin - p.c1) + (ci - p.c1);
+}
 
 __device__ __forceinline__ float prologue(float v, float a, float s, int has_affine, int silu) {
     if (has_affine) v = a * v + s;
@@ -112,8 +123,8 @@ __device__ __forceinline__ float4 gather4(const ConvArgs& p, int bi, int sy, int
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
             const int yy = 2 * sy + (u >> 1), xx = 2 * sx + (u & 1);
-            const float4 v = *reinterpret_cast<const float4*>(
-                p.x + ((size_t)(bi * sh + yy) * sw + xx) * p.cin + ci);
+            const float4 v =
+                *reinterpret_cast<const float4*>(src_at(p, (size_t)(bi * sh + yy) * sw + xx, ci));
             acc.x += prologue(v.x, a.x, s.x, p.has_affine, p.silu);
             acc.y += prologue(v.y, a.y, s.y, p.has_affine, p.silu);
             acc.z += prologue(v.z, a.z, s.z, p.has_affine, p.silu);
@@ -121,12 +132,12 @@ __device__ __forceinline__ float4 gather4(const ConvArgs& p, int bi, int sy, int
         }
         return make_float4(acc.x * 0.25f, acc.y * 0.25f, acc.z * 0.25f, acc.w * 0.25f);
     }
-    size_t idx;
+    size_t pix;
     if (RS == RS_UP)
-        idx = ((size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1)) * p.cin + ci;
+        pix = (size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1);
     else
-        idx = ((size_t)(bi * p.h + sy) * p.w + sx) * p.cin + ci;
-    return *reinterpret_cast<const float4*>(p.x + idx);
+        pix = (size_t)(bi * p.h + sy) * p.w + sx;
+    return *reinterpret_cast<const float4*>(src_at(p, pix, ci));
 }
 
 // Scalar twin of gather4 with the prologue applied, for input channels
@@ -143,17 +154,17 @@ __device__ __forceinline__ float gather1(const ConvArgs& p, int bi, int sy, int 
         float acc = 0.f;
         for (int u = 0; u < 4; ++u) {
             const int yy = 2 * sy + (u >> 1), xx = 2 * sx + (u & 1);
-            acc += prologue(p.x[((size_t)(bi * sh + yy) * sw + xx) * p.cin + ci], a, s,
-                            p.has_affine, p.silu);
+            acc += prologue(*src_at(p, (size_t)(bi * sh + yy) * sw + xx, ci), a, s, p.has_affine,
+                            p.silu);
         }
         return acc * 0.25f;
     }
-    size_t idx;
+    size_t pix;
     if (RS == RS_UP)
-        idx = ((size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1)) * p.cin + ci;
+        pix = (size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1);
     else
-        idx = ((size_t)(bi * p.h + sy) * p.w + sx) * p.cin + ci;
-    return prologue(p.x[idx], a, s, p.has_affine, p.silu);
+        pix = (size_t)(bi * p.h + sy) * p.w + sx;
+    return prologue(*src_at(p, pix, ci), a, s, p.has_affine, p.silu);
 }
 
 // Accumulator (mt, nt) of a warp holds rows g and g + 8, columns 2 (lane % 4)
@@ -545,10 +556,11 @@ __device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
     extern "C" __global__ void __launch_bounds__(THREADS)                                    \
         NAME(const float* x, const void* wt, const float* bias, const float* affine,         \
              const float* bvec, const float* res, float* y, int b, int h, int w, int cin,      \
-             int cout, int k, int kp, int has_affine, int silu, int has_bvec, int has_res) {  \
+             int cout, int k, int kp, int has_affine, int silu, int has_bvec, int has_res,    \
+             const float* x2, int c1) {                                                      \
         const ConvArgs p = {x,    wt, bias, affine, bvec,       res,  y,        b,       h,  \
                             w,    cin, cout, k,     kp,         has_affine, silu, has_bvec, \
-                            has_res};                                                        \
+                            has_res, x2, c1};                                                \
         FN(p);                                                                               \
     }
 

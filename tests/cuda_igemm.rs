@@ -69,6 +69,9 @@ struct Case {
     norm: Option<(bool, bool)>,
     bcast: bool,
     residual: bool,
+    /// The GPU reads the input as the concatenation of its first `c1`
+    /// channels and the rest, from two tensors.
+    concat: Option<usize>,
 }
 
 fn out_hw(c: &Case) -> (usize, usize) {
@@ -113,8 +116,21 @@ fn run_case(g: &Cuda, half: Option<Half>, c: &Case, rng: &mut ChaCha8Rng) -> f64
 
     let up = |t: &Tensor| g.upload(t).unwrap();
     let (xg, gg, bg, sg, eg, rg) = (up(&x), up(&gamma), up(&beta), up(&ss), up(&e), up(&res));
+    let halves = c.concat.map(|c1| {
+        let (mut a, mut b2) = (Vec::new(), Vec::new());
+        for px in x.data.chunks(c.cin) {
+            a.extend_from_slice(&px[..c1]);
+            b2.extend_from_slice(&px[c1..]);
+        }
+        let shape = |ch| vec![c.b, c.h, c.w, ch];
+        (
+            up(&Tensor::new(shape(c1), a).unwrap()),
+            up(&Tensor::new(shape(c.cin - c1), b2).unwrap()),
+        )
+    });
     let gw = g.prepare_conv(&w, &bias).unwrap();
     let pre = ConvPre {
+        skip: halves.as_ref().map(|h| &h.1),
         norm: c.norm.map(|(with_ss, silu)| Norm {
             gamma: &gg,
             beta: &bg,
@@ -128,8 +144,9 @@ fn run_case(g: &Cuda, half: Option<Half>, c: &Case, rng: &mut ChaCha8Rng) -> f64
         residual: c.residual.then_some(&rg),
     };
     g.set_poison(true);
+    let input = halves.as_ref().map_or(&xg, |h| &h.0);
     let got = g
-        .download(&g.conv_fused(&xg, &gw, &pre, &post).unwrap())
+        .download(&g.conv_fused(input, &gw, &pre, &post).unwrap())
         .unwrap();
     assert_eq!(got.shape, want.shape);
     for (i, v) in got.data.iter().enumerate() {
@@ -150,6 +167,7 @@ fn cases() -> Vec<Case> {
         norm: Some((true, true)),
         bcast: true,
         residual: true,
+        concat: None,
     };
     vec![
         // ResBlock out_layers: GN + scale/shift + SiLU, residual; odd grid.
@@ -245,6 +263,40 @@ fn cases() -> Vec<Case> {
             residual: false,
             ..base
         },
+        // An output block's first ResBlock: [h, skip] read from two
+        // tensors by the GroupNorm statistics and the conv, and its 1x1
+        // projection of the same pair with the residual.
+        Case {
+            h: 10,
+            w: 9,
+            cin: 192,
+            cout: 96,
+            norm: Some((false, true)),
+            residual: false,
+            concat: Some(96),
+            ..base
+        },
+        Case {
+            h: 7,
+            w: 12,
+            cin: 288,
+            cout: 192,
+            k: 1,
+            norm: None,
+            bcast: false,
+            concat: Some(192),
+            ..base
+        },
+        // A split off the K tile: the backend falls back to the composed ops.
+        Case {
+            h: 5,
+            w: 5,
+            cin: 96,
+            cout: 32,
+            norm: Some((true, true)),
+            concat: Some(40),
+            ..base
+        },
         // More K tiles than one block row of N; cout = 1 (the output conv).
         Case {
             b: 1,
@@ -267,8 +319,8 @@ fn check_all(p: Precision, salt: u64, tol: f64) {
     for (i, c) in cases().iter().enumerate() {
         let e = run_case(&g, half, c, &mut rng);
         println!(
-            "{p} case {i} (b {} {}x{} {}->{} k{} {:?} norm {:?}): rel-L2 {e:.3e}",
-            c.b, c.h, c.w, c.cin, c.cout, c.k, c.resample, c.norm
+            "{p} case {i} (b {} {}x{} {}->{} k{} {:?} norm {:?} concat {:?}): rel-L2 {e:.3e}",
+            c.b, c.h, c.w, c.cin, c.cout, c.k, c.resample, c.norm, c.concat
         );
         assert!(e <= tol, "{p} case {i}: rel-L2 {e} > {tol}");
     }

@@ -8,6 +8,7 @@ mod common;
 
 use fcd::backend::cpu::{self, Cpu};
 use fcd::backend::Backend;
+use fcd::cuda::norm::Source;
 use fcd::cuda::{self, CudaSlice, Gpu};
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;
@@ -224,7 +225,7 @@ fn gpu_group_norm_affine_matches_cpu() {
             let mut out = poisoned(&gpu, 2 * b * c);
             cuda::norm::group_norm_affine(
                 &gpu,
-                &xd,
+                Source::One(&xd),
                 b,
                 hw,
                 c,
@@ -242,6 +243,34 @@ fn gpu_group_norm_affine_matches_cpu() {
             // ~1e-13 of a rounding boundary, and then by 1 ulp (6e-8).
             // Expected 0 or a few 1e-9; bound 1e-7.
             worst = worst.max(compare(&label, &down(&gpu, &out), &want, 1e-7));
+
+            // The same tensor as the concatenation of its first c1 channels
+            // and the rest, read in place (a UNet output block's input):
+            // the same sums in the same order, so the same bound.
+            let c1 = c - 32;
+            if c1 > 0 {
+                let (mut x1, mut x2) = (Vec::new(), Vec::new());
+                for px in x.chunks(c) {
+                    x1.extend_from_slice(&px[..c1]);
+                    x2.extend_from_slice(&px[c1..]);
+                }
+                let (x1d, x2d) = (up(&gpu, &x1), up(&gpu, &x2));
+                let mut out = poisoned(&gpu, 2 * b * c);
+                cuda::norm::group_norm_affine(
+                    &gpu,
+                    Source::Concat(&x1d, &x2d, c1),
+                    b,
+                    hw,
+                    c,
+                    &gd,
+                    &bd,
+                    with_ss.then_some(&ssd),
+                    &mut out,
+                )
+                .unwrap();
+                let label = format!("{label} concat at {c1}");
+                worst = worst.max(compare(&label, &down(&gpu, &out), &want, 1e-7));
+            }
         }
     }
     println!("group_norm_affine: worst rel-L2 {worst:e}");
@@ -394,9 +423,10 @@ fn gpu_norm_attention_reject_bad_sizes() {
     let x = up(&gpu, &[0.0; 2 * 64]);
     let g = up(&gpu, &[1.0; 64]);
     let mut short = poisoned(&gpu, 2 * 2 * 64 - 1);
-    let err = cuda::norm::group_norm_affine(&gpu, &x, 2, 1, 64, &g, &g, None, &mut short)
-        .unwrap_err()
-        .to_string();
+    let err =
+        cuda::norm::group_norm_affine(&gpu, Source::One(&x), 2, 1, 64, &g, &g, None, &mut short)
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("expected [b, 2c] = 2 * 2 * 64 = 256"), "{err}");
 
     let qkv = up(&gpu, &[0.0; 3 * 5 * 64]);

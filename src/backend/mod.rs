@@ -27,8 +27,11 @@ pub struct Norm<'a, T> {
     pub silu: bool,
 }
 
-/// What a fused convolution does to its input before the product.
+/// What a fused convolution does to its input before the product: the
+/// input is `[x, skip]` (channel concatenation) when `skip` is given, then
+/// normalised, then resampled.
 pub struct ConvPre<'a, T> {
+    pub skip: Option<&'a T>,
     pub norm: Option<Norm<'a, T>>,
     pub resample: Resample,
 }
@@ -44,6 +47,7 @@ pub struct ConvPost<'a, T> {
 impl<T> Default for ConvPre<'_, T> {
     fn default() -> Self {
         ConvPre {
+            skip: None,
             norm: None,
             resample: Resample::None,
         }
@@ -59,8 +63,9 @@ impl<T> Default for ConvPost<'_, T> {
     }
 }
 
-/// `conv(resample(norm(x))) + bcast + residual`, one op at a time: the
-/// float32 path of every backend, and the CPU twin of the fused kernels.
+/// `conv(resample(norm([x, skip]))) + bcast + residual`, one op at a time:
+/// the CPU backend's path, the reference GPU backend's, and the CPU twin of
+/// the fused kernels.
 pub fn compose_conv_fused<B: Backend + ?Sized>(
     b: &B,
     x: &B::T,
@@ -68,10 +73,15 @@ pub fn compose_conv_fused<B: Backend + ?Sized>(
     pre: &ConvPre<'_, B::T>,
     post: &ConvPost<'_, B::T>,
 ) -> Result<B::T> {
-    let normed;
+    let joined;
     let mut a = x;
+    if let Some(skip) = pre.skip {
+        joined = b.concat(x, skip)?;
+        a = &joined;
+    }
+    let normed;
     if let Some(n) = &pre.norm {
-        normed = b.group_norm(x, n.gamma, n.beta, n.ss, n.silu)?;
+        normed = b.group_norm(a, n.gamma, n.beta, n.ss, n.silu)?;
         a = &normed;
     }
     let resampled;
@@ -128,8 +138,8 @@ pub trait Backend {
         ss: Option<&Self::T>,
         silu: bool,
     ) -> Result<Self::T>;
-    /// `conv(resample(norm(x))) + bcast + residual` (see `compose_conv_fused`,
-    /// which backends without a fused kernel run).
+    /// `conv(resample(norm([x, skip]))) + bcast + residual` (see
+    /// `compose_conv_fused`, which backends without a fused kernel run).
     fn conv_fused(
         &self,
         x: &Self::T,

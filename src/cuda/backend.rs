@@ -200,7 +200,20 @@ impl Cuda {
         pre: &ConvPre<'_, GpuTensor>,
         post: &ConvPost<'_, GpuTensor>,
     ) -> Result<GpuTensor> {
-        let (b, sh, sw, cin) = nhwc(x)?;
+        let (b, sh, sw, c1) = nhwc(x)?;
+        let cin = match pre.skip {
+            None => c1,
+            Some(s) => {
+                let (b2, h2, w2, c2) = nhwc(s)?;
+                ensure!(
+                    (b2, h2, w2) == (b, sh, sw),
+                    "concat: shapes {:?} and {:?} differ outside channels",
+                    x.shape,
+                    s.shape
+                );
+                c1 + c2
+            }
+        };
         ensure!(
             cin == c.cin,
             "conv: input has {cin} channels, the weights expect {}",
@@ -237,11 +250,17 @@ impl Cuda {
         let affine = match &pre.norm {
             None => None,
             Some(n) => {
-                gn_dims(x, n.gamma, n.beta, n.ss)?;
+                let src = match pre.skip {
+                    None => {
+                        gn_dims(x, n.gamma, n.beta, n.ss)?;
+                        norm::Source::One(&x.buf)
+                    }
+                    Some(s) => norm::Source::Concat(&x.buf, &s.buf, c1),
+                };
                 let mut a = self.output("group_norm_affine", vec![b, 1, 1, 2 * cin])?;
                 norm::group_norm_affine(
                     &self.gpu,
-                    &x.buf,
+                    src,
                     b,
                     sh * sw,
                     cin,
@@ -265,6 +284,7 @@ impl Cuda {
         };
         let op = igemm::Operands {
             x: &x.buf,
+            x2: pre.skip.map(|s| (&s.buf, c1)),
             affine: affine.as_ref().map(|a| &a.buf),
             silu: pre.norm.as_ref().is_some_and(|n| n.silu),
             bias: &c.bias,
@@ -413,8 +433,9 @@ impl Backend for Cuda {
         pre: &ConvPre<'_, GpuTensor>,
         post: &ConvPost<'_, GpuTensor>,
     ) -> Result<GpuTensor> {
+        let c1 = pre.skip.map(|_| x.shape.last().copied().unwrap_or(0));
         match &c.packed {
-            Some(p) if igemm::fuses_resample(&p.fwd, c.cin, pre.resample) => {
+            Some(p) if igemm::fuses(&p.fwd, c.cin, pre.resample, c1) => {
                 self.conv_packed(x, c, &p.fwd, pre, post)
             }
             _ => compose_conv_fused(self, x, c, pre, post),
@@ -611,6 +632,7 @@ impl Backend for Cuda {
             };
             let op = igemm::Operands {
                 x: &dy.buf,
+                x2: None,
                 affine: None,
                 silu: false,
                 bias: &p.zero_bias,

@@ -144,6 +144,9 @@ impl FusedDims {
 /// The fused convolution's float32 operands.
 pub struct Operands<'a> {
     pub x: &'a CudaSlice<f32>,
+    /// The second half of a channel concatenation `[x, x2]`, and the
+    /// channels of `x`.
+    pub x2: Option<(&'a CudaSlice<f32>, usize)>,
     /// `[b][2][cin]`: y = a x + s per (sample, channel) before SiLU.
     pub affine: Option<&'a CudaSlice<f32>>,
     pub silu: bool,
@@ -154,9 +157,12 @@ pub struct Operands<'a> {
     pub res: Option<&'a CudaSlice<f32>>,
 }
 
-/// Whether `conv` takes resampling `r` in its prologue for `cin` channels.
-pub fn fuses_resample(w: &PackedWeights, cin: usize, r: Resample) -> bool {
-    r == Resample::None || cin.is_multiple_of(w.kind.bk())
+/// Whether `conv` takes resampling `r` in its prologue for `cin` channels,
+/// and a concatenation split at `c1` (`Some`) in its operand load.
+pub fn fuses(w: &PackedWeights, cin: usize, r: Resample, c1: Option<usize>) -> bool {
+    let bk = w.kind.bk();
+    (r == Resample::None || cin.is_multiple_of(bk))
+        && c1.is_none_or(|c1| c1 > 0 && c1 < cin && c1.is_multiple_of(bk) && cin.is_multiple_of(bk))
 }
 
 /// `y = conv(resample(silu?(a x + s)), w) + bias + bvec + res`, every
@@ -199,7 +205,21 @@ pub fn conv(
         fits(m + BM) && fits(d.b * sh * sw) && fits(w.kp) && fits(d.cin) && fits(d.cout),
         "conv: sizes {d:?} exceed the kernel's 32-bit indices"
     );
-    expect_len(gpu, "conv", "input", op.x, d.b * sh * sw * d.cin)?;
+    let c1 = op.x2.map(|(_, c1)| c1);
+    ensure!(
+        fuses(w, d.cin, d.resample, c1),
+        "conv: resampling or a concatenation in the prologue needs channels in multiples \
+         of {bk}, got {} (split at {c1:?})",
+        d.cin
+    );
+    let pixels = d.b * sh * sw;
+    match op.x2 {
+        None => expect_len(gpu, "conv", "input", op.x, pixels * d.cin)?,
+        Some((x2, c1)) => {
+            expect_len(gpu, "conv", "input", op.x, pixels * c1)?;
+            expect_len(gpu, "conv", "second input", x2, pixels * (d.cin - c1))?;
+        }
+    }
     expect_len(gpu, "conv", "output", y, m * d.cout)?;
     expect_len(gpu, "conv", "bias", op.bias, d.cout)?;
     if let Some(a) = op.affine {
@@ -220,11 +240,6 @@ pub fn conv(
     }
     // Whole K tiles of one tap take the float4 path.
     let vec = d.cin.is_multiple_of(bk);
-    ensure!(
-        fuses_resample(w, d.cin, d.resample),
-        "conv: resampling in the prologue needs input channels in multiples of {bk}, got {}",
-        d.cin
-    );
     let rs = match d.resample {
         Resample::None => "same",
         Resample::Up => "up",
@@ -265,6 +280,9 @@ pub fn conv(
     for v in &ints {
         args.arg(v);
     }
+    let (x2, c1) = op.x2.unwrap_or((op.x, d.cin));
+    let c1 = c1 as i32;
+    args.arg(x2).arg(&c1);
     ensure!(
         d.cout.div_ceil(BN) <= 65535,
         "conv: {} output channels exceed the grid",
@@ -276,7 +294,7 @@ pub fn conv(
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match the kernel's (x, wt, bias, affine, bvec,
-    // res, y, 11 ints); every buffer's length is checked above against the
+    // res, y, 11 ints, x2, c1); every buffer's length is checked above against the
     // sizes the kernel indexes with, on this Gpu's stream; absent operands
     // are flagged 0 and not read; the float4 path needs cin % bk == 0 and
     // 16-byte aligned buffers (cudarc allocations are).

@@ -21,11 +21,31 @@ struct Dims {
     n: usize,
 }
 
+/// What GroupNorm's statistics read: one tensor, or the channel
+/// concatenation `[first, second]` of two, read in place (`c1` channels from
+/// the first, the rest from the second).
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    One(&'a CudaSlice<f32>),
+    Concat(&'a CudaSlice<f32>, &'a CudaSlice<f32>, usize),
+}
+
+impl<'a> Source<'a> {
+    /// (first, second, c1) as the statistics kernels take them; a single
+    /// tensor stands in for the unread second one.
+    fn parts(self, c: usize) -> (&'a CudaSlice<f32>, &'a CudaSlice<f32>, usize) {
+        match self {
+            Source::One(x) => (x, x, c),
+            Source::Concat(a, b, c1) => (a, b, c1),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check(
     gpu: &Gpu,
     op: &str,
-    x: &CudaSlice<f32>,
+    x: Source<'_>,
     b: usize,
     hw: usize,
     c: usize,
@@ -41,18 +61,39 @@ fn check(
         .checked_mul(hw)
         .and_then(|v| v.checked_mul(c))
         .with_context(|| format!("{op}: size {b} x {hw} x {c} overflows"))?;
-    ensure!(
-        x.len() == n,
-        "{op}: x has {} elements, expected b * hw * c = {b} * {hw} * {c} = {n}",
-        x.len()
-    );
+    match x {
+        Source::One(x) => {
+            ensure!(
+                x.len() == n,
+                "{op}: x has {} elements, expected b * hw * c = {b} * {hw} * {c} = {n}",
+                x.len()
+            );
+            gpu.check_stream(x, "x")?;
+        }
+        Source::Concat(first, second, c1) => {
+            ensure!(
+                c1 > 0 && c1 < c,
+                "{op}: a concatenation split at channel {c1} of {c}"
+            );
+            let (n1, n2) = (n / c * c1, n / c * (c - c1));
+            ensure!(
+                first.len() == n1 && second.len() == n2,
+                "{op}: the halves of a concatenation have {} and {} elements, expected \
+                 {b} * {hw} * {c1} and {b} * {hw} * {}",
+                first.len(),
+                second.len(),
+                c - c1
+            );
+            gpu.check_stream(first, "x")?;
+            gpu.check_stream(second, "x (second half)")?;
+        }
+    }
     ensure!(
         gamma.len() == c && beta.len() == c,
         "{op}: gamma / beta have {} / {} elements for {c} channels",
         gamma.len(),
         beta.len()
     );
-    gpu.check_stream(x, "x")?;
     gpu.check_stream(gamma, "gamma")?;
     gpu.check_stream(beta, "beta")?;
     if let Some(ss) = ss {
@@ -171,7 +212,7 @@ impl StatsPlan {
 /// Per (sample, group) mean and 1/sigma, as `b * 32` (mean, inv) pairs.
 /// Needs `b * hw > 0` (callers return early on empty inputs); `op` names
 /// the caller in errors.
-fn stats(gpu: &Gpu, op: &str, x: &CudaSlice<f32>, dims: &Dims) -> Result<CudaSlice<f64>> {
+fn stats(gpu: &Gpu, op: &str, src: Source<'_>, dims: &Dims) -> Result<CudaSlice<f64>> {
     let (b, hw, c) = (dims.b as usize, dims.hw as usize, dims.c as usize);
     let plan = StatsPlan::new(op, gpu.sm_count(), b, hw, c)?;
     ensure!(
@@ -188,6 +229,8 @@ fn stats(gpu: &Gpu, op: &str, x: &CudaSlice<f32>, dims: &Dims) -> Result<CudaSli
     let mut stats = unsafe { gpu.stream().alloc::<f64>(2 * dims.blocks as usize) }
         .with_context(|| format!("{op}: allocating statistics"))?;
 
+    let (x, x2, c1) = src.parts(c);
+    let c1 = c1 as u32;
     let func = gpu.function("groupnorm", "gn_stats_partial")?;
     let mut args = gpu.stream().launch_builder(&func);
     args.arg(x)
@@ -196,7 +239,9 @@ fn stats(gpu: &Gpu, op: &str, x: &CudaSlice<f32>, dims: &Dims) -> Result<CudaSli
         .arg(&dims.c)
         .arg(&plan.cw)
         .arg(&plan.tile)
-        .arg(&plan.span);
+        .arg(&plan.span)
+        .arg(x2)
+        .arg(&c1);
     let cfg = LaunchConfig {
         grid_dim: (plan.runs, dims.b, 1),
         block_dim: (plan.threads, 1, 1),
@@ -204,7 +249,8 @@ fn stats(gpu: &Gpu, op: &str, x: &CudaSlice<f32>, dims: &Dims) -> Result<CudaSli
     };
     // SAFETY: the arguments match gn_stats_partial(const float* x, double*
     // part, unsigned long long hw, unsigned c, unsigned cw, unsigned tile,
-    // unsigned long long span); x holds b * hw * c floats and part
+    // unsigned long long span, const float* x2, unsigned c1); x and x2 hold
+    // b * hw * c1 and b * hw * (c - c1) floats (x2 unread when c1 = c), part
     // b * runs * 32 * 2 doubles, on this Gpu's stream. StatsPlan gives the
     // layout the kernel assumes: threads a multiple of cw, cw a multiple of
     // 32 and <= c, shared = (threads / cw * 32 * (c / 32 | 1) + threads)
@@ -225,7 +271,9 @@ fn stats(gpu: &Gpu, op: &str, x: &CudaSlice<f32>, dims: &Dims) -> Result<CudaSli
         .arg(&plan.runs)
         .arg(&dims.hw)
         .arg(&cg)
-        .arg(&plan.span);
+        .arg(&plan.span)
+        .arg(x2)
+        .arg(&c1);
     let warps_per_block = COMBINE_THREADS / 32;
     let cfg = LaunchConfig {
         grid_dim: (dims.blocks.div_ceil(warps_per_block), 1, 1),
@@ -234,7 +282,8 @@ fn stats(gpu: &Gpu, op: &str, x: &CudaSlice<f32>, dims: &Dims) -> Result<CudaSli
     };
     // SAFETY: the arguments match gn_stats_combine(const float* x, const
     // double* part, double* stats, unsigned b, unsigned runs, unsigned long
-    // long hw, unsigned cg, unsigned long long span); x and part as above,
+    // long hw, unsigned cg, unsigned long long span, const float* x2,
+    // unsigned c1); x, x2 and part as above,
     // stats holds 2 * b * 32 doubles, on this Gpu's stream; warp w < b * 32
     // reads the runs of (w / 32, w % 32) and x[w / 32, 0, (w % 32) * cg]
     // (hw > 0), and writes stats[2 w ..= 2 w + 1]; the warps past b * 32
@@ -259,7 +308,7 @@ pub fn group_norm(
     ss: Option<&CudaSlice<f32>>,
     silu: bool,
 ) -> Result<()> {
-    let dims = check(gpu, "group_norm", x, b, hw, c, gamma, beta, ss)?;
+    let dims = check(gpu, "group_norm", Source::One(x), b, hw, c, gamma, beta, ss)?;
     ensure!(
         y.len() == dims.n,
         "group_norm: y has {} elements but x has {}",
@@ -270,7 +319,7 @@ pub fn group_norm(
     if dims.n == 0 {
         return Ok(());
     }
-    let stats = stats(gpu, "group_norm", x, &dims)?;
+    let stats = stats(gpu, "group_norm", Source::One(x), &dims)?;
     let func = gpu.function("groupnorm", "gn_apply")?;
     // Without a scale/shift the kernel never reads `ss`; gamma stands in so
     // that the argument is a valid device pointer.
@@ -311,7 +360,7 @@ pub fn group_norm(
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_affine(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: Source<'_>,
     b: usize,
     hw: usize,
     c: usize,
@@ -380,7 +429,17 @@ pub fn group_norm_bwd(
     ss: Option<&CudaSlice<f32>>,
     silu: bool,
 ) -> Result<()> {
-    let dims = check(gpu, "group_norm_bwd", x, b, hw, c, gamma, beta, ss)?;
+    let dims = check(
+        gpu,
+        "group_norm_bwd",
+        Source::One(x),
+        b,
+        hw,
+        c,
+        gamma,
+        beta,
+        ss,
+    )?;
     ensure!(
         dy.len() == dims.n && dx.len() == dims.n,
         "group_norm_bwd: dy / dx have {} / {} elements but x has {}",
@@ -393,7 +452,7 @@ pub fn group_norm_bwd(
     if dims.n == 0 {
         return Ok(());
     }
-    let stats = stats(gpu, "group_norm_bwd", x, &dims)?;
+    let stats = stats(gpu, "group_norm_bwd", Source::One(x), &dims)?;
     let mut sums = gpu
         .stream()
         .alloc_zeros::<f64>(2 * dims.blocks as usize)

@@ -75,7 +75,24 @@ impl<B: Backend> Net<B> {
         )
     }
 
-    fn layer(&self, b: &B, l: &Layer, x: B::T, semb: &B::T, keep: bool) -> Result<Step<B::T>> {
+    /// One layer on `x`, or on the concatenation `[x, skip]` (an output
+    /// block's first layer), which a ResBlock that projects its residual
+    /// reads in place and every other layer gets materialised.
+    fn layer(
+        &self,
+        b: &B,
+        l: &Layer,
+        x: B::T,
+        skip: Option<B::T>,
+        semb: &B::T,
+        keep: bool,
+    ) -> Result<Step<B::T>> {
+        let (x, skip) = match (skip, l) {
+            (Some(s), Layer::Res { cin, cout, .. }) if cin != cout && !keep => (x, Some(s)),
+            (Some(s), _) => (b.concat(&x, &s)?, None),
+            (None, _) => (x, None),
+        };
+        let skip = skip.as_ref();
         match l {
             Layer::Conv { name, .. } => {
                 Ok((b.conv(&x, self.w.conv(name))?, keep.then_some(Saved::Conv)))
@@ -93,6 +110,7 @@ impl<B: Backend> Net<B> {
                     &x,
                     self.w.conv(&format!("{name}.in_layers.2")),
                     &ConvPre {
+                        skip,
                         norm: Some(self.norm(&format!("{name}.in_layers.0"), None, true)),
                         resample: *resample,
                     },
@@ -108,6 +126,7 @@ impl<B: Backend> Net<B> {
                         &x,
                         sc,
                         &ConvPre {
+                            skip,
                             norm: None,
                             resample: *resample,
                         },
@@ -122,6 +141,7 @@ impl<B: Backend> Net<B> {
                     &h1,
                     self.w.conv(&format!("{name}.out_layers.3")),
                     &ConvPre {
+                        skip: None,
                         norm: Some(self.norm(&format!("{name}.out_layers.0"), ss, true)),
                         resample: Resample::None,
                     },
@@ -137,6 +157,7 @@ impl<B: Backend> Net<B> {
                     &x,
                     self.w.conv(&format!("{name}.qkv")),
                     &ConvPre {
+                        skip: None,
                         norm: Some(self.norm(&format!("{name}.norm"), None, false)),
                         resample: Resample::None,
                     },
@@ -226,24 +247,24 @@ impl<B: Backend> Net<B> {
         let mut skips = Vec::with_capacity(self.spec.input_blocks.len());
         for block in &self.spec.input_blocks {
             for l in block {
-                h = self.layer(b, l, h, &semb, false)?.0;
+                h = self.layer(b, l, h, None, &semb, false)?.0;
             }
             skips.push(h.clone());
         }
         for l in &self.spec.middle {
-            h = self.layer(b, l, h, &semb, false)?.0;
+            h = self.layer(b, l, h, None, &semb, false)?.0;
         }
         for block in &self.spec.output_blocks {
-            let skip = skips.pop().expect("one skip per output block");
-            h = b.concat(&h, &skip)?;
+            let mut skip = Some(skips.pop().expect("one skip per output block"));
             for l in block {
-                h = self.layer(b, l, h, &semb, false)?.0;
+                h = self.layer(b, l, h, skip.take(), &semb, false)?.0;
             }
         }
         b.conv_fused(
             &h,
             self.w.conv("out.2"),
             &ConvPre {
+                skip: None,
                 norm: Some(self.norm("out.0", None, true)),
                 resample: Resample::None,
             },
@@ -272,7 +293,7 @@ impl<B: Backend> Net<B> {
         let mut tape = Vec::with_capacity(layers.len());
         let mut h = x.clone();
         for l in &layers {
-            let (out, saved) = self.layer(b, l, h, &semb, true)?;
+            let (out, saved) = self.layer(b, l, h, None, &semb, true)?;
             tape.push(saved.expect("kept"));
             h = out;
         }
