@@ -222,6 +222,34 @@ fn detect_device_cuda_runs_or_says_why_not() {
     }
 }
 
+/// The tensor-core precisions exist on the GPU only: on the CPU, one line
+/// that says so, and nothing written.
+#[test]
+fn detect_bf16_on_the_cpu_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (unet, cls, flair, t1) = (
+        fx("unet.pt"),
+        fx("classifier.pt"),
+        fx("flair_raw.npy"),
+        fx("t1_raw.npy"),
+    );
+    for p in ["bf16", "fp16"] {
+        let mut args = detect_args(s(&out), &unet, &cls, &flair, &t1);
+        args.extend(["--steps", "2", "--precision", p]);
+        let r = fcd(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("--precision {p}")) && err.contains("fp32 only"),
+            "{err}"
+        );
+        assert_empty_dir(tmp.path());
+    }
+}
+
 #[test]
 fn inspect_matches_the_fixture_networks() {
     for (file, net) in [("unet.pt", "UNet"), ("classifier.pt", "classifier")] {
