@@ -396,23 +396,27 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
 // x = big + small + r with big = tf32(x), small = tf32(x - big)
 // (cvt.rna.tf32.f32: round to nearest, ties away, to 10 fraction bits), so
 // |x - big| <= 2^-11 |x| and |r| <= 2^-22 |x|; x y is taken as
-// small_x big_y + big_x small_y + big_x big_y (the small cross terms first,
-// so they are not added to a large running sum before the big one), which
-// drops small_x small_y and the r terms: ~2^-21 |x y| at worst, against
-// float32's own 2^-24 rounding of the accumulation. Nothing is rounded to a
-// narrower type on the way: q, k, v and the softmax weights p reach the
-// tensor cores through their splits.
+// small_x big_y + big_x small_y + big_x big_y (the small cross terms first
+// into a zero accumulator, then the big product), which drops
+// small_x small_y and the r terms: ~2^-21 |x y| at worst, random in sign,
+// against float32's own 2^-24 rounding of the sums. Nothing is rounded to
+// a narrower type on the way: q, k, v and the softmax weights p reach the
+// tensor cores through their splits. (One TF32 product instead of three:
+// rel-L2 4e-4 .. 1e-3 from float64 in the emulation below.)
 //
 // Logits. S_ij = (q_i . k_j) / sqrt(d) is formed in the log2 domain as in
-// the 16-bit kernel, x_ij = fl(q_i . k_j) * fl(log2(e) / sqrt(d)), one
+// the 16-bit kernel, x_ij = fl(q_i . k_j) * fl(log2(e) / sqrt(d)): one
 // rounding of the folded constant (systematic, <= 2^-24 relative) and one
-// of the product; the CPU twin's (q s) . (k s) with s = fl(d^(-1/4))
+// of the product per logit. The CPU twin's (q s) . (k s), s = fl(d^(-1/4)),
 // rounds every scaled q and k element and carries s's rounding twice, so
-// the folded form is the smaller of the two errors (the emulator measured
-// both: /tmp/fl/emu_tf32.py). p = exp2f(x - m) (exp(S - m) to exp2f's 2
-// ulp), the running max, the rescale and the row sums are float32, as in
-// the 16-bit kernel; the row sum adds the p's split, big + small, which is
-// what multiplies v, and the output is o / l rounded once (__fdiv_rn).
+// the folded form has the fewer roundings; measured on the emulated kernel
+// against float64 the two are equal within noise (rel-L2 RMS 1.83e-7 folded
+// vs 1.89e-7 prescaled at std-1 inputs, 4.08e-7 both at std 3): the error
+// is the float32 rounding of x itself (~2^-24 |x|), common to both.
+// p = exp2f(x - m) (exp(S - m) to exp2f's 2 ulp), the running max, the
+// rescale and the row sums are float32, as in the 16-bit kernel; the row
+// sum adds the p's split, big + small, which is what multiplies v, and the
+// output is o / l rounded once (__fdiv_rn).
 //
 // Accumulation. Every mma here starts from a zero accumulator: the three
 // products of one 8-channel step of S (or one 8-key group of P V) go into a
@@ -421,11 +425,11 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
 // IEEE: on A100 (Fasi et al., "Numerical behavior of NVIDIA tensor cores",
 // PeerJ CS 2021) the addends are aligned with truncation and the sum is
 // normalised toward zero, so a long chain of mma on one accumulator (O
-// over t / 8 key groups x 3 products) drifts: the emulator's
-// round-toward-zero model gives rel-L2 ~1e-5 at t = 1000 that way, growing
-// with t, against ~2e-7 with the fresh accumulators (chains of 3 mma, then
-// one correctly rounded add per group), the same as round to nearest.
-// Cost: 4 FADD per 3 mma.
+// over t / 8 key groups x 3 products) drifts: in a lane-level emulation of
+// this kernel with the mma rounding toward zero, rel-L2 to float64 is
+// ~1e-5 at t = 1000 that way, growing with t, against ~2e-7 with the fresh
+// accumulators (chains of 3 mma, then one correctly rounded add per
+// group), the same as with round to nearest. Cost: 4 FADD per 3 mma.
 //
 // Fragment layouts of m16n8k8 .tf32 (PTX ISA "Matrix Fragments for
 // mma.m16n8k8"), one element per .b32 register, g = lane / 4, q = lane % 4:
@@ -629,8 +633,8 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
                 }
 #pragma unroll
                 for (int n = 0; n < NT; ++n) {
-                    const float2 kv =
-                        *reinterpret_cast<const float2*>(&ks[(n * 8u + g) * ldk + kk * 8u + 2u * qd]);
+                    const unsigned ka = (n * 8u + g) * ldk + kk * 8u + 2u * qd;
+                    const float2 kv = *reinterpret_cast<const float2*>(&ks[ka]);
                     unsigned bb0, bs0, bb1, bs1;
                     split_tf32(kv.x, bb0, bs0);
                     split_tf32(kv.y, bb1, bs1);
@@ -690,10 +694,12 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
             split_tf32(exp2f(__fsub_rn(s[j][2], mx1)), pb[1], ps[1]);
             split_tf32(exp2f(__fsub_rn(s[j][1], mx0)), pb[2], ps[2]);
             split_tf32(exp2f(__fsub_rn(s[j][3], mx1)), pb[3], ps[3]);
-            ls0 = __fadd_rn(ls0, __fadd_rn(__fadd_rn(__uint_as_float(pb[0]), __uint_as_float(ps[0])),
-                                           __fadd_rn(__uint_as_float(pb[2]), __uint_as_float(ps[2]))));
-            ls1 = __fadd_rn(ls1, __fadd_rn(__fadd_rn(__uint_as_float(pb[1]), __uint_as_float(ps[1])),
-                                           __fadd_rn(__uint_as_float(pb[3]), __uint_as_float(ps[3]))));
+            float w[4];  // the weights as the mma sees them, big + small
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                w[e] = __fadd_rn(__uint_as_float(pb[e]), __uint_as_float(ps[e]));
+            ls0 = __fadd_rn(ls0, __fadd_rn(w[0], w[2]));  // row r0
+            ls1 = __fadd_rn(ls1, __fadd_rn(w[1], w[3]));  // row r1
 #pragma unroll
             for (int n = 0; n < KD; ++n) {
                 if (n < (int)nk) {

@@ -1,9 +1,10 @@
 //! `Backend` on one CUDA device: tensors are float32 buffers on the Gpu's
 //! stream. Convolutions run on the implicit-GEMM tensor-core kernels
 //! (kernels/igemm.cu: 3xTF32 in fp32, bf16 / fp16 operands otherwise) with
-//! their producers' GroupNorm, SiLU and resampling fused in; the reference
-//! backend (`Cuda::reference`) keeps the simple path, im2col + cuBLAS SGEMM
-//! (kernels/conv.cu) and one kernel per op. The
+//! their producers' GroupNorm, SiLU and resampling fused in, attention on
+//! the flash kernels (kernels/flash.cu); the reference backend
+//! (`Cuda::reference`) keeps the simple path, im2col + cuBLAS SGEMM
+//! (kernels/conv.cu), SIMT attention and one kernel per op. The
 //! CPU backend (`crate::backend::cpu`) is the reference every op is tested
 //! against; its shape checks and error messages are repeated here.
 
@@ -584,9 +585,19 @@ impl Backend for Cuda {
                 heads,
                 legacy,
             )?,
-            None => {
+            None if self.reference => {
                 attention::attention(&self.gpu, &qkv.buf, &mut y.buf, b, h * w, c, heads, legacy)?
             }
+            None => flash::attention_tf32x3(
+                &self.gpu,
+                &qkv.buf,
+                &mut y.buf,
+                b,
+                h * w,
+                c,
+                heads,
+                legacy,
+            )?,
         }
         Ok(y)
     }

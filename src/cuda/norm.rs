@@ -585,11 +585,38 @@ mod tests {
         s.0 = tot;
     }
 
+    /// The statistics' input on the host, as `Source`.
+    #[derive(Clone, Copy)]
+    enum Src<'a> {
+        One(&'a [f32]),
+        Concat(&'a [f32], &'a [f32], usize),
+    }
+
     /// gn_stats_partial and gn_stats_combine replayed on the CPU, thread by
-    /// thread and phase by phase, with the kernels' index arithmetic: checks
-    /// that the plan makes every element read exactly once per sweep and
-    /// every shared slot written before it is read. Returns (mean, rstd).
-    fn emulate(p: &StatsPlan, b: usize, hw: usize, c: usize, x: &[f32]) -> Vec<(f64, f64)> {
+    /// thread and phase by phase, with the kernels' index arithmetic (gn_at
+    /// for the two-source read): checks that the plan makes every element
+    /// read exactly once per sweep, the second tensor of a single source
+    /// never, and every shared slot written before it is read. Returns
+    /// (mean, rstd).
+    fn emulate(p: &StatsPlan, b: usize, hw: usize, c: usize, src: Src<'_>) -> Vec<(f64, f64)> {
+        // (x, x2, c1) as Source::parts passes them to the kernels.
+        let (x, x2, c1) = match src {
+            Src::One(x) => (x, x, c),
+            Src::Concat(x, x2, c1) => (x, x2, c1),
+        };
+        let halves = [x, x2];
+        // gn_at: (half, index) of channel ch of pixel pix (over the batch).
+        let gn_at = |pix: usize, ch: usize| {
+            if ch < c1 {
+                (0, pix * c1 + ch)
+            } else {
+                (1, pix * (c - c1) + (ch - c1))
+            }
+        };
+        let value = |pix: usize, ch: usize| {
+            let (h, i) = gn_at(pix, ch);
+            halves[h][i]
+        };
         let (cw, threads, tile, span, runs) = (
             p.cw as usize,
             p.threads as usize,
@@ -603,7 +630,7 @@ mod tests {
         let gs = cg | 1;
         let row = GROUPS * gs;
         let slot = |ch: usize| ch / cg * gs + ch % cg;
-        let mut visits = vec![0u8; x.len()];
+        let mut visits = [vec![0u8; x.len()], vec![0u8; x2.len()]];
         let group_total = |chan: &[f64]| -> Vec<f64> {
             let mut red = vec![f64::NAN; threads];
             for t in 0..threads {
@@ -627,21 +654,20 @@ mod tests {
                 let p_begin = run * span;
                 let p_end = hw.min(p_begin + span);
                 let mut state = vec![(0.0, 0.0, 0.0); GROUPS];
-                let pivot: Vec<f64> = (0..GROUPS)
-                    .map(|g| x[bi * hw * c + g * cg] as f64)
-                    .collect();
+                let pivot: Vec<f64> = (0..GROUPS).map(|g| value(bi * hw, g * cg) as f64).collect();
                 let mut p0 = p_begin;
                 while p0 < p_end {
                     let rows = tile.min(p_end - p0);
-                    let at = |r: usize, ch: usize| (bi * hw + p0 + r) * c + ch;
+                    let pix = |r: usize| bi * hw + p0 + r;
                     let mut chan = vec![f64::NAN; rows_par * row];
                     for t in 0..threads {
                         let (ch0, r0) = (t % cw, t / cw);
                         for ch in (ch0..c).step_by(cw) {
                             let mut s = 0.0;
                             for r in (r0..rows).step_by(rows_par) {
-                                s += x[at(r, ch)] as f64 - pivot[ch / cg];
-                                visits[at(r, ch)] += 1;
+                                let (h, i) = gn_at(pix(r), ch);
+                                s += halves[h][i] as f64 - pivot[ch / cg];
+                                visits[h][i] += 1;
                             }
                             chan[r0 * row + slot(ch)] = s;
                         }
@@ -654,7 +680,8 @@ mod tests {
                         for ch in (ch0..c).step_by(cw) {
                             let mut q = 0.0;
                             for r in (r0..rows).step_by(rows_par) {
-                                let d = (x[at(r, ch)] as f64 - pivot[ch / cg]) - gmean[ch / cg];
+                                let d =
+                                    (value(pix(r), ch) as f64 - pivot[ch / cg]) - gmean[ch / cg];
                                 q += d * d;
                             }
                             chan[r0 * row + slot(ch)] = q;
@@ -674,8 +701,14 @@ mod tests {
             }
         }
         assert!(
-            visits.iter().all(|&v| v == 1),
-            "an element not read exactly once"
+            visits[0].iter().all(|&v| v == 1),
+            "an element of x not read exactly once"
+        );
+        // x2 is x itself for a single source, and then never read.
+        let second = u8::from(matches!(src, Src::Concat(..)));
+        assert!(
+            visits[1].iter().all(|&v| v == second),
+            "an element of x2 not read exactly {second} times"
         );
         let mut out = Vec::new();
         for bi in 0..b {
@@ -700,7 +733,7 @@ mod tests {
                 }
                 let (n, mean, m2) = lanes[0];
                 assert!(n == (hw * cg) as f64, "count {n} for {hw} x {cg}");
-                let pivot = x[bi * hw * c + g * cg] as f64;
+                let pivot = value(bi * hw, g * cg) as f64;
                 out.push((pivot + mean, 1.0 / (m2 / n + 1e-5).sqrt()));
             }
         }
@@ -769,19 +802,75 @@ mod tests {
             let x: Vec<f32> = (0..b * hw * c)
                 .map(|_| mean + std * rng.sample::<f32, _>(StandardNormal))
                 .collect();
-            let got = emulate(&p, b, hw, c, &x);
+            let got = emulate(&p, b, hw, c, Src::One(&x));
             let want = reference(b, hw, c, &x);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let label = format!("sms={sms} b={b} hw={hw} c={c} mean={mean} {p:?} group {i}");
-                // Measured: <= 3e-16 of the mean (or of sigma where the mean is
-                // near 0) and of 1/sigma, at mean / sigma up to 1e6; the
-                // uncompensated two-pass sums of the CPU twin are off by up
-                // to 7e-14 here. Bound 4e-15.
-                let mean_err = (g.0 - w.0).abs() / w.0.abs().max(std as f64);
-                let rstd_err = (g.1 - w.1).abs() / w.1;
-                assert!(mean_err <= 4e-15, "{label}: mean {} vs {}", g.0, w.0);
-                assert!(rstd_err <= 4e-15, "{label}: rstd {} vs {}", g.1, w.1);
+            let label = format!("sms={sms} b={b} hw={hw} c={c} mean={mean} {p:?}");
+            assert_close(&label, &got, &want, std);
+        }
+    }
+
+    /// Measured: <= 3e-16 of the mean (or of sigma where the mean is near
+    /// 0) and of 1/sigma, at mean / sigma up to 1e6; the uncompensated
+    /// two-pass sums of the CPU twin are off by up to 7e-14 here. Bound
+    /// 4e-15.
+    fn assert_close(label: &str, got: &[(f64, f64)], want: &[(f64, f64)], std: f32) {
+        assert_eq!(got.len(), want.len(), "{label}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let mean_err = (g.0 - w.0).abs() / w.0.abs().max(std as f64);
+            let rstd_err = (g.1 - w.1).abs() / w.1;
+            assert!(
+                mean_err <= 4e-15,
+                "{label} group {i}: mean {} vs {}",
+                g.0,
+                w.0
+            );
+            assert!(
+                rstd_err <= 4e-15,
+                "{label} group {i}: rstd {} vs {}",
+                g.1,
+                w.1
+            );
+        }
+    }
+
+    /// The concatenation [x, x2] read in place (gn_at) gives the statistics
+    /// of the materialised concatenation, bit for bit those of the
+    /// single-tensor kernels on it (same elements, same sums, same order).
+    #[test]
+    fn concat_statistics_match_one_tensor() {
+        use rand::rngs::ChaCha8Rng;
+        use rand::{RngExt, SeedableRng};
+        use rand_distr::StandardNormal;
+        let mut rng = ChaCha8Rng::seed_from_u64(0xc0ca7);
+        for (sms, b, hw, c, c1, mean, std) in [
+            (132, 3, 7, 96, 64, 0.7, 1.3),
+            (4, 1, 2000, 96, 64, 0.7, 1.3),
+            (132, 3, 561, 192, 96, 0.7, 1.3),
+            (3, 1, 1000, 192, 96, 1e4, 0.01),
+            (132, 1, 64, 1536, 768, 0.7, 1.3),
+            (2, 2, 300, 1536, 768, 0.7, 1.3),
+            // A split inside a group (cg = 2: group 1 is channel 2 of x and
+            // channel 0 of x2), and one pixel.
+            (1, 3, 4097, 64, 3, 100.0, 0.01),
+            (132, 2, 130, 64, 3, 0.7, 1.3),
+            (132, 1, 1, 64, 3, 0.7, 1.3),
+        ] {
+            let p = plan(sms, b, hw, c);
+            let cat: Vec<f32> = (0..b * hw * c)
+                .map(|_| mean + std * rng.sample::<f32, _>(StandardNormal))
+                .collect();
+            let x: Vec<f32> = cat.chunks(c).flat_map(|px| &px[..c1]).copied().collect();
+            let x2: Vec<f32> = cat.chunks(c).flat_map(|px| &px[c1..]).copied().collect();
+            let got = emulate(&p, b, hw, c, Src::Concat(&x, &x2, c1));
+            let one = emulate(&p, b, hw, c, Src::One(&cat));
+            let label = format!("sms={sms} b={b} hw={hw} c={c} = {c1} + {} {p:?}", c - c1);
+            for (i, (g, o)) in got.iter().zip(&one).enumerate() {
+                assert!(
+                    g.0.to_bits() == o.0.to_bits() && g.1.to_bits() == o.1.to_bits(),
+                    "{label} group {i}: {g:?} from two tensors, {o:?} from one"
+                );
             }
+            assert_close(&label, &got, &reference(b, hw, c, &cat), std);
         }
     }
 }
