@@ -26,6 +26,30 @@ pub enum Phase {
     Guided,
 }
 
+/// `repeat` keys of the two recorded bodies of a step.
+const UNET_PASS: usize = 0;
+const CLASSIFIER_PASS: usize = 1;
+
+/// The long-lived buffers a recorded step reads and writes: the embeddings
+/// of the step's timestep (copied in before each step), the UNet's noise
+/// prediction and the classifier's gradient.
+struct Slots<T> {
+    unet_emb: T,
+    cls_emb: T,
+    eps: T,
+    grad: T,
+}
+
+/// Drops the backend's recordings however the run ends, before the buffers
+/// they name.
+struct Recordings<'a, B: Backend>(&'a B);
+
+impl<B: Backend> Drop for Recordings<'_, B> {
+    fn drop(&mut self) {
+        self.0.end_repeats();
+    }
+}
+
 impl<B: Backend> Sampler<'_, B> {
     fn labels(&self, x: &B::T) -> Vec<usize> {
         vec![0; self.backend.dims(x)[0]]
@@ -55,6 +79,11 @@ impl<B: Backend> Sampler<'_, B> {
     /// The pseudo-healthy FLAIR for normalised FLAIR `x0` and T1 `cond`
     /// (both `[B,H,W,1]`, on the device) from initial noise `noise`.
     /// `progress` is called after every network step.
+    ///
+    /// The same operations as `inversion_step` and `guided_step`, arranged
+    /// so that each network pass is the same device work on the same
+    /// buffers at every step (`Backend::repeat`): the timestep embeddings of
+    /// all steps are made first, and each step copies its own into a slot.
     pub fn run(
         &self,
         x0: &B::T,
@@ -74,15 +103,57 @@ impl<B: Backend> Sampler<'_, B> {
             self.steps,
             self.abar.len()
         );
-        let mut x = b.axpby(self.abar[0].sqrt(), x0, (1.0 - self.abar[0]).sqrt(), noise)?;
+        let y = self.labels(x0);
+        let mut unet_embs = Vec::with_capacity(self.steps);
+        let mut cls_embs = Vec::with_capacity(self.steps);
         for t in 0..self.steps {
-            self.inversion_step(&mut x, cond, t)?;
+            let ts = vec![t; y.len()];
+            unet_embs.push(self.unet.embed(b, &ts, Some(&y))?);
+            cls_embs.push(self.classifier.embed(b, &ts, None)?);
+        }
+        let mut x = b.axpby(self.abar[0].sqrt(), x0, (1.0 - self.abar[0]).sqrt(), noise)?;
+        let mut slots = Slots {
+            unet_emb: unet_embs[0].clone(),
+            cls_emb: cls_embs[0].clone(),
+            eps: x.clone(),
+            grad: x.clone(),
+        };
+        let _recordings = Recordings(b);
+        for (t, emb) in unet_embs.iter().enumerate() {
+            b.copy_into(&mut slots.unet_emb, emb)?;
+            self.unet_pass(&x, cond, &mut slots)?;
+            b.ddim_invert(&mut x, &slots.eps, DdimCoefs::inversion(&self.abar, t))?;
             progress(Phase::Inversion, t);
         }
         for t in (0..self.steps).rev() {
-            self.guided_step(&mut x, cond, t)?;
+            b.copy_into(&mut slots.unet_emb, &unet_embs[t])?;
+            b.copy_into(&mut slots.cls_emb, &cls_embs[t])?;
+            self.unet_pass(&x, cond, &mut slots)?;
+            b.ddim_denoise(&mut x, &slots.eps, DdimCoefs::denoising(&self.abar, t))?;
+            self.classifier_pass(&x, &y, &mut slots)?;
+            b.axpy(&mut x, self.guidance, &slots.grad)?;
             progress(Phase::Guided, t);
         }
         Ok(x)
+    }
+
+    /// `slots.eps = unet([x, cond], slots.unet_emb)`.
+    fn unet_pass(&self, x: &B::T, cond: &B::T, slots: &mut Slots<B::T>) -> Result<()> {
+        let b = self.backend;
+        let Slots { unet_emb, eps, .. } = slots;
+        b.repeat(UNET_PASS, &mut || {
+            let e = self.unet.unet_embedded(b, &b.concat(x, cond)?, unet_emb)?;
+            b.copy_into(eps, &e)
+        })
+    }
+
+    /// `slots.grad` = the classifier's input gradient at `x`.
+    fn classifier_pass(&self, x: &B::T, y: &[usize], slots: &mut Slots<B::T>) -> Result<()> {
+        let b = self.backend;
+        let Slots { cls_emb, grad, .. } = slots;
+        b.repeat(CLASSIFIER_PASS, &mut || {
+            let (_, g) = self.classifier.classifier_grad_embedded(b, x, cls_emb, y)?;
+            b.copy_into(grad, &g)
+        })
     }
 }

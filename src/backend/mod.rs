@@ -198,6 +198,19 @@ pub trait Backend {
     fn log_softmax_grad(&self, logits: &Self::T, y: &[usize]) -> Result<Self::T>;
 
     // Sampler.
+    /// `dst = src` (same shape), into `dst`'s existing buffer.
+    fn copy_into(&self, dst: &mut Self::T, src: &Self::T) -> Result<()>;
+    /// Runs `body`, which does the same device work on the same long-lived
+    /// buffers at every call with this `key` (per-step values reach it
+    /// through those buffers). A backend may record it at one call and
+    /// replay the recording at the next ones; the recordings are dropped by
+    /// `end_repeats`, before the buffers they name are.
+    fn repeat(&self, key: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let _ = key;
+        body()
+    }
+    /// Forgets every recording `repeat` made.
+    fn end_repeats(&self) {}
     fn ddim_invert(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
     fn ddim_denoise(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
     /// `x += s * g`.

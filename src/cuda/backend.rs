@@ -8,12 +8,15 @@
 //! CPU backend (`crate::backend::cpu`) is the reference every op is tested
 //! against; its shape checks and error messages are repeated here.
 
+use std::cell::{Cell, Ref, RefCell};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::cublasMath_t;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::conv::ConvDims;
 use super::igemm::{self, Arith, FusedDims, PackedWeights};
@@ -70,7 +73,28 @@ pub struct Cuda {
     /// SIMT attention; the oracle the fast path is tested against.
     reference: bool,
     poison: AtomicBool,
+    /// `repeat`'s recordings by key, whether it records at all, and how
+    /// many recorded steps it has launched.
+    recordings: RefCell<HashMap<usize, Recording>>,
+    graphs: Cell<bool>,
+    graph_launches: Cell<usize>,
+    /// Label vectors already on the device: a recorded step must not copy
+    /// from the host, and the sampler's labels are the same every step.
+    labels: RefCell<HashMap<Vec<u32>, CudaSlice<u32>>>,
 }
+
+/// Where `repeat` stands for one key.
+enum Recording {
+    /// Run once directly (which also loads every kernel it needs).
+    Seen,
+    /// Captured: replayed from now on.
+    Graph(CudaGraph),
+    /// Capture failed: run directly from now on.
+    Direct,
+}
+
+/// Distinct label vectors kept on the device before the cache starts over.
+const LABEL_CACHE: usize = 64;
 
 /// GroupNorm's operands checked as the CPU backend checks them; (b, hw, c).
 fn gn_dims(
@@ -151,6 +175,10 @@ impl Cuda {
             precision,
             reference,
             poison: AtomicBool::new(false),
+            recordings: RefCell::new(HashMap::new()),
+            graphs: Cell::new(true),
+            graph_launches: Cell::new(0),
+            labels: RefCell::new(HashMap::new()),
         })
     }
 
@@ -164,6 +192,18 @@ impl Cuda {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Whether `repeat` records CUDA graphs (on by default; off runs every
+    /// step kernel by kernel, the same work).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.set(on);
+        self.end_repeats();
+    }
+
+    /// How many recorded steps `repeat` has launched so far.
+    pub fn graph_launches(&self) -> usize {
+        self.graph_launches.get()
     }
 
     /// Debug aid: when on, every output buffer is filled with NaN before its
@@ -294,6 +334,46 @@ impl Cuda {
         };
         igemm::conv(&self.gpu, &op, w, d, &mut y.buf)?;
         Ok(y)
+    }
+
+    /// `upload_indices` through the label cache.
+    fn cached_labels(&self, op: &str, v: &[usize]) -> Result<Ref<'_, CudaSlice<u32>>> {
+        let key: Vec<u32> = v
+            .iter()
+            .map(|&i| u32::try_from(i).with_context(|| format!("{op}: label {i} out of range")))
+            .collect::<Result<_>>()?;
+        if !self.labels.borrow().contains_key(&key) {
+            let dev = self.upload_indices(op, v)?;
+            let mut cache = self.labels.borrow_mut();
+            if cache.len() >= LABEL_CACHE {
+                cache.clear();
+            }
+            cache.insert(key.clone(), dev);
+        }
+        Ok(Ref::map(self.labels.borrow(), |m| &m[&key]))
+    }
+
+    fn launch(&self, g: &CudaGraph) -> Result<()> {
+        g.launch().context("launching a recorded sampler step")?;
+        self.graph_launches.set(self.graph_launches.get() + 1);
+        Ok(())
+    }
+
+    /// Captures `body` as a CUDA graph (nothing runs yet).
+    fn record(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
+        let stream = self.gpu.stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("beginning a CUDA graph capture")?;
+        let ran = body();
+        // Allocations the step makes and frees are graph-owned; auto-free
+        // covers any the capture would otherwise leave live between launches.
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        ran.context("recording the step")?;
+        graph
+            .context("ending the CUDA graph capture")?
+            .context("the captured step is empty")
     }
 
     fn upload_indices(&self, op: &str, v: &[usize]) -> Result<CudaSlice<u32>> {
@@ -781,10 +861,61 @@ impl Backend for Cuda {
                 "label {label} is out of range for {k} classifier outputs"
             );
         }
-        let labels = self.upload_indices("log_softmax_grad", y)?;
+        let labels = self.cached_labels("log_softmax_grad", y)?;
         let mut g = self.output("log_softmax_grad", logits.shape.clone())?;
         ops::log_softmax_grad(&self.gpu, &logits.buf, &labels, &mut g.buf, k)?;
         Ok(g)
+    }
+
+    fn copy_into(&self, dst: &mut GpuTensor, src: &GpuTensor) -> Result<()> {
+        same_shape(dst, src, "copy_into")?;
+        self.gpu
+            .stream()
+            .memcpy_dtod(&src.buf, &mut dst.buf)
+            .with_context(|| format!("copying a tensor of shape {:?}", src.shape))
+    }
+
+    /// The first call runs `body` directly, the second captures it as a
+    /// CUDA graph and launches that, later ones launch the graph: one launch
+    /// instead of hundreds per network pass, with no allocation or host
+    /// work. A capture that fails (an op the graph cannot hold) falls back
+    /// to direct runs, with a warning. The reference backend and poisoned
+    /// outputs run directly.
+    fn repeat(&self, key: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        if self.reference || !self.graphs.get() || self.poison.load(Ordering::Relaxed) {
+            return body();
+        }
+        let state = self.recordings.borrow_mut().remove(&key);
+        let (result, next) = match state {
+            None => (body(), Recording::Seen),
+            Some(Recording::Direct) => (body(), Recording::Direct),
+            Some(Recording::Graph(g)) => (self.launch(&g), Recording::Graph(g)),
+            Some(Recording::Seen) => match self.record(body) {
+                Ok(g) => (self.launch(&g), Recording::Graph(g)),
+                Err(e) => {
+                    eprintln!(
+                        "fcd: warning: recording sampler step {key} as a CUDA graph failed \
+                         ({e:#}); running it kernel by kernel"
+                    );
+                    (body(), Recording::Direct)
+                }
+            },
+        };
+        self.recordings.borrow_mut().insert(key, next);
+        result
+    }
+
+    fn end_repeats(&self) {
+        let mut recordings = self.recordings.borrow_mut();
+        if recordings
+            .values()
+            .any(|r| matches!(r, Recording::Graph(_)))
+        {
+            // Graphs are destroyed only once their last launch is done;
+            // a fault it hit is reported by the caller's next sync.
+            let _ = self.gpu.synchronize();
+        }
+        recordings.clear();
     }
 
     fn ddim_invert(&self, x: &mut GpuTensor, eps: &GpuTensor, c: DdimCoefs) -> Result<()> {

@@ -23,8 +23,9 @@ enum Saved<T> {
 }
 
 impl<B: Backend> Net<B> {
-    /// `SiLU(emb)`, the input of every ResBlock's `emb_layers`.
-    fn embedding(&self, b: &B, ts: &[usize], y: Option<&[usize]>) -> Result<B::T> {
+    /// `SiLU(emb)`, the input of every ResBlock's `emb_layers`, for
+    /// timesteps `ts` (and labels `y` when the network has classes).
+    pub fn embed(&self, b: &B, ts: &[usize], y: Option<&[usize]>) -> Result<B::T> {
         let sin = b.timestep_embedding(ts, self.spec.model_channels)?;
         let h = b.silu(&b.conv(&sin, self.w.conv("time_embed.0"))?)?;
         let mut emb = b.conv(&h, self.w.conv("time_embed.2"))?;
@@ -242,22 +243,30 @@ impl<B: Backend> Net<B> {
     pub fn unet(&self, b: &B, x: &B::T, ts: &[usize], y: &[usize]) -> Result<B::T> {
         ensure!(self.spec.kind == NetKind::Unet, "not a UNet");
         self.check_input(b, x, ts)?;
-        let semb = self.embedding(b, ts, Some(y))?;
+        let semb = self.embed(b, ts, Some(y))?;
+        self.unet_embedded(b, x, &semb)
+    }
+
+    /// `unet` with the embedding (`embed`) already made.
+    pub fn unet_embedded(&self, b: &B, x: &B::T, semb: &B::T) -> Result<B::T> {
+        ensure!(self.spec.kind == NetKind::Unet, "not a UNet");
+        let d = b.dims(x);
+        self.check_input(b, x, &vec![0; d.first().copied().unwrap_or(0)])?;
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.spec.input_blocks.len());
         for block in &self.spec.input_blocks {
             for l in block {
-                h = self.layer(b, l, h, None, &semb, false)?.0;
+                h = self.layer(b, l, h, None, semb, false)?.0;
             }
             skips.push(h.clone());
         }
         for l in &self.spec.middle {
-            h = self.layer(b, l, h, None, &semb, false)?.0;
+            h = self.layer(b, l, h, None, semb, false)?.0;
         }
         for block in &self.spec.output_blocks {
             let mut skip = Some(skips.pop().expect("one skip per output block"));
             for l in block {
-                h = self.layer(b, l, h, skip.take(), &semb, false)?.0;
+                h = self.layer(b, l, h, skip.take(), semb, false)?.0;
             }
         }
         b.conv_fused(
@@ -282,7 +291,21 @@ impl<B: Backend> Net<B> {
     ) -> Result<(B::T, B::T)> {
         ensure!(self.spec.kind == NetKind::Classifier, "not a classifier");
         self.check_input(b, x, ts)?;
-        let semb = self.embedding(b, ts, None)?;
+        let semb = self.embed(b, ts, None)?;
+        self.classifier_grad_embedded(b, x, &semb, y)
+    }
+
+    /// `classifier_grad` with the embedding (`embed`) already made.
+    pub fn classifier_grad_embedded(
+        &self,
+        b: &B,
+        x: &B::T,
+        semb: &B::T,
+        y: &[usize],
+    ) -> Result<(B::T, B::T)> {
+        ensure!(self.spec.kind == NetKind::Classifier, "not a classifier");
+        let d = b.dims(x);
+        self.check_input(b, x, &vec![0; d.first().copied().unwrap_or(0)])?;
         let layers: Vec<&Layer> = self
             .spec
             .input_blocks
@@ -293,7 +316,7 @@ impl<B: Backend> Net<B> {
         let mut tape = Vec::with_capacity(layers.len());
         let mut h = x.clone();
         for l in &layers {
-            let (out, saved) = self.layer(b, l, h, None, &semb, true)?;
+            let (out, saved) = self.layer(b, l, h, None, semb, true)?;
             tape.push(saved.expect("kept"));
             h = out;
         }

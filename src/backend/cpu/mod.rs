@@ -401,6 +401,12 @@ impl Backend for Cpu {
         Tensor::new(logits.shape.clone(), g)
     }
 
+    fn copy_into(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
+        same_shape(dst, src, "copy_into")?;
+        dst.data.copy_from_slice(&src.data);
+        Ok(())
+    }
+
     fn ddim_invert(&self, x: &mut Tensor, eps: &Tensor, c: DdimCoefs) -> Result<()> {
         same_shape(x, eps, "ddim_invert")?;
         ddim::invert_step(&mut x.data, &eps.data, c);
