@@ -113,10 +113,10 @@ impl<B: Backend> Sampler<'_, B> {
         }
         let mut x = b.axpby(self.abar[0].sqrt(), x0, (1.0 - self.abar[0]).sqrt(), noise)?;
         let mut slots = Slots {
-            unet_emb: unet_embs[0].clone(),
-            cls_emb: cls_embs[0].clone(),
-            eps: x.clone(),
-            grad: x.clone(),
+            unet_emb: b.duplicate(&unet_embs[0])?,
+            cls_emb: b.duplicate(&cls_embs[0])?,
+            eps: b.duplicate(&x)?,
+            grad: b.duplicate(&x)?,
         };
         let _recordings = Recordings(b);
         for (t, emb) in unet_embs.iter().enumerate() {

@@ -198,6 +198,9 @@ pub trait Backend {
     fn log_softmax_grad(&self, logits: &Self::T, y: &[usize]) -> Result<Self::T>;
 
     // Sampler.
+    /// A copy of `t` in a new buffer (an error, not a panic, when the
+    /// device is out of memory).
+    fn duplicate(&self, t: &Self::T) -> Result<Self::T>;
     /// `dst = src` (same shape), into `dst`'s existing buffer.
     fn copy_into(&self, dst: &mut Self::T, src: &Self::T) -> Result<()>;
     /// Runs `body`, which does the same device work on the same long-lived

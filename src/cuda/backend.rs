@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::cublasMath_t;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
 use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::conv::ConvDims;
@@ -343,9 +343,19 @@ impl Cuda {
             .map(|&i| u32::try_from(i).with_context(|| format!("{op}: label {i} out of range")))
             .collect::<Result<_>>()?;
         if !self.labels.borrow().contains_key(&key) {
+            // An upload while recording would be graph-owned memory in a
+            // cache that outlives the graph.
+            ensure!(
+                matches!(
+                    self.gpu.stream().capture_status(),
+                    Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+                ),
+                "{op}: new labels while recording a CUDA graph"
+            );
             let dev = self.upload_indices(op, v)?;
             let mut cache = self.labels.borrow_mut();
-            if cache.len() >= LABEL_CACHE {
+            // Recorded graphs read cached buffers: never free one under them.
+            if cache.len() >= LABEL_CACHE && self.recordings.borrow().is_empty() {
                 cache.clear();
             }
             cache.insert(key.clone(), dev);
@@ -359,21 +369,54 @@ impl Cuda {
         Ok(())
     }
 
-    /// Captures `body` as a CUDA graph (nothing runs yet).
+    /// Captures `body` as a CUDA graph and uploads it (nothing runs yet).
+    /// On any failure the stream is left out of capture mode, so that the
+    /// caller can run `body` directly.
     fn record(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
         let stream = self.gpu.stream();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .context("beginning a CUDA graph capture")?;
         let ran = body();
+        // cudarc keeps errors raised in drops (a free refused by an
+        // invalidated capture) and returns them from the next call, which
+        // would make end_capture fail before it ends the capture.
+        let dropped = self.gpu.context().check_err();
         // Allocations the step makes and frees are graph-owned; auto-free
         // covers any the capture would otherwise leave live between launches.
         let graph = stream
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        if graph.is_err() {
+            self.abandon_capture();
+        }
         ran.context("recording the step")?;
-        graph
+        dropped.context("a buffer freed while recording")?;
+        let graph = graph
             .context("ending the CUDA graph capture")?
-            .context("the captured step is empty")
+            .context("the captured step is empty")?;
+        graph.upload().context("uploading the recorded step")?;
+        Ok(graph)
+    }
+
+    /// Ends a capture that `end_capture` could not, dropping its graph.
+    fn abandon_capture(&self) {
+        let stream = self.gpu.stream();
+        if matches!(
+            stream.capture_status(),
+            Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        ) {
+            return;
+        }
+        // SAFETY: this Gpu's live stream, capturing (checked above); a graph
+        // it returns is ours to destroy and is not used afterwards.
+        unsafe {
+            if let Ok(g) = cudarc::driver::result::stream::end_capture(stream.cu_stream()) {
+                if !g.is_null() {
+                    let _ = cudarc::driver::result::graph::destroy(g);
+                }
+            }
+        }
+        let _ = self.gpu.context().check_err();
     }
 
     fn upload_indices(&self, op: &str, v: &[usize]) -> Result<CudaSlice<u32>> {
@@ -867,6 +910,12 @@ impl Backend for Cuda {
         Ok(g)
     }
 
+    fn duplicate(&self, t: &GpuTensor) -> Result<GpuTensor> {
+        let mut out = self.output("duplicate", t.shape.clone())?;
+        self.copy_into(&mut out, t)?;
+        Ok(out)
+    }
+
     fn copy_into(&self, dst: &mut GpuTensor, src: &GpuTensor) -> Result<()> {
         same_shape(dst, src, "copy_into")?;
         self.gpu
@@ -882,7 +931,13 @@ impl Backend for Cuda {
     /// to direct runs, with a warning. The reference backend and poisoned
     /// outputs run directly.
     fn repeat(&self, key: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        if self.reference || !self.graphs.get() || self.poison.load(Ordering::Relaxed) {
+        // Without stream-ordered allocation every allocation would break the
+        // capture.
+        if self.reference
+            || !self.graphs.get()
+            || self.poison.load(Ordering::Relaxed)
+            || !self.gpu.context().has_async_alloc()
+        {
             return body();
         }
         let state = self.recordings.borrow_mut().remove(&key);
@@ -890,16 +945,20 @@ impl Backend for Cuda {
             None => (body(), Recording::Seen),
             Some(Recording::Direct) => (body(), Recording::Direct),
             Some(Recording::Graph(g)) => (self.launch(&g), Recording::Graph(g)),
-            Some(Recording::Seen) => match self.record(body) {
-                Ok(g) => (self.launch(&g), Recording::Graph(g)),
-                Err(e) => {
-                    eprintln!(
-                        "fcd: warning: recording sampler step {key} as a CUDA graph failed \
+            // The direct run's memory goes back to the pool before the
+            // graph's own pool takes its working set.
+            Some(Recording::Seen) => {
+                match self.gpu.synchronize().and_then(|()| self.record(body)) {
+                    Ok(g) => (self.launch(&g), Recording::Graph(g)),
+                    Err(e) => {
+                        eprintln!(
+                            "fcd: warning: recording sampler step {key} as a CUDA graph failed \
                          ({e:#}); running it kernel by kernel"
-                    );
-                    (body(), Recording::Direct)
+                        );
+                        (body(), Recording::Direct)
+                    }
                 }
-            },
+            }
         };
         self.recordings.borrow_mut().insert(key, next);
         result

@@ -194,7 +194,7 @@ impl<B: Backend> Net<B> {
                 let mut dxs = if cin != cout {
                     b.conv_bwd(&dout, self.w.conv(&format!("{name}.skip_connection")))?
                 } else {
-                    dout.clone()
+                    b.duplicate(&dout)?
                 };
                 let dh2 = b.conv_bwd(&dout, self.w.conv(&format!("{name}.out_layers.3")))?;
                 let ss = self.spec.scale_shift.then_some(e);
@@ -252,13 +252,13 @@ impl<B: Backend> Net<B> {
         ensure!(self.spec.kind == NetKind::Unet, "not a UNet");
         let d = b.dims(x);
         self.check_input(b, x, &vec![0; d.first().copied().unwrap_or(0)])?;
-        let mut h = x.clone();
+        let mut h = b.duplicate(x)?;
         let mut skips = Vec::with_capacity(self.spec.input_blocks.len());
         for block in &self.spec.input_blocks {
             for l in block {
                 h = self.layer(b, l, h, None, semb, false)?.0;
             }
-            skips.push(h.clone());
+            skips.push(b.duplicate(&h)?);
         }
         for l in &self.spec.middle {
             h = self.layer(b, l, h, None, semb, false)?.0;
@@ -314,7 +314,7 @@ impl<B: Backend> Net<B> {
             .chain(&self.spec.middle)
             .collect();
         let mut tape = Vec::with_capacity(layers.len());
-        let mut h = x.clone();
+        let mut h = b.duplicate(x)?;
         for l in &layers {
             let (out, saved) = self.layer(b, l, h, None, semb, true)?;
             tape.push(saved.expect("kept"));
