@@ -123,6 +123,65 @@ pub fn detect<B: Backend>(
     })
 }
 
+/// `detect` on at most `batch` slices per sampler run: the sampler treats
+/// slices independently, so the results are those of one run on all of them.
+#[allow(clippy::too_many_arguments)]
+pub fn detect_batched<B: Backend>(
+    backend: &B,
+    cfg: &Config,
+    unet: &Net<B>,
+    classifier: &Net<B>,
+    flair: &Tensor,
+    t1: &Tensor,
+    noise: &Tensor,
+    steps: usize,
+    guidance: f32,
+    hist_match: bool,
+    batch: usize,
+    mut progress: impl FnMut(Phase, usize),
+) -> Result<Detection> {
+    ensure!(batch >= 1, "a batch of zero slices");
+    let n = flair.shape[0];
+    if batch >= n {
+        return detect(
+            backend, cfg, unet, classifier, flair, t1, noise, steps, guidance, hist_match, progress,
+        );
+    }
+    let part = |t: &Tensor, start: usize, end: usize| -> Result<Tensor> {
+        let per: usize = t.shape[1..].iter().product();
+        let mut shape = t.shape.clone();
+        shape[0] = end - start;
+        Tensor::new(shape, t.data[start * per..end * per].to_vec())
+    };
+    let (mut healthy, mut anomaly) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch).min(n);
+        let d = detect(
+            backend,
+            cfg,
+            unet,
+            classifier,
+            &part(flair, start, end)?,
+            &part(t1, start, end)?,
+            &part(noise, start, end)?,
+            steps,
+            guidance,
+            hist_match,
+            &mut progress,
+        )
+        .with_context(|| format!("slices {start}..{end}"))?;
+        healthy.extend(d.pseudo_healthy.data);
+        anomaly.extend(d.anomaly.data);
+    }
+    let mut shape = flair.shape.clone();
+    let pseudo_healthy = Tensor::new(shape.clone(), healthy)?;
+    shape.pop();
+    Ok(Detection {
+        pseudo_healthy,
+        anomaly: Tensor::new(shape, anomaly)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,6 +114,43 @@ fn detect_writes_the_three_outputs() {
     assert!(summary["timings_s"]["sample"].as_f64().unwrap() > 0.0);
 }
 
+/// Slices are sampled independently: one slice per sampler run gives the
+/// maps of one run on both.
+#[test]
+fn detect_in_batches_of_one_matches_one_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (unet, cls, flair, t1, noise) = (
+        fx("unet.pt"),
+        fx("classifier.pt"),
+        fx("flair_raw.npy"),
+        fx("t1_raw.npy"),
+        fx("noise.npy"),
+    );
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = detect_args(s(&out), &unet, &cls, &flair, &t1);
+        args.extend(["--steps", "3", "--init-noise", &noise]);
+        args.extend_from_slice(extra);
+        let r = fcd(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                .unwrap();
+        let (_, ph) = fcd::io::npy::read_array(&out.join("pseudo_healthy.npy")).unwrap();
+        (summary["settings"]["batch"].clone(), ph)
+    };
+    let (b_all, all) = run("all", &[]);
+    let (b_one, one) = run("one", &["--batch", "1"]);
+    assert_eq!((b_all, b_one), (serde_json::json!(2), serde_json::json!(1)));
+    // The CPU's products do not depend on the batch around a slice; allow
+    // float32 rounding should a GEMM split rows differently.
+    let e = rel(&one.iter().map(|&v| v as f32).collect::<Vec<_>>(), &all);
+    assert!(
+        e <= 1e-6,
+        "pseudo-healthy rel-L2 {e} between batch 1 and batch 2"
+    );
+}
+
 #[test]
 fn detect_seed_is_reproducible_and_matters() {
     let tmp = tempfile::tempdir().unwrap();

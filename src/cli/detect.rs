@@ -59,6 +59,10 @@ pub struct DetectArgs {
     no_hist_match: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Slices per sampler run (default: on a GPU, as many as fit in 80% of
+    /// its free memory, at most 64; on the CPU, all). Results do not depend on it.
+    #[arg(long)]
+    batch: Option<usize>,
     /// Arithmetic of the networks: fp32 (the parity mode), or bf16 / fp16 on
     /// tensor cores (GPU only).
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
@@ -332,12 +336,19 @@ impl OnBackend for Job<'_> {
             )
         })?;
 
-        let bar = ProgressBar::new(2 * steps as u64);
+        let batch = match (args.batch, backend.free_bytes()?) {
+            (Some(b), _) => b,
+            (None, Some(free)) => pipeline::auto_batch(&unet.spec, &classifier.spec, free),
+            (None, None) => s.max(1),
+        };
+        ensure!(batch >= 1, "--batch must be at least 1");
+        let runs = s.div_ceil(batch).max(1);
+        let bar = ProgressBar::new((2 * steps * runs) as u64);
         bar.set_style(ProgressStyle::with_template(
             "{msg:>10} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})",
         )?);
         let t_sample = Instant::now();
-        let det = pipeline::detect(
+        let det = pipeline::detect_batched(
             backend,
             cfg,
             &unet,
@@ -348,6 +359,7 @@ impl OnBackend for Job<'_> {
             steps,
             guidance as f32,
             !args.no_hist_match,
+            batch,
             |phase, _| {
                 bar.set_message(match phase {
                     Phase::Inversion => "inversion",
@@ -459,7 +471,7 @@ impl OnBackend for Job<'_> {
             "settings": {
                 "steps": steps, "guidance": guidance, "hist_match": !args.no_hist_match,
                 "noise": match &args.init_noise { Some(p) => json!({"file": abs(p)}), None => json!({"seed": args.seed}) },
-                "device": device, "threads": rayon::current_num_threads(),
+                "device": device, "threads": rayon::current_num_threads(), "batch": batch,
                 "label": 0,
             },
             "timings_s": { "load": load_s, "sample": sample_s, "total": t_start.elapsed().as_secs_f64() },
