@@ -40,7 +40,7 @@ sanitize() {
 if [ "${SANITIZE:-1}" = 1 ]; then
     for t in .device/tests/cuda_*; do sanitize memcheck "$t"; done
     for t in .device/tests/cuda_ddim .device/tests/cuda_ops .device/tests/cuda_norm_attention .device/tests/cuda_post \
-        .device/tests/cuda_igemm .device/tests/cuda_flash; do
+        .device/tests/cuda_igemm .device/tests/cuda_flash .device/tests/cuda_attention_gemm; do
         sanitize racecheck "$t"
     done
 fi

@@ -20,7 +20,7 @@ use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::conv::ConvDims;
 use super::igemm::{self, Arith, FusedDims, PackedWeights};
-use super::{attention, conv, ddim, flash, norm, ops, post, Gpu};
+use super::{attention, attention_gemm, conv, ddim, flash, norm, ops, post, Gpu};
 use crate::backend::cpu::Cpu;
 use crate::backend::{compose_conv_fused, nhwc, same_shape, Backend, ConvPost, ConvPre, Resample};
 use crate::ddim::DdimCoefs;
@@ -844,6 +844,21 @@ impl Backend for Cuda {
             qkv.shape
         );
         let mut dqkv = self.output("attention_bwd", qkv.shape.clone())?;
+        if !self.reference {
+            attention_gemm::attention_bwd(
+                &self.gpu,
+                &self.blas,
+                &qkv.buf,
+                &dout.buf,
+                &mut dqkv.buf,
+                b,
+                h * w,
+                c,
+                heads,
+                legacy,
+            )?;
+            return Ok(dqkv);
+        }
         attention::attention_bwd(
             &self.gpu,
             &qkv.buf,

@@ -8,6 +8,7 @@
 //! to every launch and get in the way of CUDA graph capture).
 
 pub mod attention;
+pub mod attention_gemm;
 pub mod backend;
 pub mod conv;
 pub mod ddim;
