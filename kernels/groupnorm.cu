@@ -7,10 +7,10 @@
 // explicitly rounded intrinsics so that NVRTC cannot fuse it into FMAs the
 // CPU does not perform.
 //
-// Launch shapes (src/cuda/norm.rs): the statistics run as a split
-// reduction (gn_stats_partial, gn_stats_combine; see there); the backward's
-// group sums run one block per (sample, group) with a block size that is a
-// multiple of 32; the apply kernels and gn_affine are grid-stride.
+// Launch shapes (src/cuda/norm.rs): the statistics and the backward's group
+// sums run as split reductions (gn_stats_partial, gn_stats_combine;
+// gn_bwd_partial, gn_bwd_combine; see there) of the same launch plan; the
+// apply kernels and gn_affine are grid-stride.
 
 #define GN_GROUPS 32
 #define GN_EPS 1e-5
@@ -18,36 +18,6 @@
 __device__ __forceinline__ double warp_sum_d(double v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
     return v;
-}
-
-// Sum of `v` over the block, returned to every thread. `scratch` holds 33
-// doubles; the trailing barrier lets the next call reuse it.
-__device__ double block_sum_d(double v, double* scratch) {
-    const unsigned lane = threadIdx.x & 31u;
-    const unsigned warp = threadIdx.x >> 5;
-    const unsigned nwarps = (blockDim.x + 31u) >> 5;
-    v = warp_sum_d(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double t = lane < nwarps ? scratch[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) scratch[32] = t;
-    }
-    __syncthreads();
-    const double total = scratch[32];
-    __syncthreads();
-    return total;
-}
-
-// Flat index of the j-th element (pixel-major, then channel) of group g of
-// the sample starting at `base`.
-__device__ __forceinline__ unsigned long long group_index(unsigned long long base,
-                                                          unsigned long long j, unsigned cg,
-                                                          unsigned c, unsigned g) {
-    const unsigned long long p = j / cg;
-    const unsigned k = (unsigned)(j - p * cg);
-    return base + p * c + (unsigned long long)g * cg + k;
 }
 
 // ---- Statistics: a split, coalesced, deterministic two-level reduction ----
@@ -329,41 +299,112 @@ __device__ __forceinline__ double gn_dxhat(double xhat, float dy, float gamma, f
     return g * mul * (double)gamma;
 }
 
-// sums[2 * (bi * 32 + g)] = sum dxhat, [.. + 1] = sum dxhat * xhat over the
-// group. Grid: b * 32 blocks.
-extern "C" __global__ void gn_bwd_sums(const float* __restrict__ x, const float* __restrict__ dy,
-                                       const double* __restrict__ stats,
-                                       const float* __restrict__ gamma,
-                                       const float* __restrict__ beta,
-                                       const float* __restrict__ ss, int has_ss, int silu,
-                                       double* __restrict__ sums, unsigned b,
-                                       unsigned long long hw, unsigned c) {
-    __shared__ double scratch[33];
-    const unsigned blk = blockIdx.x;
-    if (blk >= b * GN_GROUPS) return;
-    const unsigned bi = blk / GN_GROUPS;
-    const unsigned g = blk % GN_GROUPS;
-    const unsigned cg = c / GN_GROUPS;
-    const unsigned long long n = hw * cg;
-    const unsigned long long base = (unsigned long long)bi * hw * c;
-    const double mean = stats[2 * (unsigned long long)blk];
-    const double inv = stats[2 * (unsigned long long)blk + 1];
-    const float* s = has_ss ? ss + (unsigned long long)bi * 2 * c : nullptr;
+// ---- Backward group sums: the statistics' split layout ----
+//
+// gn_bwd_apply needs, per (sample, group), s1 = sum dxhat and s2 = sum
+// dxhat * xhat (dxhat from gn_dxhat, xhat from the forward's stats), in
+// double as the CPU twin. One block per (sample, group) read the group with
+// stride C and left most SMs idle; as the statistics, every block takes a
+// contiguous run of pixels of one sample with all its channels (a warp
+// reads 32 consecutive floats of a pixel row of x and of dy), and a second
+// kernel adds the runs in a fixed order. A single sweep suffices: the sums
+// are plain sums, with no mean to subtract first.
 
-    double s1 = 0.0, s2 = 0.0;
-    for (unsigned long long j = threadIdx.x; j < n; j += blockDim.x) {
-        const unsigned long long i = group_index(base, j, cg, c, g);
-        const unsigned ch = (unsigned)(i % c);
-        const double xhat = ((double)x[i] - mean) * inv;
-        const double d = gn_dxhat(xhat, dy[i], gamma[ch], beta[ch], s, silu, c, ch);
-        s1 += d;
-        s2 += d * xhat;
+// Partial sums of pixel run blockIdx.x of sample blockIdx.y: the run is
+// pixels [blockIdx.x * span, min(hw, (blockIdx.x + 1) * span)). Writes
+// part[2 * ((bi * gridDim.x + run) * 32 + g)] = the run's s1 of group g,
+// [.. + 1] = its s2.
+//
+// Block layout as gn_stats_partial's (the same StatsPlan): blockDim.x =
+// rows_par * cw threads with cw a multiple of 32, cw <= c; thread t sums
+// channels t % cw + k * cw over the rows t / cw + i * rows_par of the run.
+// Dynamic shared memory: 2 * (rows_par * 32 * (cg | 1) + blockDim.x)
+// doubles (the channel partials of s1, of s2, then the per-warp shares of
+// s1, of s2), twice gn_stats_partial's.
+extern "C" __global__ void gn_bwd_partial(const float* __restrict__ x,
+                                          const float* __restrict__ dy,
+                                          const double* __restrict__ stats,
+                                          const float* __restrict__ gamma,
+                                          const float* __restrict__ beta,
+                                          const float* __restrict__ ss, int has_ss, int silu,
+                                          double* __restrict__ part, unsigned long long hw,
+                                          unsigned c, unsigned cw, unsigned long long span) {
+    extern __shared__ double gn_sh[];
+    const unsigned t = threadIdx.x;
+    const unsigned rows_par = blockDim.x / cw;
+    const unsigned cg = c / GN_GROUPS;
+    const unsigned gs = cg | 1u;
+    const unsigned row = GN_GROUPS * gs;
+    double* chan1 = gn_sh;
+    double* chan2 = gn_sh + rows_par * row;
+    double* red1 = gn_sh + 2 * rows_par * row;
+    double* red2 = red1 + blockDim.x;
+    const unsigned ch0 = t % cw;
+    const unsigned r0 = t / cw;
+    const unsigned long long bi = blockIdx.y;
+    const unsigned long long p_begin = (unsigned long long)blockIdx.x * span;
+    const unsigned long long p_end = min(hw, p_begin + span);
+    const unsigned long long pix0 = bi * hw;
+    const float* s = has_ss ? ss + bi * 2 * c : nullptr;
+
+    // Every (r0, ch) slot of chan1 / chan2 is written, zero where the run
+    // has no row r0.
+    for (unsigned ch = ch0; ch < c; ch += cw) {
+        const unsigned long long sg = 2 * (bi * GN_GROUPS + ch / cg);
+        const double mean = stats[sg];
+        const double inv = stats[sg + 1];
+        const float ga = gamma[ch];
+        const float be = beta[ch];
+        double s1 = 0.0, s2 = 0.0;
+        for (unsigned long long p = p_begin + r0; p < p_end; p += rows_par) {
+            const unsigned long long i = (pix0 + p) * c + ch;
+            const double xhat = ((double)x[i] - mean) * inv;
+            const double d = gn_dxhat(xhat, dy[i], ga, be, s, silu, c, ch);
+            s1 += d;
+            s2 += d * xhat;
+        }
+        const unsigned o = r0 * row + gn_slot(ch, cg, gs);
+        chan1[o] = s1;
+        chan2[o] = s2;
     }
-    s1 = block_sum_d(s1, scratch);
-    s2 = block_sum_d(s2, scratch);
-    if (threadIdx.x == 0) {
-        sums[2 * (unsigned long long)blk] = s1;
-        sums[2 * (unsigned long long)blk + 1] = s2;
+    __syncthreads();
+    // Separate shares (red1, red2), so the second call needs no barrier
+    // before it: its barrier follows every write of both.
+    const double s1 = gn_group_total(chan1, red1, cg, gs, rows_par);
+    const double s2 = gn_group_total(chan2, red2, cg, gs, rows_par);
+    if (t < 32u) {
+        const unsigned long long o =
+            2 * ((bi * gridDim.x + blockIdx.x) * GN_GROUPS + t);
+        part[o] = s1;
+        part[o + 1] = s2;
+    }
+}
+
+// Adds the `runs` partials of each (sample, group) of gn_bwd_partial into
+// sums[2 * (bi * 32 + g)] = s1, [.. + 1] = s2. One warp per (sample,
+// group), b * 32 warps in all: lane l adds runs l, l + 32, ... in order,
+// then the lanes add in a fixed tree.
+extern "C" __global__ void gn_bwd_combine(const double* __restrict__ part,
+                                          double* __restrict__ sums, unsigned b,
+                                          unsigned runs) {
+    const unsigned long long wid =
+        ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    // Whole warps leave together, so the full-mask shuffles below are valid.
+    if (wid >= (unsigned long long)b * GN_GROUPS) return;
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned long long bi = wid / GN_GROUPS;
+    const unsigned g = (unsigned)(wid % GN_GROUPS);
+    double s1 = 0.0, s2 = 0.0;
+    for (unsigned k = lane; k < runs; k += 32u) {
+        const unsigned long long o = 2 * ((bi * runs + k) * GN_GROUPS + g);
+        s1 += part[o];
+        s2 += part[o + 1];
+    }
+    s1 = warp_sum_d(s1);
+    s2 = warp_sum_d(s2);
+    if (lane == 0) {
+        sums[2 * wid] = s1;
+        sums[2 * wid + 1] = s2;
     }
 }
 

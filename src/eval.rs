@@ -35,6 +35,7 @@ use crate::metrics::{self, Evaluation};
 use crate::model::{Net, NetKind};
 use crate::pipeline;
 use crate::post;
+use crate::precision::Precision;
 use crate::slices::{self, SliceRange};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
@@ -75,9 +76,16 @@ pub struct Settings {
     pub seed: u64,
     /// Axial slices of NIfTI cases.
     pub slices: SliceRange,
-    /// Slices per call of the sampler (does not change results).
-    pub batch: usize,
+    /// Slices per call of the sampler (does not change results); None: as
+    /// many as fit the GPU's free memory (`pipeline::auto_batch`), or
+    /// `DEFAULT_BATCH` where the backend has no memory budget.
+    pub batch: Option<usize>,
+    /// Arithmetic of the networks (changes results: part of the resume key).
+    pub precision: Precision,
 }
+
+/// Slices per sampler call on a backend without a memory budget (the CPU).
+pub const DEFAULT_BATCH: usize = 8;
 
 /// One evaluation run.
 pub struct Job<'a> {
@@ -363,6 +371,11 @@ fn run_key(job: &Job) -> Result<Value> {
         "seed": s.seed,
         "slices": format!("{}:{}", s.slices.first, s.slices.last),
     });
+    // fp32 runs keep the key they had before precisions existed.
+    let mut key = key;
+    if s.precision != Precision::Fp32 {
+        key["precision"] = json!(s.precision.label());
+    }
     Ok(serde_json::from_str(&key.to_string())?)
 }
 
@@ -649,7 +662,7 @@ fn open_append(path: &Path) -> Result<File> {
 /// Runs the evaluation on `backend` (named `device` in run.json) and writes its outputs.
 pub fn run<B: Backend>(backend: &B, device: &str, job: &Job) -> Result<Report> {
     let s = &job.settings;
-    ensure!(s.batch >= 1, "--batch must be at least 1");
+    ensure!(s.batch != Some(0), "--batch must be at least 1");
     let size = job.cfg.unet.image_size;
     let ds = dataset::discover(job.data)?;
     let key = run_key(job)?;
@@ -695,6 +708,14 @@ pub fn run<B: Backend>(backend: &B, device: &str, job: &Job) -> Result<Report> {
     } else {
         None
     };
+    let batch = match (s.batch, &nets) {
+        (Some(b), _) => b,
+        (None, Some((unet, cls))) => match backend.free_bytes()? {
+            Some(free) => pipeline::auto_batch(&unet.spec, &cls.spec, free),
+            None => DEFAULT_BATCH,
+        },
+        (None, None) => DEFAULT_BATCH,
+    };
 
     let out = job.out;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -709,7 +730,7 @@ pub fn run<B: Backend>(backend: &B, device: &str, job: &Job) -> Result<Report> {
             "classifier": abs(job.classifier), "data": abs(job.data),
         },
         "device": device,
-        "batch": s.batch,
+        "batch": batch,
     });
     write_atomic(
         &out.join(RUN_FILE),
@@ -784,8 +805,8 @@ pub fn run<B: Backend>(backend: &B, device: &str, job: &Job) -> Result<Report> {
                 });
             }
         }
-        while pending.len() >= s.batch {
-            let rest = pending.split_off(s.batch);
+        while pending.len() >= batch {
+            let rest = pending.split_off(batch);
             flush(std::mem::replace(&mut pending, rest), &mut rows)?;
         }
     }

@@ -34,9 +34,10 @@ pub struct EvalArgs {
     /// Peak suppression and recall radius, in pixels of the network grid.
     #[arg(long, default_value_t = 10.0)]
     radius: f64,
-    /// Slices per sampler call (results do not depend on it).
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Slices per sampler call (default: on a GPU, as many as fit in 80% of
+    /// its free memory, at most 64; on the CPU, 8). Results do not depend on it.
+    #[arg(long)]
+    batch: Option<usize>,
     /// Seed of the initial noise (each slice's noise is seeded by it and the slice id).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -111,6 +112,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             seed: args.seed,
             slices: args.slices,
             batch: args.batch,
+            precision: args.precision,
         },
         restart: args.restart,
         save_maps: args.save_maps,

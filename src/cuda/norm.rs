@@ -8,9 +8,6 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::Gpu;
 
 const GROUPS: usize = 32;
-/// Threads of the per-(sample, group) reduction blocks; a multiple of 32,
-/// which the kernels' warp reductions rely on.
-const REDUCE_THREADS: u32 = 256;
 
 /// Checked sizes of one GroupNorm call, in the kernels' integer types.
 struct Dims {
@@ -118,14 +115,6 @@ fn check(
     })
 }
 
-fn reduce_config(blocks: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (REDUCE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// Threads of a `gn_stats_partial` block at most; with the shared memory
 /// below this lets several blocks share an SM.
 const STATS_MAX_THREADS: usize = 256;
@@ -137,7 +126,8 @@ const STATS_TILE_FLOATS: usize = 4096;
 /// partials stay small and `gn_stats_combine` merges at most a few hundred
 /// runs per group.
 const STATS_BLOCKS_PER_SM: usize = 4;
-/// Threads of a `gn_stats_combine` block (one warp per (sample, group)).
+/// Threads of a `gn_stats_combine` / `gn_bwd_combine` block (one warp per
+/// (sample, group)).
 const COMBINE_THREADS: u32 = 256;
 /// Dynamic shared memory a block may use without opting in.
 const MAX_DYNAMIC_SHARED: usize = 48 * 1024;
@@ -209,16 +199,49 @@ impl StatsPlan {
     }
 }
 
-/// Per (sample, group) mean and 1/sigma, as `b * 32` (mean, inv) pairs.
-/// Needs `b * hw > 0` (callers return early on empty inputs); `op` names
-/// the caller in errors.
-fn stats(gpu: &Gpu, op: &str, src: Source<'_>, dims: &Dims) -> Result<CudaSlice<f64>> {
+impl StatsPlan {
+    /// Dynamic shared memory of a `gn_bwd_partial` block in bytes: the
+    /// statistics' layout twice (channel partials and per-warp shares of
+    /// both gradient sums), checked against the limit.
+    fn bwd_shared(&self, op: &str, c: usize) -> Result<u32> {
+        let shared = 2 * self.shared as usize;
+        ensure!(
+            shared <= MAX_DYNAMIC_SHARED,
+            "{op}: the gradient sums of {c} channels need {shared} bytes of shared memory \
+             (at most {MAX_DYNAMIC_SHARED}); too many channels"
+        );
+        Ok(shared as u32)
+    }
+}
+
+/// Launch shape of the split reductions of `b x hw x c`, and the grid-row
+/// limit they share.
+fn plan_for(gpu: &Gpu, op: &str, dims: &Dims) -> Result<StatsPlan> {
     let (b, hw, c) = (dims.b as usize, dims.hw as usize, dims.c as usize);
-    let plan = StatsPlan::new(op, gpu.sm_count(), b, hw, c)?;
     ensure!(
         dims.b <= 65_535,
         "{op}: batch {b} exceeds the 65535 grid rows of the statistics"
     );
+    StatsPlan::new(op, gpu.sm_count(), b, hw, c)
+}
+
+/// Per (sample, group) mean and 1/sigma, as `b * 32` (mean, inv) pairs.
+/// Needs `b * hw > 0` (callers return early on empty inputs); `op` names
+/// the caller in errors.
+fn stats(gpu: &Gpu, op: &str, src: Source<'_>, dims: &Dims) -> Result<CudaSlice<f64>> {
+    let plan = plan_for(gpu, op, dims)?;
+    stats_planned(gpu, op, src, dims, &plan)
+}
+
+/// `stats` with the plan `plan_for` gave.
+fn stats_planned(
+    gpu: &Gpu,
+    op: &str,
+    src: Source<'_>,
+    dims: &Dims,
+    plan: &StatsPlan,
+) -> Result<CudaSlice<f64>> {
+    let (b, hw, c) = (dims.b as usize, dims.hw as usize, dims.c as usize);
     let part_len = b * plan.runs as usize * GROUPS * 2;
     // SAFETY: gn_stats_partial writes every element of `part` before
     // gn_stats_combine, stream-ordered after it, reads them; no zeroing
@@ -452,16 +475,23 @@ pub fn group_norm_bwd(
     if dims.n == 0 {
         return Ok(());
     }
-    let stats = stats(gpu, "group_norm_bwd", Source::One(x), &dims)?;
-    let mut sums = gpu
-        .stream()
-        .alloc_zeros::<f64>(2 * dims.blocks as usize)
+    let op = "group_norm_bwd";
+    let plan = plan_for(gpu, op, &dims)?;
+    let bwd_shared = plan.bwd_shared(op, c)?;
+    let stats = stats_planned(gpu, op, Source::One(x), &dims, &plan)?;
+    let part_len = b * plan.runs as usize * GROUPS * 2;
+    // SAFETY: gn_bwd_partial writes every element of `part` before
+    // gn_bwd_combine, stream-ordered after it, reads them.
+    let mut part = unsafe { gpu.stream().alloc::<f64>(part_len) }
+        .with_context(|| format!("{op}: allocating {part_len} partial gradient sums"))?;
+    // SAFETY: gn_bwd_combine writes every element before gn_bwd_apply reads.
+    let mut sums = unsafe { gpu.stream().alloc::<f64>(2 * dims.blocks as usize) }
         .context("allocating GroupNorm gradient sums")?;
     let ss_buf = ss.unwrap_or(gamma);
     let has_ss = i32::from(ss.is_some());
     let silu = i32::from(silu);
 
-    let func = gpu.function("groupnorm", "gn_bwd_sums")?;
+    let func = gpu.function("groupnorm", "gn_bwd_partial")?;
     let mut args = gpu.stream().launch_builder(&func);
     args.arg(x)
         .arg(dy)
@@ -471,17 +501,47 @@ pub fn group_norm_bwd(
         .arg(ss_buf)
         .arg(&has_ss)
         .arg(&silu)
-        .arg(&mut sums)
-        .arg(&dims.b)
+        .arg(&mut part)
         .arg(&dims.hw)
-        .arg(&dims.c);
-    // SAFETY: the arguments match gn_bwd_sums(const float* x, const float*
-    // dy, const double* stats, const float* gamma, const float* beta, const
-    // float* ss, int, int, double* sums, unsigned b, unsigned long long hw,
-    // unsigned c); sizes as in group_norm plus sums of 2 * b * 32 doubles,
-    // all on this Gpu's stream; block blk writes sums[2 blk ..= 2 blk + 1].
-    unsafe { args.launch(reduce_config(dims.blocks)) }
-        .with_context(|| format!("launching gn_bwd_sums on {} groups", dims.blocks))?;
+        .arg(&dims.c)
+        .arg(&plan.cw)
+        .arg(&plan.span);
+    let cfg = LaunchConfig {
+        grid_dim: (plan.runs, dims.b, 1),
+        block_dim: (plan.threads, 1, 1),
+        shared_mem_bytes: bwd_shared,
+    };
+    // SAFETY: the arguments match gn_bwd_partial(const float* x, const
+    // float* dy, const double* stats, const float* gamma, const float* beta,
+    // const float* ss, int, int, double* part, unsigned long long hw,
+    // unsigned c, unsigned cw, unsigned long long span); x and dy hold
+    // b * hw * c floats, stats 2 * b * 32 doubles, gamma and beta c floats,
+    // ss 2 * b * c floats when has_ss (else unread), part b * runs * 32 * 2
+    // doubles, all on this Gpu's stream. StatsPlan gives the layout the
+    // kernel assumes (threads a multiple of cw, cw a multiple of 32 and
+    // <= c, runs = ceil(hw / span)) and bwd_shared its 2 * (threads / cw *
+    // 32 * (c / 32 | 1) + threads) doubles; block (run, bi) reads pixels
+    // below hw of sample bi only and writes part entries of (bi, run) only.
+    unsafe { args.launch(cfg) }.with_context(|| {
+        format!("{op}: launching gn_bwd_partial on {b} x {hw} x {c} ({plan:?})")
+    })?;
+
+    let func = gpu.function("groupnorm", "gn_bwd_combine")?;
+    let mut args = gpu.stream().launch_builder(&func);
+    args.arg(&part).arg(&mut sums).arg(&dims.b).arg(&plan.runs);
+    let warps_per_block = COMBINE_THREADS / 32;
+    let cfg = LaunchConfig {
+        grid_dim: (dims.blocks.div_ceil(warps_per_block), 1, 1),
+        block_dim: (COMBINE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match gn_bwd_combine(const double* part, double*
+    // sums, unsigned b, unsigned runs); part as above, sums holds 2 * b * 32
+    // doubles, on this Gpu's stream; warp w < b * 32 reads the runs of
+    // (w / 32, w % 32) and writes sums[2 w ..= 2 w + 1]; the warps past
+    // b * 32 (the last block's tail) return at once.
+    unsafe { args.launch(cfg) }
+        .with_context(|| format!("{op}: launching gn_bwd_combine on {} groups", dims.blocks))?;
 
     let func = gpu.function("groupnorm", "gn_bwd_apply")?;
     let n = dims.n as u64;
@@ -547,6 +607,8 @@ mod tests {
                         let slots = rows_par * GROUPS * ((c / GROUPS) | 1);
                         assert_eq!(p.shared as usize, (slots + threads) * 8, "{label}");
                         assert!(p.shared as usize <= MAX_DYNAMIC_SHARED, "{label}");
+                        let bwd = p.bwd_shared("test", c).unwrap_or_else(|e| panic!("{e:#}"));
+                        assert_eq!(bwd as usize, 2 * (slots + threads) * 8, "{label}");
                         // Enough blocks to fill the GPU where there are
                         // tiles enough (the rounding of runs loses < half).
                         let tiles = hw.div_ceil(tile);
@@ -567,6 +629,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("shared memory"), "{err}");
+        // Statistics fit, the backward's doubled partials do not.
+        let err = plan(132, 1, 4, 4096)
+            .bwd_shared("test", 4096)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gradient sums"), "{err}");
     }
 
     /// The `(mean, M2)` state of Chan's merge, as gn_chan_merge.
@@ -590,6 +658,30 @@ mod tests {
     enum Src<'a> {
         One(&'a [f32]),
         Concat(&'a [f32], &'a [f32], usize),
+    }
+
+    /// gn_group_total replayed: per group, every warp's strided share of
+    /// the channel partials `chan` ([rows_par][32 (cg | 1)]), then the
+    /// shares in warp order.
+    fn group_total(chan: &[f64], threads: usize, rows_par: usize, cg: usize) -> Vec<f64> {
+        let nw = threads / 32;
+        let gs = cg | 1;
+        let row = GROUPS * gs;
+        let mut red = vec![f64::NAN; threads];
+        for t in 0..threads {
+            let (g, w) = (t % 32, t / 32);
+            let mut s = 0.0;
+            let mut j = w;
+            while j < rows_par * cg {
+                let (r, k) = (j / cg, j % cg);
+                s += chan[r * row + g * gs + k];
+                j += nw;
+            }
+            red[w * 32 + g] = s;
+        }
+        (0..32)
+            .map(|g| (0..nw).map(|i| red[i * 32 + g]).fold(0.0, |a, v| a + v))
+            .collect()
     }
 
     /// gn_stats_partial and gn_stats_combine replayed on the CPU, thread by
@@ -625,29 +717,12 @@ mod tests {
             p.runs as usize,
         );
         let rows_par = threads / cw;
-        let nw = threads / 32;
         let cg = c / GROUPS;
         let gs = cg | 1;
         let row = GROUPS * gs;
         let slot = |ch: usize| ch / cg * gs + ch % cg;
         let mut visits = [vec![0u8; x.len()], vec![0u8; x2.len()]];
-        let group_total = |chan: &[f64]| -> Vec<f64> {
-            let mut red = vec![f64::NAN; threads];
-            for t in 0..threads {
-                let (g, w) = (t % 32, t / 32);
-                let mut s = 0.0;
-                let mut j = w;
-                while j < rows_par * cg {
-                    let (r, k) = (j / cg, j % cg);
-                    s += chan[r * row + g * gs + k];
-                    j += nw;
-                }
-                red[w * 32 + g] = s;
-            }
-            (0..32)
-                .map(|g| (0..nw).map(|i| red[i * 32 + g]).fold(0.0, |a, v| a + v))
-                .collect()
-        };
+        let group_total = |chan: &[f64]| group_total(chan, threads, rows_par, cg);
         let mut part = vec![f64::NAN; b * runs * GROUPS * 2];
         for bi in 0..b {
             for run in 0..runs {
@@ -872,5 +947,243 @@ mod tests {
             }
             assert_close(&label, &got, &reference(b, hw, c, &cat), std);
         }
+    }
+
+    /// What the backward's group sums read, on the host: x and dy
+    /// `[b, hw, c]`, the forward's (mean, 1/sigma) per (sample, group),
+    /// gamma, beta, the optional `[b, 2c]` scale/shift and SiLU.
+    struct BwdIn<'a> {
+        x: &'a [f32],
+        dy: &'a [f32],
+        stats: &'a [(f64, f64)],
+        gamma: &'a [f32],
+        beta: &'a [f32],
+        ss: Option<&'a [f32]>,
+        silu: bool,
+    }
+
+    /// gn_dxhat on the host (Rust's exp for CUDA's, both within an ulp);
+    /// `s` is the sample's `[2c]` scale/shift.
+    #[allow(clippy::too_many_arguments)]
+    fn dxhat(
+        xhat: f64,
+        dy: f32,
+        gamma: f32,
+        beta: f32,
+        s: Option<&[f32]>,
+        silu: bool,
+        c: usize,
+        ch: usize,
+    ) -> f64 {
+        let mut g = dy as f64;
+        let mut z = xhat * gamma as f64 + beta as f64;
+        let mut mul = 1.0;
+        if let Some(s) = s {
+            mul = 1.0 + s[ch] as f64;
+            z = z * mul + s[c + ch] as f64;
+        }
+        if silu {
+            let sg = 1.0 / (1.0 + (-z).exp());
+            g *= sg * (1.0 + z * (1.0 - sg));
+        }
+        g * mul * gamma as f64
+    }
+
+    /// gn_bwd_partial and gn_bwd_combine replayed on the CPU, thread by
+    /// thread, with the kernels' index arithmetic: checks that the plan
+    /// makes every element of x and dy read exactly once and every shared
+    /// slot written before it is read (NaN poison otherwise). Returns
+    /// (s1, s2) per (sample, group).
+    fn emulate_bwd(p: &StatsPlan, b: usize, hw: usize, c: usize, a: &BwdIn<'_>) -> Vec<(f64, f64)> {
+        let (cw, threads, span, runs) = (
+            p.cw as usize,
+            p.threads as usize,
+            p.span as usize,
+            p.runs as usize,
+        );
+        let rows_par = threads / cw;
+        let cg = c / GROUPS;
+        let gs = cg | 1;
+        let row = GROUPS * gs;
+        let slot = |ch: usize| ch / cg * gs + ch % cg;
+        // x[i] and dy[i] are read together: one count for both.
+        let mut visits = vec![0u8; a.x.len()];
+        let mut part = vec![f64::NAN; b * runs * GROUPS * 2];
+        for bi in 0..b {
+            let s = a.ss.map(|ss| &ss[bi * 2 * c..(bi + 1) * 2 * c]);
+            for run in 0..runs {
+                let p_begin = run * span;
+                let p_end = hw.min(p_begin + span);
+                let pix0 = bi * hw;
+                let mut chan1 = vec![f64::NAN; rows_par * row];
+                let mut chan2 = vec![f64::NAN; rows_par * row];
+                for t in 0..threads {
+                    let (ch0, r0) = (t % cw, t / cw);
+                    for ch in (ch0..c).step_by(cw) {
+                        let (mean, inv) = a.stats[bi * GROUPS + ch / cg];
+                        let (mut s1, mut s2) = (0.0, 0.0);
+                        let mut px = p_begin + r0;
+                        while px < p_end {
+                            let i = (pix0 + px) * c + ch;
+                            visits[i] += 1;
+                            let xhat = (a.x[i] as f64 - mean) * inv;
+                            let d = dxhat(xhat, a.dy[i], a.gamma[ch], a.beta[ch], s, a.silu, c, ch);
+                            s1 += d;
+                            s2 += d * xhat;
+                            px += rows_par;
+                        }
+                        let o = r0 * row + slot(ch);
+                        chan1[o] = s1;
+                        chan2[o] = s2;
+                    }
+                }
+                let t1 = group_total(&chan1, threads, rows_par, cg);
+                let t2 = group_total(&chan2, threads, rows_par, cg);
+                for g in 0..GROUPS {
+                    let o = 2 * ((bi * runs + run) * GROUPS + g);
+                    part[o] = t1[g];
+                    part[o + 1] = t2[g];
+                }
+            }
+        }
+        assert!(
+            visits.iter().all(|&v| v == 1),
+            "an element of x / dy not read exactly once"
+        );
+        let mut out = Vec::new();
+        for bi in 0..b {
+            for g in 0..GROUPS {
+                let mut lanes = vec![(0.0, 0.0); 32];
+                for (lane, st) in lanes.iter_mut().enumerate() {
+                    for k in (lane..runs).step_by(32) {
+                        let o = 2 * ((bi * runs + k) * GROUPS + g);
+                        st.0 += part[o];
+                        st.1 += part[o + 1];
+                    }
+                }
+                // warp_sum_d: __shfl_down_sync, lanes past the end keep
+                // their own value (never read by lane 0's tree).
+                let mut off = 16;
+                while off > 0 {
+                    let prev = lanes.clone();
+                    for lane in 0..32 - off {
+                        lanes[lane].0 += prev[lane + off].0;
+                        lanes[lane].1 += prev[lane + off].1;
+                    }
+                    off /= 2;
+                }
+                out.push(lanes[0]);
+            }
+        }
+        out
+    }
+
+    /// (s1, s2) per (sample, group) with compensated sums in the CPU twin's
+    /// order, and the sums of their terms' magnitudes (the scale of an
+    /// order's rounding errors, s1 and s2 themselves cancelling to ~0).
+    fn reference_bwd(b: usize, hw: usize, c: usize, a: &BwdIn<'_>) -> Vec<[f64; 4]> {
+        let cg = c / GROUPS;
+        let mut out = Vec::new();
+        for bi in 0..b {
+            let s = a.ss.map(|ss| &ss[bi * 2 * c..(bi + 1) * 2 * c]);
+            for g in 0..GROUPS {
+                let (mean, inv) = a.stats[bi * GROUPS + g];
+                let terms: Vec<(f64, f64)> = (0..hw)
+                    .flat_map(|p| {
+                        (0..cg).map(move |k| ((bi * hw + p) * c + g * cg + k, g * cg + k))
+                    })
+                    .map(|(i, ch)| {
+                        let xhat = (a.x[i] as f64 - mean) * inv;
+                        let d = dxhat(xhat, a.dy[i], a.gamma[ch], a.beta[ch], s, a.silu, c, ch);
+                        (d, d * xhat)
+                    })
+                    .collect();
+                out.push([
+                    compensated(terms.iter().map(|t| t.0)),
+                    compensated(terms.iter().map(|t| t.1)),
+                    terms.iter().map(|t| t.0.abs()).sum(),
+                    terms.iter().map(|t| t.1.abs()).sum(),
+                ]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn split_gradient_sums_are_exact() {
+        use rand::rngs::ChaCha8Rng;
+        use rand::{RngExt, SeedableRng};
+        use rand_distr::StandardNormal;
+        let mut rng = ChaCha8Rng::seed_from_u64(0xb4c4);
+        let mut normals = |n: usize, mean: f32, std: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| mean + std * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        };
+        // The networks' shapes on an H100 (132 SMs), and few SMs for runs
+        // of many tiles.
+        let mut shapes = Vec::new();
+        for b in [1, 3] {
+            for hw in [1, 7, 33 * 17, 181 * 181] {
+                for c in [32, 96, 192, 1536] {
+                    // 151M elements would take ~2 GiB here; b = 1 covers it.
+                    if b * hw * c <= 60_000_000 {
+                        shapes.push((132, b, hw, c));
+                    }
+                }
+            }
+        }
+        shapes.extend([
+            (4, 3, 561, 32),
+            (4, 1, 2000, 96),
+            (2, 2, 300, 1536),
+            (1, 3, 4097, 64),
+        ]);
+        let mut worst = 0f64;
+        for (sms, b, hw, c) in shapes {
+            let p = plan(sms, b, hw, c);
+            let n = b * hw * c;
+            let variants: &[(bool, bool)] = if n > 4_000_000 {
+                &[(true, true)]
+            } else {
+                &[(false, false), (false, true), (true, false), (true, true)]
+            };
+            let x = normals(n, 0.7, 1.3);
+            let stats = reference(b, hw, c, &x);
+            for &(with_ss, silu) in variants {
+                let dy = normals(n, 0.0, 1.0);
+                let gamma = normals(c, 1.0, 0.2);
+                let beta = normals(c, 0.0, 0.3);
+                let ss = normals(2 * b * c, 0.0, 0.3);
+                let a = BwdIn {
+                    x: &x,
+                    dy: &dy,
+                    stats: &stats,
+                    gamma: &gamma,
+                    beta: &beta,
+                    ss: with_ss.then_some(&ss[..]),
+                    silu,
+                };
+                let got = emulate_bwd(&p, b, hw, c, &a);
+                let want = reference_bwd(b, hw, c, &a);
+                let label = format!("sms={sms} b={b} hw={hw} c={c} ss={with_ss} silu={silu} {p:?}");
+                assert_eq!(got.len(), want.len(), "{label}");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let e1 = (g.0 - w[0]).abs() / w[2];
+                    let e2 = (g.1 - w[1]).abs() / w[3];
+                    worst = worst.max(e1).max(e2);
+                    assert!(
+                        e1 <= 1e-15 && e2 <= 1e-15,
+                        "{label} group {i}: ({}, {}) vs ({}, {}), errors {e1:e} {e2:e} of the \
+                         terms' magnitudes",
+                        g.0,
+                        g.1,
+                        w[0],
+                        w[1]
+                    );
+                }
+            }
+        }
+        println!("gradient sums: worst error {worst:e} of the terms' magnitudes");
     }
 }
