@@ -95,7 +95,7 @@ impl GnCase {
 }
 
 /// Odd pixel counts and a single pixel; channel counts that do and do not
-/// divide the statistics kernel's 256 threads (96 channels run as 2 rows x
+/// divide the split reductions' 256 threads (96 channels run as 2 rows x
 /// 96 threads, 1536 as 6 sweeps of 256); data whose mean dwarfs its spread; and sizes
 /// where, at b = 3, each block of the statistics merges several tiles on a
 /// GPU of fewer than ~190 SMs (an H100 has 132).
@@ -114,7 +114,13 @@ fn gn_cases() -> Vec<GnCase> {
             cases.push(GnCase::new((b, hw, c), (100.0, 0.01)));
         }
     }
-    for c in [32, 192] {
+    // The classifier's first level (181 x 181): at b = 1 the split
+    // reductions of the statistics and of the backward's group sums run
+    // hundreds of short runs per sample.
+    for c in [32, 96, 192, 1536] {
+        cases.push(GnCase::new((1, 181 * 181, c), (0.7, 1.3)));
+    }
+    for c in [32, 96, 192] {
         cases.push(GnCase::new((3, 181 * 181, c), (0.7, 1.3)));
     }
     cases
