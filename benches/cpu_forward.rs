@@ -5,8 +5,8 @@
 use fcd::backend::cpu::Cpu;
 use fcd::backend::Backend;
 use fcd::config::Config;
+use fcd::engine::seeded_noise;
 use fcd::model::{random::random_weights, weights, Net, NetKind, NetSpec};
-use fcd::pipeline::seeded_noise;
 use std::path::Path;
 use std::time::Instant;
 

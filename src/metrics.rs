@@ -12,7 +12,7 @@
 //! - A lesion slice is recalled at `k` when one of its first `k` peaks lies within Euclidean
 //!   distance `<= radius` of a lesion pixel; `R@k` = recalled lesion slices / lesion slices.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Number of peaks kept per slice: enough for R@10.
 pub const MAX_PEAKS: usize = 10;
@@ -34,13 +34,23 @@ pub fn dice(a: &[f32], mask: &[bool], th: f64) -> f64 {
         mask.len(),
         "dice of a map and a mask of different sizes"
     );
-    let (mut both, mut pred, mut truth) = (0usize, 0usize, 0usize);
+    let (pred, both) = counts(a, mask, th);
+    dice_of_counts(both, pred, mask.iter().filter(|&&m| m).count())
+}
+
+/// `|A >= th|` and `|(A >= th) ∩ M|`, comparing in float64.
+fn counts(a: &[f32], mask: &[bool], th: f64) -> (usize, usize) {
+    let (mut pred, mut both) = (0, 0);
     for (&v, &m) in a.iter().zip(mask) {
         let p = f64::from(v) >= th;
         pred += usize::from(p);
-        truth += usize::from(m);
         both += usize::from(p && m);
     }
+    (pred, both)
+}
+
+/// `2|P∩M| / (|P| + |M|)`; two empty sets agree perfectly: 1.0.
+fn dice_of_counts(both: usize, pred: usize, truth: usize) -> f64 {
     if pred + truth == 0 {
         return 1.0;
     }
@@ -198,42 +208,130 @@ pub fn evaluate(
         .zip(masks)
         .map(|(a, m)| slice_record(a, m, h, w, threshold, radius))
         .collect();
-    let lesion: Vec<usize> = (0..records.len())
-        .filter(|&i| records[i].lesion_pixels > 0)
+    let counts: Vec<SliceCounts> = maps
+        .iter()
+        .zip(masks)
+        .map(|(a, m)| SliceCounts::new(a, m, h, w, threshold, radius))
         .collect();
-    let rate = |f: fn(&SliceRecord) -> Option<bool>| {
-        mean(
-            records
-                .iter()
-                .filter_map(f)
-                .map(|hit| f64::from(u8::from(hit))),
-        )
-    };
+    let eval = summarize(counts.iter(), threshold, radius);
+    (eval, records)
+}
 
+/// Thresholds of the best-threshold search: `k / 100` for `k` below this.
+const THRESHOLD_STEPS: usize = 101;
+
+/// One slice's results as integers and booleans, from which [`summarize`] computes a set's
+/// metrics exactly: counts survive storage (an evaluation's records) where maps do not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SliceCounts {
+    /// Mask pixels; 0 for a healthy slice.
+    pub lesion_pixels: usize,
+    /// `|A >= threshold|` and `|(A >= threshold) ∩ M|`.
+    pub predicted: usize,
+    pub overlap: usize,
+    /// The greedy peaks, (row, col).
+    pub peaks: Vec<(usize, usize)>,
+    /// Squared distance from the nearest of the first 1, 5, 10 peaks to the lesion.
+    pub nearest_sq: [Option<usize>; 3],
+    /// Recalled at 1, 5, 10 (lesion slices only).
+    pub recalled: [Option<bool>; 3],
+    /// `|A >= k/100|` and `|(A >= k/100) ∩ M|` for `k = 0..=100` (lesion slices only:
+    /// healthy slices take no part in Dice).
+    pub predicted_at: Vec<usize>,
+    pub overlap_at: Vec<usize>,
+}
+
+impl SliceCounts {
+    /// Evaluates one `h x w` anomaly map against its mask.
+    pub fn new(a: &[f32], mask: &[bool], h: usize, w: usize, threshold: f64, radius: f64) -> Self {
+        let rec = slice_record(a, mask, h, w, threshold, radius);
+        let lesion = rec.lesion_pixels > 0;
+        let (predicted, overlap) = counts(a, mask, threshold);
+        let (predicted_at, overlap_at) = if lesion {
+            (0..THRESHOLD_STEPS)
+                .map(|k| counts(a, mask, k as f64 / 100.0))
+                .unzip()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        // Distances are square roots of integers; squaring and rounding recovers them exactly.
+        let sq = |d: Option<f64>| d.map(|d| (d * d).round() as usize);
+        SliceCounts {
+            lesion_pixels: rec.lesion_pixels,
+            predicted,
+            overlap,
+            peaks: rec.peaks,
+            nearest_sq: [
+                sq(rec.distance_at_1),
+                sq(rec.distance_at_5),
+                sq(rec.distance_at_10),
+            ],
+            recalled: [rec.recalled_at_1, rec.recalled_at_5, rec.recalled_at_10],
+            predicted_at,
+            overlap_at,
+        }
+    }
+
+    /// Dice at the threshold, `None` for a healthy slice.
+    pub fn dice(&self) -> Option<f64> {
+        (self.lesion_pixels > 0)
+            .then(|| dice_of_counts(self.overlap, self.predicted, self.lesion_pixels))
+    }
+
+    /// Checks the lengths a stored record must have.
+    pub fn check(&self) -> Result<(), String> {
+        let n = if self.lesion_pixels > 0 {
+            THRESHOLD_STEPS
+        } else {
+            0
+        };
+        if self.predicted_at.len() == n && self.overlap_at.len() == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} and {} threshold counts, expected {n}",
+                self.predicted_at.len(),
+                self.overlap_at.len()
+            ))
+        }
+    }
+}
+
+/// The metrics of a set of slices, in the given order (the order of the means' sums).
+pub fn summarize<'a>(
+    slices: impl Iterator<Item = &'a SliceCounts> + Clone,
+    threshold: f64,
+    radius: f64,
+) -> Evaluation {
+    let lesion = slices.clone().filter(|c| c.lesion_pixels > 0);
+    let rate = |i: usize| mean(slices.clone().filter_map(|c| c.recalled[i]).map(f64::from));
     let mut best: Option<(f64, f64)> = None;
-    for k in 0..=100u32 {
-        let th = f64::from(k) / 100.0;
-        if let Some(d) = mean(lesion.iter().map(|&i| dice(maps[i], masks[i], th))) {
+    for k in 0..THRESHOLD_STEPS {
+        let th = k as f64 / 100.0;
+        let d = mean(
+            lesion
+                .clone()
+                .map(|c| dice_of_counts(c.overlap_at[k], c.predicted_at[k], c.lesion_pixels)),
+        );
+        if let Some(d) = d {
             // Strict `>` leaves ties with the smaller threshold found first.
             if best.is_none_or(|(_, bd)| d > bd) {
                 best = Some((th, d));
             }
         }
     }
-
-    let eval = Evaluation {
-        n_slices: records.len(),
-        n_lesion_slices: lesion.len(),
+    Evaluation {
+        n_slices: slices.clone().count(),
+        n_lesion_slices: lesion.count(),
         threshold,
-        dice_at_threshold: mean(records.iter().filter_map(|r| r.dice)),
+        dice_at_threshold: mean(slices.clone().filter_map(|c| c.dice())),
         best_threshold: best.map(|b| b.0),
         dice_best: best.map(|b| b.1),
         radius,
-        r_at_1: rate(|r| r.recalled_at_1),
-        r_at_5: rate(|r| r.recalled_at_5),
-        r_at_10: rate(|r| r.recalled_at_10),
-    };
-    (eval, records)
+        r_at_1: rate(0),
+        r_at_5: rate(1),
+        r_at_10: rate(2),
+    }
 }
 
 /// Mean in summation order (the reference sums the few per-slice values the same way), or

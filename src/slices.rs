@@ -115,7 +115,7 @@ pub fn resize_bilinear(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) ->
 }
 
 /// The slices of `range`, each resized to `size` x `size`: `[S, size, size]` with S = range length.
-/// No normalisation here (the pipeline normalises each slice).
+/// No normalisation here (the engine normalises each slice on the device).
 pub fn to_network(vol: &Volume, range: SliceRange, size: usize) -> Result<Vec<f32>> {
     let [nx, ny, nz] = vol.dims;
     if range.last >= nz {

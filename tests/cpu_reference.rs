@@ -164,14 +164,14 @@ fn variant_config_forward_and_gradient() {
             && cfg.unet.use_new_attention_order
             && !cfg.classifier.use_scale_shift_norm
     );
-    let unet = fcd::pipeline::load_net(
+    let unet = fcd::model::load_net(
         &Cpu,
         &cfg.unet,
         fcd::model::NetKind::Unet,
         &dir.join("unet.pt"),
     )
     .unwrap();
-    let cls = fcd::pipeline::load_net(
+    let cls = fcd::model::load_net(
         &Cpu,
         &cfg.classifier,
         fcd::model::NetKind::Classifier,

@@ -10,8 +10,8 @@ use fcd::backend::cpu::Cpu;
 use fcd::backend::Backend;
 use fcd::cuda::backend::Cuda;
 use fcd::ddim::alphas_cumprod;
+use fcd::engine::{DetectOptions, Device, Engine};
 use fcd::model::{Net, NetKind};
-use fcd::pipeline;
 use fcd::sampler::Sampler;
 use fcd::tensor::{rel_l2, Tensor};
 
@@ -25,8 +25,8 @@ fn gpu() -> Option<Cuda> {
 
 fn gpu_nets(g: &Cuda) -> (Net<Cuda>, Net<Cuda>) {
     let cfg = config();
-    let unet = pipeline::load_net(g, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
-    let cls = pipeline::load_net(
+    let unet = fcd::model::load_net(g, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
+    let cls = fcd::model::load_net(
         g,
         &cfg.classifier,
         NetKind::Classifier,
@@ -175,39 +175,25 @@ fn gpu_sampler_n100() {
     ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
 )]
 fn gpu_detect_matches_cpu_detect() {
-    let Some(g) = gpu() else { return };
-    let cfg = config();
-    let (gu, gc) = gpu_nets(&g);
-    let (cu, cc) = nets(&cfg);
+    if gpu().is_none() {
+        return;
+    }
     let (flair, t1, noise) = (nhwc("flair_raw.npy"), nhwc("t1_raw.npy"), nhwc("noise.npy"));
-    let run_g = pipeline::detect(
-        &g,
-        &cfg,
-        &gu,
-        &gc,
-        &flair,
-        &t1,
-        &noise,
-        10,
-        5.0,
-        true,
-        |_, _| {},
-    )
-    .unwrap();
-    let run_c = pipeline::detect(
-        &Cpu,
-        &cfg,
-        &cu,
-        &cc,
-        &flair,
-        &t1,
-        &noise,
-        10,
-        5.0,
-        true,
-        |_, _| {},
-    )
-    .unwrap();
+    let run = |device| {
+        let engine = Engine::builder(fixture("config_small.yaml"))
+            .unet(fixture("unet.pt"))
+            .device(device)
+            .build()
+            .unwrap();
+        let options = DetectOptions {
+            steps: Some(10),
+            guidance: Some(5.0),
+            noise: Some(noise.clone()),
+            ..Default::default()
+        };
+        engine.detect(flair.clone(), t1.clone(), options).unwrap()
+    };
+    let (run_g, run_c) = (run(Device::Cuda), run(Device::Cpu));
     let e = rel_l2(&run_g.pseudo_healthy.data, &run_c.pseudo_healthy.data);
     // Both within 5 x floor of PyTorch (floor 5.1e-6 at N = 10), so of each other.
     assert!(

@@ -8,9 +8,9 @@ mod common;
 use common::*;
 use fcd::backend::Backend;
 use fcd::cuda::backend::Cuda;
+use fcd::engine::{DetectOptions, Device, Engine};
 use fcd::metrics::psnr;
 use fcd::model::{Net, NetKind};
-use fcd::pipeline;
 use fcd::precision::Precision;
 
 fn gpu(p: Precision) -> Option<Cuda> {
@@ -23,8 +23,8 @@ fn gpu(p: Precision) -> Option<Cuda> {
 
 fn gpu_nets(g: &Cuda) -> (Net<Cuda>, Net<Cuda>) {
     let cfg = config();
-    let unet = pipeline::load_net(g, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
-    let cls = pipeline::load_net(
+    let unet = fcd::model::load_net(g, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
+    let cls = fcd::model::load_net(
         g,
         &cfg.classifier,
         NetKind::Classifier,
@@ -91,26 +91,27 @@ fn gpu_fast_networks_against_pytorch() {
     ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
 )]
 fn gpu_fast_anomaly_maps_within_35_db() {
-    let cfg = config();
     let (flair, t1, noise) = (nhwc("flair_raw.npy"), nhwc("t1_raw.npy"), nhwc("noise.npy"));
     let detect = |p: Precision| {
-        let g = gpu(p)?;
-        let (unet, cls) = gpu_nets(&g);
-        let run = pipeline::detect(
-            &g,
-            &cfg,
-            &unet,
-            &cls,
-            &flair,
-            &t1,
-            &noise,
-            100,
-            5.0,
-            true,
-            |_, _| {},
+        gpu(p)?;
+        let engine = Engine::builder(fixture("config_small.yaml"))
+            .unet(fixture("unet.pt"))
+            .device(Device::Cuda)
+            .precision(p)
+            .build()
+            .unwrap();
+        let options = DetectOptions {
+            steps: Some(100),
+            guidance: Some(5.0),
+            noise: Some(noise.clone()),
+            ..Default::default()
+        };
+        Some(
+            engine
+                .detect(flair.clone(), t1.clone(), options)
+                .unwrap()
+                .anomaly,
         )
-        .unwrap();
-        Some(run.anomaly)
     };
     let Some(reference) = detect(Precision::Fp32) else {
         return;

@@ -1,10 +1,7 @@
 //! `fcd eval`: a dataset in, per-slice results and the set's metrics (SPEC 8) out.
 
-use super::device::{run_on, OnBackend};
-use super::Device;
-use crate::backend::Backend;
-use crate::config::Config;
-use crate::eval::{self, Job, Report, Settings};
+use crate::engine::Device;
+use crate::eval::{self, Job, Settings};
 use crate::precision::Precision;
 use crate::slices::SliceRange;
 use anyhow::{ensure, Result};
@@ -61,30 +58,10 @@ pub struct EvalArgs {
     save_maps: bool,
 }
 
-/// The evaluation on whichever backend `--device` picks.
-struct OnDevice<'a, 'b>(&'a Job<'b>);
-
-impl OnBackend for OnDevice<'_, '_> {
-    type Output = Report;
-    fn run<B: Backend>(self, backend: &B, device: &str) -> Result<Report> {
-        eval::run(backend, device, self.0)
-    }
-}
-
 pub fn run(args: EvalArgs) -> Result<()> {
-    let cfg = Config::load(&args.model.config)?;
-    let steps = args.steps.unwrap_or(cfg.defaults.noise_level);
-    let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
-    let threshold = args.threshold.unwrap_or(cfg.defaults.threshold);
-    ensure!(
-        steps >= 1 && steps <= cfg.schedule.timesteps,
-        "--steps {steps} must be in 1..={}",
-        cfg.schedule.timesteps
-    );
-    ensure!(
-        guidance.is_finite(),
-        "--guidance {guidance} is not a finite number"
-    );
+    let engine = args.model.engine(args.device, args.precision).build()?;
+    let (steps, guidance) = engine.resolve(args.steps, args.guidance)?;
+    let threshold = args.threshold.unwrap_or(engine.config().defaults.threshold);
     ensure!(
         (0.0..=1.0).contains(&threshold),
         "--threshold {threshold} must be in [0, 1] (anomaly maps are)"
@@ -94,13 +71,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "--radius {} must be a finite number >= 0",
         args.radius
     );
-    let classifier =
-        super::classifier_path(args.model.classifier.as_deref(), &cfg, &args.model.config)?;
     let job = Job {
-        cfg: &cfg,
-        config: &args.model.config,
-        unet: &args.model.unet,
-        classifier: &classifier,
         data: &args.data,
         out: &args.out,
         settings: Settings {
@@ -112,12 +83,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             seed: args.seed,
             slices: args.slices,
             batch: args.batch,
-            precision: args.precision,
         },
         restart: args.restart,
         save_maps: args.save_maps,
     };
-    let report = run_on(args.device, args.precision, OnDevice(&job))?;
+    let report = eval::run(&engine, &job)?;
     let e = &report.evaluation;
     let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
     println!(

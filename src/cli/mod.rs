@@ -2,12 +2,13 @@
 
 mod bench;
 mod detect;
-pub mod device;
 mod eval;
 mod inspect;
 
+use crate::engine::{Device, Engine, EngineBuilder};
+use crate::precision::Precision;
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -19,14 +20,6 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Device {
-    /// The GPU when one is usable, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(Subcommand)]
@@ -73,25 +66,16 @@ pub struct ModelArgs {
     classifier: Option<PathBuf>,
 }
 
-/// `--classifier`, else the config's classifier `ckpt_path` (a relative one
-/// taken from the config file's folder).
-fn classifier_path(
-    given: Option<&std::path::Path>,
-    cfg: &crate::config::Config,
-    config_file: &std::path::Path,
-) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_path_buf());
-    }
-    match &cfg.classifier.ckpt_path {
-        Some(p) if std::path::Path::new(p).is_absolute() => Ok(PathBuf::from(p)),
-        Some(p) => Ok(config_file
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join(p)),
-        None => anyhow::bail!(
-            "no --classifier given and {} has no classifier ckpt_path",
-            config_file.display()
-        ),
+impl ModelArgs {
+    /// The engine these files describe, on `device` in `precision`.
+    fn engine(&self, device: Device, precision: Precision) -> EngineBuilder {
+        let b = Engine::builder(&self.config)
+            .unet(&self.unet)
+            .device(device)
+            .precision(precision);
+        match &self.classifier {
+            Some(c) => b.classifier(c),
+            None => b,
+        }
     }
 }

@@ -4,8 +4,8 @@
 use fcd::backend::cpu::Cpu;
 use fcd::config::Config;
 use fcd::io::npy;
+use fcd::model::load_net;
 use fcd::model::{Net, NetKind};
-use fcd::pipeline;
 use fcd::tensor::Tensor;
 use std::path::PathBuf;
 
@@ -62,8 +62,8 @@ pub fn config() -> Config {
 }
 
 pub fn nets(cfg: &Config) -> (Net<Cpu>, Net<Cpu>) {
-    let unet = pipeline::load_net(&Cpu, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
-    let cls = pipeline::load_net(
+    let unet = load_net(&Cpu, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
+    let cls = load_net(
         &Cpu,
         &cfg.classifier,
         NetKind::Classifier,

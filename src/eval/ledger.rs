@@ -1,0 +1,225 @@
+//! What makes an evaluation resumable: run.json pins the inputs and settings the records
+//! depend on, records.jsonl holds one line per finished slice, and slices.csv follows it.
+
+use super::rows::{csv_text, Fnv1a, Row};
+use super::{Job, ModelFiles, MAPS_DIR, METRICS_FILE, RECORDS_FILE, RUN_FILE, SLICES_FILE};
+use crate::io::npy;
+use crate::precision::Precision;
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+fn file_hash(path: &Path) -> Result<String> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Fnv1a::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:016x}", h.0))
+}
+
+pub(super) fn abs(p: &Path) -> String {
+    fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// The part of run.json a resumed run must match, passed through JSON text once so that it
+/// compares equal to the same key read back from the file.
+pub(super) fn run_key(files: &ModelFiles, job: &Job) -> Result<Value> {
+    let s = &job.settings;
+    let key = json!({
+        "config_fnv1a": file_hash(files.config)?,
+        "unet_fnv1a": file_hash(files.unet)?,
+        "classifier_fnv1a": file_hash(files.classifier)?,
+        "data": abs(job.data),
+        "image_size": files.image_size,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "hist_match": s.hist_match,
+        "threshold": s.threshold,
+        "radius": s.radius,
+        "seed": s.seed,
+        "slices": format!("{}:{}", s.slices.first, s.slices.last),
+    });
+    // fp32 runs keep the key they had before precisions existed.
+    let mut key = key;
+    if files.precision != Precision::Fp32 {
+        key["precision"] = json!(files.precision.label());
+    }
+    Ok(serde_json::from_str(&key.to_string())?)
+}
+
+/// Records of an earlier run in `out`: checks its run.json against `key` and reads
+/// records.jsonl. Returns the rows and the length of the file's complete lines (a run killed
+/// while appending can leave a partial last line, which is dropped).
+pub(super) fn earlier_records(out: &Path, key: &Value) -> Result<(Vec<Row>, Option<u64>)> {
+    let run_path = out.join(RUN_FILE);
+    let rec_path = out.join(RECORDS_FILE);
+    if !run_path.exists() {
+        ensure!(
+            !rec_path.exists(),
+            "{} exists but {} does not: use a new --out or --restart",
+            rec_path.display(),
+            run_path.display()
+        );
+        return Ok((Vec::new(), None));
+    }
+    let text =
+        fs::read_to_string(&run_path).with_context(|| format!("reading {}", run_path.display()))?;
+    let run: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not JSON (use --restart)", run_path.display()))?;
+    let old = &run["key"];
+    if old != key {
+        let differ: Vec<String> = key
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| old.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k} {} (now {v})",
+                    old.get(k.as_str()).unwrap_or(&Value::Null)
+                )
+            })
+            .collect();
+        bail!(
+            "{} was started with other inputs or settings ({}): use a new --out, or --restart to discard its results",
+            out.display(),
+            differ.join(", ")
+        );
+    }
+    if !rec_path.exists() {
+        return Ok((Vec::new(), None));
+    }
+    let bytes = fs::read(&rec_path).with_context(|| format!("reading {}", rec_path.display()))?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let text = std::str::from_utf8(&bytes[..complete])
+        .with_context(|| format!("{}: not UTF-8 text", rec_path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: Row = serde_json::from_str(line)
+            .map_err(anyhow::Error::from)
+            .and_then(|r: Row| r.check().map(|()| r))
+            .with_context(|| {
+                format!(
+                    "{} line {}: not a slice record (delete the line, or use --restart)",
+                    rec_path.display(),
+                    i + 1
+                )
+            })?;
+        rows.push(row);
+    }
+    let truncate = (complete < bytes.len()).then_some(complete as u64);
+    Ok((rows, truncate))
+}
+
+pub(super) fn remove_outputs(out: &Path) -> Result<()> {
+    for name in [RUN_FILE, RECORDS_FILE, SLICES_FILE, METRICS_FILE] {
+        let p = out.join(name);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", p.display()))
+            }
+            _ => {}
+        }
+    }
+    let maps = out.join(MAPS_DIR);
+    if maps.is_dir() {
+        fs::remove_dir_all(&maps).with_context(|| format!("removing {}", maps.display()))?;
+    }
+    Ok(())
+}
+
+/// Appends finished slices to records.jsonl and slices.csv, each flushed and synced per batch.
+pub(super) struct Sink {
+    records: File,
+    csv: File,
+    records_path: PathBuf,
+    csv_path: PathBuf,
+    maps: Option<PathBuf>,
+}
+
+impl Sink {
+    /// Opens the ledger of `out`: drops a partial last record line (`truncate`), rewrites
+    /// slices.csv from the `rows` kept, and makes the maps folder when maps are saved.
+    pub(super) fn open<'a>(
+        out: &Path,
+        truncate: Option<u64>,
+        rows: impl Iterator<Item = &'a Row>,
+        save_maps: bool,
+    ) -> Result<Sink> {
+        let records_path = out.join(RECORDS_FILE);
+        if let Some(len) = truncate {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&records_path)
+                .with_context(|| format!("opening {}", records_path.display()))?;
+            f.set_len(len).with_context(|| {
+                format!(
+                    "dropping the partial last line of {}",
+                    records_path.display()
+                )
+            })?;
+        }
+        let csv_path = out.join(SLICES_FILE);
+        crate::io::atomic::write_atomic(&csv_path, csv_text(rows).as_bytes())?;
+        let maps = save_maps.then(|| out.join(MAPS_DIR));
+        if let Some(dir) = &maps {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(Sink {
+            records: open_append(&records_path)?,
+            csv: open_append(&csv_path)?,
+            records_path,
+            csv_path,
+            maps,
+        })
+    }
+
+    pub(super) fn append(&mut self, rows: &[Row], maps: &[&[f32]], size: usize) -> Result<()> {
+        if let Some(dir) = &self.maps {
+            for (r, a) in rows.iter().zip(maps) {
+                npy::write_f32(&dir.join(format!("{}.npy", r.id)), &[size, size], a)?;
+            }
+        }
+        let mut lines = String::new();
+        let mut csv = String::new();
+        for r in rows {
+            lines.push_str(&serde_json::to_string(r)?);
+            lines.push('\n');
+            csv.push_str(&r.csv_line());
+            csv.push('\n');
+        }
+        for (f, text, path) in [
+            (&mut self.records, &lines, &self.records_path),
+            (&mut self.csv, &csv, &self.csv_path),
+        ] {
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.sync_data())
+                .with_context(|| format!("appending to {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
