@@ -173,11 +173,12 @@ pub struct Engine {
     nets: Nets,
 }
 
-// The engine moves between threads (the embeddings release the GIL and run it elsewhere).
-const _: fn() = || {
-    fn send<T: Send>() {}
-    // RESTORE-AFTER-MERGE send::<Engine>();
-};
+// SAFETY: every field is `Send` but the CUDA backend's recorded graphs, which cudarc leaves
+// without `Send` because they hold raw driver handles. Those handles are process-wide: the
+// driver accepts them from any thread whose current context is theirs, and cudarc binds the
+// graph's context before every graph call. `Engine` is not `Sync`, so one thread at a time
+// uses them.
+unsafe impl Send for Engine {}
 
 impl Engine {
     /// An engine for the diffusion config at `config` (the published YAML layout).
@@ -257,7 +258,33 @@ impl Engine {
     }
 
     /// Detection on the axial slices `range` of co-registered volumes (as read by
-    /// [`crate::io::volume::read_volume`]), with the maps on the FLAIR's grid.
+    /// [`crate::io::volume::read_volume`]), with the maps on the FLAIR's grid. The optional
+    /// mask is checked as `fcd detect` checks it ([`crate::inputs`]).
+    ///
+    /// ```
+    /// # use fcd::engine::{DetectOptions, Device, Engine};
+    /// # let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    /// # let engine = Engine::builder(format!("{fixtures}/config_small.yaml"))
+    /// #     .unet(format!("{fixtures}/unet.pt"))
+    /// #     .device(Device::Cpu)
+    /// #     .build()?;
+    /// use fcd::io::volume::Volume;
+    ///
+    /// let dims = [40, 36, 6];
+    /// let mut affine = [[0.0; 4]; 4];
+    /// (0..4).for_each(|i| affine[i][i] = 1.0);
+    /// let volume = |k: f32| Volume {
+    ///     dims,
+    ///     data: (0..40 * 36 * 6).map(|i| (i as f32 * k) % 13.0).collect(),
+    ///     affine,
+    ///     path: "synthetic".into(),
+    /// };
+    /// let options = DetectOptions { steps: Some(1), ..Default::default() };
+    /// let out = engine.detect_volume(volume(1.0), &volume(3.0), None, "2:3".parse()?, options)?;
+    /// assert_eq!(out.anomaly.dims, dims);
+    /// assert!(out.peaks.iter().all(|p| (2..=3).contains(&p.slice)));
+    /// # anyhow::Ok(())
+    /// ```
     pub fn detect_volume(
         &self,
         flair: Volume,
