@@ -223,11 +223,7 @@ pub fn from_volumes(
     for (data, vol) in [(&fd, &flair), (&td, t1)] {
         for (i, sl) in data.chunks(size * size).enumerate() {
             post::normalize_slice(sl).with_context(|| {
-                format!(
-                    "{}: axial slice z = {}",
-                    vol.path.display(),
-                    range.first + i
-                )
+                format!("{}: axial slice {}", vol.path.display(), range.first + i)
             })?;
         }
     }

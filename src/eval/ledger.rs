@@ -3,7 +3,10 @@
 
 use super::rows::{csv_text, Fnv1a, Row};
 use super::{Job, ModelFiles, MAPS_DIR, METRICS_FILE, RECORDS_FILE, RUN_FILE, SLICES_FILE};
+use crate::io::atomic::write_atomic;
+use crate::io::dataset::Problem;
 use crate::io::npy;
+use crate::metrics::Evaluation;
 use crate::precision::Precision;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -127,7 +130,7 @@ pub(super) fn earlier_records(out: &Path, key: &Value) -> Result<(Vec<Row>, Opti
     Ok((rows, truncate))
 }
 
-pub(super) fn remove_outputs(out: &Path) -> Result<()> {
+fn remove_outputs(out: &Path) -> Result<()> {
     for name in [RUN_FILE, RECORDS_FILE, SLICES_FILE, METRICS_FILE] {
         let p = out.join(name);
         match fs::remove_file(&p) {
@@ -154,14 +157,24 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    /// Opens the ledger of `out`: drops a partial last record line (`truncate`), rewrites
-    /// slices.csv from the `rows` kept, and makes the maps folder when maps are saved.
-    pub(super) fn open<'a>(
-        out: &Path,
+    /// Starts the ledger of `job.out`: discards earlier results on `--restart`, writes
+    /// run.json, drops a partial last record line (`truncate`), rewrites slices.csv from the
+    /// `rows` kept, and makes the maps folder when maps are saved.
+    pub(super) fn start<'a>(
+        job: &Job,
+        run_json: &Value,
         truncate: Option<u64>,
         rows: impl Iterator<Item = &'a Row>,
-        save_maps: bool,
     ) -> Result<Sink> {
+        let out = job.out;
+        fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        if job.restart {
+            remove_outputs(out)?;
+        }
+        write_atomic(
+            &out.join(RUN_FILE),
+            serde_json::to_string_pretty(run_json)?.as_bytes(),
+        )?;
         let records_path = out.join(RECORDS_FILE);
         if let Some(len) = truncate {
             let f = OpenOptions::new()
@@ -176,8 +189,8 @@ impl Sink {
             })?;
         }
         let csv_path = out.join(SLICES_FILE);
-        crate::io::atomic::write_atomic(&csv_path, csv_text(rows).as_bytes())?;
-        let maps = save_maps.then(|| out.join(MAPS_DIR));
+        write_atomic(&csv_path, csv_text(rows).as_bytes())?;
+        let maps = job.save_maps.then(|| out.join(MAPS_DIR));
         if let Some(dir) = &maps {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -214,6 +227,26 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// Rewrites slices.csv in id order and writes metrics.json with the bad cases.
+pub(super) fn finish<'a>(
+    out: &Path,
+    rows: impl Iterator<Item = &'a Row>,
+    evaluation: &Evaluation,
+    bad: &[Problem],
+) -> Result<()> {
+    write_atomic(&out.join(SLICES_FILE), csv_text(rows).as_bytes())?;
+    let mut metrics = serde_json::to_value(evaluation)?;
+    metrics["n_bad_cases"] = json!(bad.len());
+    metrics["bad_cases"] = bad
+        .iter()
+        .map(|p| json!({"id": p.id, "reason": p.reason}))
+        .collect();
+    write_atomic(
+        &out.join(METRICS_FILE),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )
 }
 
 fn open_append(path: &Path) -> Result<File> {

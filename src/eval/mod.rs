@@ -24,7 +24,6 @@ pub mod rows;
 
 use crate::engine::{seeded_noise, DetectOptions, Engine, Weights};
 use crate::inputs::{self, Prepared};
-use crate::io::atomic::write_atomic;
 use crate::io::dataset::{self, Case, Problem};
 use crate::metrics::{self, Evaluation};
 use crate::precision::Precision;
@@ -33,10 +32,9 @@ use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use ledger::{abs, Sink};
-use rows::{case_slice_ids, csv_text, slice_id, slice_seed, Row};
+use rows::{case_slice_ids, slice_id, slice_seed, Row};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::Path;
 
 /// Output file names inside the output directory.
@@ -163,48 +161,15 @@ fn prepare(
 pub fn run(engine: &Engine, job: &Job) -> Result<Report> {
     let s = &job.settings;
     let files = ModelFiles::of(engine)?;
-    let size = files.image_size;
     let ds = dataset::discover(job.data)?;
     let key = ledger::run_key(&files, job)?;
-    let (old_rows, truncate) = if job.restart {
-        (Vec::new(), None)
-    } else {
-        ledger::earlier_records(job.out, &key)?
-    };
-
-    let expected: BTreeSet<String> = ds
-        .cases
-        .iter()
-        .flat_map(|c| case_slice_ids(c, s.slices))
-        .collect();
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    let mut stale = 0;
-    for r in old_rows {
-        if expected.contains(&r.id) {
-            rows.insert(r.id.clone(), r);
-        } else {
-            stale += 1;
-        }
-    }
-    if stale > 0 {
-        eprintln!(
-            "note: {stale} records of slices no longer in {} are left out of the metrics",
-            job.data.display()
-        );
-    }
+    let (mut rows, truncate) = earlier_rows(job, &ds.cases, &key)?;
     let earlier = rows.len();
-    let todo = expected.len() - earlier;
     let batch = match s.batch {
         Some(0) => bail!("--batch must be at least 1"),
         Some(b) => b,
         None => engine.auto_batch()?.unwrap_or(DEFAULT_BATCH),
     };
-
-    let out = job.out;
-    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    if job.restart {
-        ledger::remove_outputs(out)?;
-    }
     let run_json = json!({
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "key": key,
@@ -215,80 +180,136 @@ pub fn run(engine: &Engine, job: &Job) -> Result<Report> {
         "device": engine.device(),
         "batch": batch,
     });
-    write_atomic(
-        &out.join(RUN_FILE),
-        serde_json::to_string_pretty(&run_json)?.as_bytes(),
-    )?;
-    let mut sink = Sink::open(out, truncate, rows.values(), job.save_maps)?;
-
+    let mut sink = Sink::start(job, &run_json, truncate, rows.values())?;
     let mut bad: Vec<Problem> = ds.problems.clone();
     for p in &ds.problems {
         eprintln!("skipped {}: {}", p.id, p.reason);
     }
-    let bar = ProgressBar::new(todo as u64);
-    bar.set_style(ProgressStyle::with_template(
-        "[{bar:40}] {pos}/{len} slices, {elapsed} (eta {eta})",
-    )?);
-    let mut evaluated = 0;
-    let mut pending: Vec<Slice> = Vec::new();
-    let mut flush = |batch: Vec<Slice>, rows: &mut BTreeMap<String, Row>| -> Result<()> {
-        let (new, maps) = run_batch(engine, s, size, &batch)?;
-        let maps: Vec<&[f32]> = maps.chunks_exact(size * size).collect();
-        sink.append(&new, &maps, size)?;
-        bar.inc(batch.len() as u64);
-        evaluated += batch.len();
-        for r in new {
-            rows.insert(r.id.clone(), r);
-        }
-        Ok(())
+    let mut runner = Runner {
+        engine,
+        settings: s,
+        size: files.image_size,
+        sink: &mut sink,
+        evaluated: 0,
     };
-    for case in &ds.cases {
-        let ids = case_slice_ids(case, s.slices);
-        let missing = ids.iter().filter(|id| !rows.contains_key(*id)).count();
-        if missing == 0 {
-            continue;
-        }
-        match prepare(case, size, s.slices, |id| !rows.contains_key(id)) {
-            Ok(slices) => pending.extend(slices),
-            Err(e) => {
-                let reason = format!("{e:#}");
-                bar.suspend(|| eprintln!("skipped {}: {reason}", case.id));
-                bar.set_length(bar.length().unwrap_or(0).saturating_sub(missing as u64));
-                bad.push(Problem {
-                    id: case.id.clone(),
-                    reason,
-                });
-            }
-        }
-        while pending.len() >= batch {
-            let rest = pending.split_off(batch);
-            flush(std::mem::replace(&mut pending, rest), &mut rows)?;
-        }
-    }
-    if !pending.is_empty() {
-        flush(pending, &mut rows)?;
-    }
-    bar.finish_and_clear();
-
+    runner.all_cases(&ds.cases, batch, &mut rows, &mut bad)?;
+    let evaluated = runner.evaluated;
     bad.sort_by(|a, b| a.id.cmp(&b.id));
     let evaluation = metrics::summarize(rows.values().map(|r| &r.counts), s.threshold, s.radius);
-    write_atomic(&out.join(SLICES_FILE), csv_text(rows.values()).as_bytes())?;
-    let mut metrics = serde_json::to_value(&evaluation)?;
-    metrics["n_bad_cases"] = json!(bad.len());
-    metrics["bad_cases"] = bad
-        .iter()
-        .map(|p| json!({"id": p.id, "reason": p.reason}))
-        .collect();
-    write_atomic(
-        &out.join(METRICS_FILE),
-        serde_json::to_string_pretty(&metrics)?.as_bytes(),
-    )?;
+    ledger::finish(job.out, rows.values(), &evaluation, &bad)?;
     Ok(Report {
         evaluated,
         earlier,
         bad_cases: bad,
         evaluation,
     })
+}
+
+/// The records of an earlier run that this run keeps (by slice id), and the length to cut
+/// records.jsonl to.
+fn earlier_rows(
+    job: &Job,
+    cases: &[Case],
+    key: &serde_json::Value,
+) -> Result<(BTreeMap<String, Row>, Option<u64>)> {
+    if job.restart {
+        return Ok((BTreeMap::new(), None));
+    }
+    let (old_rows, truncate) = ledger::earlier_records(job.out, key)?;
+    let expected: BTreeSet<String> = cases
+        .iter()
+        .flat_map(|c| case_slice_ids(c, job.settings.slices))
+        .collect();
+    let (kept, stale): (Vec<Row>, Vec<Row>) =
+        old_rows.into_iter().partition(|r| expected.contains(&r.id));
+    if !stale.is_empty() {
+        eprintln!(
+            "note: {} records of slices no longer in {} are left out of the metrics",
+            stale.len(),
+            job.data.display()
+        );
+    }
+    Ok((
+        kept.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        truncate,
+    ))
+}
+
+/// The sampling part of a run: slices in batches through the engine, rows to the ledger.
+struct Runner<'a> {
+    engine: &'a Engine,
+    settings: &'a Settings,
+    size: usize,
+    sink: &'a mut Sink,
+    evaluated: usize,
+}
+
+impl Runner<'_> {
+    /// Evaluates every slice of `cases` not in `rows` yet, `batch` at a time; a case that
+    /// cannot be prepared joins `bad`.
+    fn all_cases(
+        &mut self,
+        cases: &[Case],
+        batch: usize,
+        rows: &mut BTreeMap<String, Row>,
+        bad: &mut Vec<Problem>,
+    ) -> Result<()> {
+        let s = self.settings;
+        let todo: usize = cases
+            .iter()
+            .flat_map(|c| case_slice_ids(c, s.slices))
+            .filter(|id| !rows.contains_key(id))
+            .count();
+        let bar = ProgressBar::new(todo as u64);
+        bar.set_style(ProgressStyle::with_template(
+            "[{bar:40}] {pos}/{len} slices, {elapsed} (eta {eta})",
+        )?);
+        let mut pending: Vec<Slice> = Vec::new();
+        for case in cases {
+            let ids = case_slice_ids(case, s.slices);
+            let missing = ids.iter().filter(|id| !rows.contains_key(*id)).count();
+            if missing == 0 {
+                continue;
+            }
+            match prepare(case, self.size, s.slices, |id| !rows.contains_key(id)) {
+                Ok(slices) => pending.extend(slices),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    bar.suspend(|| eprintln!("skipped {}: {reason}", case.id));
+                    bar.set_length(bar.length().unwrap_or(0).saturating_sub(missing as u64));
+                    bad.push(Problem {
+                        id: case.id.clone(),
+                        reason,
+                    });
+                }
+            }
+            while pending.len() >= batch {
+                let rest = pending.split_off(batch);
+                self.flush(&std::mem::replace(&mut pending, rest), rows, &bar)?;
+            }
+        }
+        if !pending.is_empty() {
+            self.flush(&pending, rows, &bar)?;
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        batch: &[Slice],
+        rows: &mut BTreeMap<String, Row>,
+        bar: &ProgressBar,
+    ) -> Result<()> {
+        let size = self.size;
+        let (new, maps) = run_batch(self.engine, self.settings, size, batch)?;
+        let maps: Vec<&[f32]> = maps.chunks_exact(size * size).collect();
+        self.sink.append(&new, &maps, size)?;
+        bar.inc(batch.len() as u64);
+        self.evaluated += batch.len();
+        rows.extend(new.into_iter().map(|r| (r.id.clone(), r)));
+        Ok(())
+    }
 }
 
 /// Samples one batch; returns its rows and its anomaly maps (`[B, size, size]`).
