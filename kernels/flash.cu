@@ -156,6 +156,7 @@ __device__ __forceinline__ void stage_kv(const float* base, unsigned c3, const Q
         }
     }
 }
+
 // One block of 64 query rows of one (batch, head). DMAX: the largest padded
 // head dim this instantiation handles (register arrays and shared memory
 // are sized for it; loops run over the actual dp with warp-uniform guards).

@@ -173,9 +173,10 @@ __device__ __forceinline__ Row decode_row(const ConvArgs& p, int m) {
 
 // The A operand's share of one thread in one K tile of width BKT: NR rows,
 // rows[i] = t / (BKT / 4) + (THREADS / (BKT / 4)) i, columns 4 (t % (BKT / 4))
-// .. +3, gathered with the prologue (GroupNorm apply, SiLU, resampling) and
-// zero padding applied. Both precisions stage A through this; they differ
-// only in how the four values are stored (rounded to T, or as float32).
+// .. +3 (the caller decodes `rows` to match), gathered with zero padding and
+// the prologue (GroupNorm apply, SiLU, resampling; deferred to value() for
+// raw VEC loads). Both precisions stage A through this; they differ only in
+// how value() is stored (rounded to T, or as float32) and in the B tile.
 template <int RS, bool VEC, int BKT, int NR>
 struct StageA {
     float4 av[NR];  // A values: raw x (VEC, RS != DOWN) or transformed
