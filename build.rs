@@ -1,5 +1,6 @@
 //! Compiles every `kernels/*.cu` with NVRTC into CUBIN for sm_80 and sm_90
-//! and PTX for compute_80, and generates `$OUT_DIR/kernels.rs`, which embeds
+//! and PTX for compute_80, with `kernels/common/` (the shared `.cuh`
+//! headers) on the include path, and generates `$OUT_DIR/kernels.rs`, which embeds
 //! them (`src/cuda/kernels.rs` includes it).
 //!
 //! NVRTC is loaded at build time by cudarc (dynamic loading), so the build
@@ -76,6 +77,8 @@ fn main() {
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernel_dir = manifest.join("kernels");
+    // The shared headers every kernel may include ("tensor_core.cuh", ...).
+    let common_dir = kernel_dir.join("common");
     println!("cargo:rerun-if-changed={}", kernel_dir.display());
     for var in ENV_VARS {
         println!("cargo:rerun-if-env-changed={var}");
@@ -91,6 +94,17 @@ fn main() {
     for k in &kernels {
         println!("cargo:rerun-if-changed={}", k.path.display());
     }
+    // Named one by one as the kernels are: a directory entry alone is only
+    // as reliable as cargo's scan of it.
+    println!("cargo:rerun-if-changed={}", common_dir.display());
+    match read_headers(&common_dir) {
+        Ok(headers) => {
+            for h in headers {
+                println!("cargo:rerun-if-changed={}", h.display());
+            }
+        }
+        Err(e) => fail(&e),
+    }
 
     let generated = match nvrtc_version() {
         Err(reason) => {
@@ -104,7 +118,9 @@ fn main() {
             generate(None, &format!("{reason}; {HOWTO}"), &[])
         }
         Ok(version) => {
-            let includes = include_dirs(&manifest);
+            // The project's headers first, so that no CUDA header can shadow them.
+            let mut includes = vec![common_dir.clone()];
+            includes.extend(include_dirs(&manifest));
             match compile_all(&kernels, &includes, &out_dir) {
                 Ok(compiled) => generate(Some(&version), "", &compiled),
                 Err(log) => fail(&log),
@@ -136,6 +152,25 @@ fn fail(message: &str) -> ! {
     std::process::exit(1)
 }
 
+/// The `.cuh` headers of `kernels/common/`: included by kernels, never
+/// compiled on their own (`read_kernels` takes only `kernels/*.cu`).
+fn read_headers(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let mut headers = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+            .path();
+        if path.extension().is_some_and(|ext| ext == "cuh") {
+            headers.push(path);
+        }
+    }
+    headers.sort();
+    Ok(headers)
+}
+
+/// The top-level `kernels/*.cu` files, one module each; subfolders and other
+/// extensions (the headers of `kernels/common/`) are not kernels.
 fn read_kernels(dir: &Path) -> Result<Vec<Kernel>, String> {
     let entries = fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut kernels = Vec::new();

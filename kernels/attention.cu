@@ -13,6 +13,8 @@
 // are always formed by warp_dot, so the forward-like pass of the backward
 // and its per-key pass compute bit-identical weights.
 
+#include "reduce.cuh"
+
 struct Head {
     unsigned long long qkv_row0;  // flat index of (batch, token 0) in qkv
     unsigned long long out_row0;  // flat index of (batch, token 0) in out / dout
@@ -37,21 +39,6 @@ __device__ __forceinline__ Head head_of(unsigned bi, unsigned h, unsigned t, uns
     return r;
 }
 
-__device__ __forceinline__ float warp_sum_f(float v) {
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-    return v;
-}
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max_f(float v) {
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, off));
-    return v;
-}
-
 // (a sa) . (b sb) over d elements by one whole warp; the result is valid in
 // lane 0. Each factor is rounded after scaling, as the CPU twin gathers the
 // scaled q and k before its matmul.
@@ -60,44 +47,6 @@ __device__ __forceinline__ float warp_dot(const float* a, float sa, const float*
     float acc = 0.0f;
     for (unsigned k = lane; k < d; k += 32) acc = fmaf(__fmul_rn(a[k], sa), __fmul_rn(b[k], sb), acc);
     return warp_sum_f(acc);
-}
-
-// Reductions over the block, returned to every thread; `scratch` holds 33
-// values and the trailing barrier lets the next call reuse it.
-__device__ double block_sum_d(double v, double* scratch) {
-    const unsigned lane = threadIdx.x & 31u;
-    const unsigned warp = threadIdx.x >> 5;
-    const unsigned nwarps = (blockDim.x + 31u) >> 5;
-    v = warp_sum_d(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double r = lane < nwarps ? scratch[lane] : 0.0;
-        r = warp_sum_d(r);
-        if (lane == 0) scratch[32] = r;
-    }
-    __syncthreads();
-    const double total = scratch[32];
-    __syncthreads();
-    return total;
-}
-
-__device__ float block_max_f(float v, float* scratch) {
-    const unsigned lane = threadIdx.x & 31u;
-    const unsigned warp = threadIdx.x >> 5;
-    const unsigned nwarps = (blockDim.x + 31u) >> 5;
-    v = warp_max_f(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float r = lane < nwarps ? scratch[lane] : __int_as_float(0xff800000);
-        r = warp_max_f(r);
-        if (lane == 0) scratch[32] = r;
-    }
-    __syncthreads();
-    const float total = scratch[32];
-    __syncthreads();
-    return total;
 }
 
 // Fills w[0..t) with the softmax weights of query row i (logits formed

@@ -91,8 +91,8 @@
 // as float2 for rows < t and columns < d. A 16-byte aligned base pointer is
 // assumed (every cudarc allocation is).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "reduce.cuh"
+#include "tensor_core.cuh"
 
 namespace flash {
 
@@ -104,62 +104,57 @@ enum : int {
     PAD = 8,        // elements of padding at the end of a shared row
 };
 
-template <typename T>
-struct Ops;
-
-template <>
-struct Ops<__nv_bfloat16> {
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low half)
-        return *reinterpret_cast<unsigned*>(&v);
-    }
-    static __device__ __forceinline__ float2 unpack(unsigned u) {
-        return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
-    }
-    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                               unsigned b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
+// Channel offsets of head h's q, k and v inside a qkv row (layouts above).
+struct QkvOffsets {
+    unsigned q, k, v;
 };
 
-template <>
-struct Ops<__half> {
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        __half2 v = __floats2half2_rn(lo, hi);  // .x = lo (low half)
-        return *reinterpret_cast<unsigned*>(&v);
+__device__ __forceinline__ QkvOffsets qkv_offsets(unsigned h, unsigned c, unsigned d, int legacy) {
+    QkvOffsets o;
+    if (legacy) {
+        o.q = h * 3u * d;
+        o.k = o.q + d;
+        o.v = o.q + 2u * d;
+    } else {
+        o.q = h * d;
+        o.k = c + h * d;
+        o.v = 2u * c + h * d;
     }
-    static __device__ __forceinline__ float2 unpack(unsigned u) {
-        return __half22float2(*reinterpret_cast<__half2*>(&u));
-    }
-    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                               unsigned b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
-// Four 8 x 8 tiles of 16-bit elements; lane i gives the address of row i % 8
-// of tile i / 8 (16-byte aligned). The memory clobber keeps these reads on
-// their side of the __syncthreads that guard the staging stores.
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const unsigned short* p) {
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a)
-                 : "memory");
+    return o;
 }
 
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const unsigned short* p) {
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a)
-                 : "memory");
+// The K / V staging of both kernels: rows key0 .. of the tile, channels
+// 0 .. 4 per_row - 1, read from global memory as float4 slots spread evenly
+// over the block, slot tid + it * THREADS in iteration it. Slots of keys
+// >= t or channels >= d read as zeros and are still stored, so that the
+// padding the mma reads is zero. `put(r, col, in, k, v)` stores one slot
+// of row r, channels col .. col + 3: the conversion to the kernel's
+// shared-memory type is all that differs between the kernels.
+// WHOLE: `used` counts the iterations in use, each a whole THREADS slots (a
+// warp-uniform test, which costs the 16-bit kernel fewer registers than a
+// per-thread one); else `used` counts the slots.
+template <int ITERS, bool WHOLE, typename Put>
+__device__ __forceinline__ void stage_kv(const float* base, unsigned c3, const QkvOffsets& off,
+                                         unsigned key0, unsigned t, unsigned d, unsigned per_row,
+                                         unsigned used, unsigned tid, Put put) {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+        const unsigned idx = tid + (unsigned)it * THREADS;
+        if (WHOLE ? it < (int)used : idx < used) {
+            const unsigned r = idx / per_row;
+            const unsigned col = (idx - r * per_row) * 4u;
+            const unsigned key = key0 + r;
+            const bool in = key < t && col < d;
+            float4 kx = make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 vx = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (in) {
+                const float* rowp = base + (unsigned long long)key * c3;
+                kx = *reinterpret_cast<const float4*>(rowp + off.k + col);
+                vx = *reinterpret_cast<const float4*>(rowp + off.v + col);
+            }
+            put(r, col, in, kx, vx);
+        }
+    }
 }
 
 // One block of 64 query rows of one (batch, head). DMAX: the largest padded
@@ -188,16 +183,7 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
     const unsigned h = blockIdx.y;
     const unsigned bi = blockIdx.z;
     const unsigned c3 = 3u * c;
-    unsigned qo, ko, vo;
-    if (legacy) {
-        qo = h * 3u * d;
-        ko = qo + d;
-        vo = qo + 2u * d;
-    } else {
-        qo = h * d;
-        ko = c + h * d;
-        vo = 2u * c + h * d;
-    }
+    const QkvOffsets off = qkv_offsets(h, c, d, legacy);
     const float* base = qkv + (unsigned long long)bi * t * c3;
     const unsigned row0 = blockIdx.x * BM + warp * 16u;  // first query row of this warp
     const bool active = row0 < t;                         // uniform per warp
@@ -218,17 +204,17 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
             const bool lo_in = col < d;
             const bool hi_in = col + 8u < d;
             if (r0 < t) {
-                const float* p = base + (unsigned long long)r0 * c3 + qo + col;
+                const float* p = base + (unsigned long long)r0 * c3 + off.q + col;
                 if (lo_in) x[0] = *reinterpret_cast<const float2*>(p);
                 if (hi_in) x[2] = *reinterpret_cast<const float2*>(p + 8);
             }
             if (r1 < t) {
-                const float* p = base + (unsigned long long)r1 * c3 + qo + col;
+                const float* p = base + (unsigned long long)r1 * c3 + off.q + col;
                 if (lo_in) x[1] = *reinterpret_cast<const float2*>(p);
                 if (hi_in) x[3] = *reinterpret_cast<const float2*>(p + 8);
             }
 #pragma unroll
-            for (int e = 0; e < 4; ++e) qf[kk][e] = Ops<T>::pack(x[e].x, x[e].y);
+            for (int e = 0; e < 4; ++e) qf[kk][e] = pack2<T>(x[e].x, x[e].y);
         }
     }
 
@@ -250,26 +236,17 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
         __syncthreads();  // every warp is done reading the previous tile
         // Stage K and V rows key0 .. key0+63, channels 0..dp, as T. The
         // 64 * dp / 4 float4 slots split evenly: dp / 8 per thread.
-#pragma unroll
-        for (int it = 0; it < DMAX / 8; ++it) {
-            if (it < (int)(dp / 8)) {
-                const unsigned idx = tid + (unsigned)it * THREADS;
-                const unsigned r = idx / per_row;
-                const unsigned col = (idx - r * per_row) * 4u;
-                const unsigned key = key0 + r;
-                uint2 kw = make_uint2(0u, 0u);
-                uint2 vw = make_uint2(0u, 0u);
-                if (key < t && col < d) {
-                    const float* rowp = base + (unsigned long long)key * c3;
-                    const float4 kx = *reinterpret_cast<const float4*>(rowp + ko + col);
-                    const float4 vx = *reinterpret_cast<const float4*>(rowp + vo + col);
-                    kw = make_uint2(Ops<T>::pack(kx.x, kx.y), Ops<T>::pack(kx.z, kx.w));
-                    vw = make_uint2(Ops<T>::pack(vx.x, vx.y), Ops<T>::pack(vx.z, vx.w));
-                }
-                *reinterpret_cast<uint2*>(&ks[r * ld + col]) = kw;
-                *reinterpret_cast<uint2*>(&vs[r * ld + col]) = vw;
-            }
-        }
+        stage_kv<DMAX / 8, true>(base, c3, off, key0, t, d, per_row, dp / 8, tid,
+                           [&](unsigned r, unsigned col, bool in, float4 kx, float4 vx) {
+                               uint2 kw = make_uint2(0u, 0u);
+                               uint2 vw = make_uint2(0u, 0u);
+                               if (in) {
+                                   kw = make_uint2(pack2<T>(kx.x, kx.y), pack2<T>(kx.z, kx.w));
+                                   vw = make_uint2(pack2<T>(vx.x, vx.y), pack2<T>(vx.z, vx.w));
+                               }
+                               *reinterpret_cast<uint2*>(&ks[r * ld + col]) = kw;
+                               *reinterpret_cast<uint2*>(&vs[r * ld + col]) = vw;
+                           });
         __syncthreads();
         if (!active) continue;
 
@@ -285,9 +262,9 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
                     unsigned b[4];
                     const unsigned key = np * 16u + (lm_tile >> 1) * 8u + lm_row;
                     const unsigned col = kk * 16u + (lm_tile & 1u) * 8u;
-                    ldsm_x4(b, &ks[key * ld + col]);
-                    Ops<T>::mma(s[2 * np], qf[kk], b[0], b[1]);
-                    Ops<T>::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+                    ldmatrix_x4(b, &ks[key * ld + col]);
+                    mma_m16n8k16<T>(s[2 * np], qf[kk], b[0], b[1]);
+                    mma_m16n8k16<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
                 }
             }
         }
@@ -312,10 +289,8 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
             mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
             mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
         // Every tile holds key key0 < t, so mx is finite (for finite inputs)
         // and the first tile's alpha is exp2(-inf) = 0.
         const float alpha0 = exp2f(m0 - mx0);
@@ -336,17 +311,17 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
 #pragma unroll
         for (int j = 0; j < NT / 2; ++j) {
             unsigned pf[4];
-            pf[0] = Ops<T>::pack(exp2f(s[2 * j][0] - mx0), exp2f(s[2 * j][1] - mx0));
-            pf[1] = Ops<T>::pack(exp2f(s[2 * j][2] - mx1), exp2f(s[2 * j][3] - mx1));
-            pf[2] = Ops<T>::pack(exp2f(s[2 * j + 1][0] - mx0), exp2f(s[2 * j + 1][1] - mx0));
-            pf[3] = Ops<T>::pack(exp2f(s[2 * j + 1][2] - mx1), exp2f(s[2 * j + 1][3] - mx1));
-            float2 u = Ops<T>::unpack(pf[0]);
+            pf[0] = pack2<T>(exp2f(s[2 * j][0] - mx0), exp2f(s[2 * j][1] - mx0));
+            pf[1] = pack2<T>(exp2f(s[2 * j][2] - mx1), exp2f(s[2 * j][3] - mx1));
+            pf[2] = pack2<T>(exp2f(s[2 * j + 1][0] - mx0), exp2f(s[2 * j + 1][1] - mx0));
+            pf[3] = pack2<T>(exp2f(s[2 * j + 1][2] - mx1), exp2f(s[2 * j + 1][3] - mx1));
+            float2 u = unpack2<T>(pf[0]);
             ls0 += u.x + u.y;
-            u = Ops<T>::unpack(pf[2]);
+            u = unpack2<T>(pf[2]);
             ls0 += u.x + u.y;
-            u = Ops<T>::unpack(pf[1]);
+            u = unpack2<T>(pf[1]);
             ls1 += u.x + u.y;
-            u = Ops<T>::unpack(pf[3]);
+            u = unpack2<T>(pf[3]);
             ls1 += u.x + u.y;
 #pragma unroll
             for (int p = 0; p < KD; ++p) {
@@ -354,9 +329,9 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
                     unsigned b[4];
                     const unsigned key = j * 16u + (lm_tile & 1u) * 8u + lm_row;
                     const unsigned col = p * 16u + (lm_tile >> 1) * 8u;
-                    ldsm_x4_trans(b, &vs[key * ld + col]);
-                    Ops<T>::mma(o[2 * p], pf, b[0], b[1]);
-                    Ops<T>::mma(o[2 * p + 1], pf, b[2], b[3]);
+                    ldmatrix_x4_trans(b, &vs[key * ld + col]);
+                    mma_m16n8k16<T>(o[2 * p], pf, b[0], b[1]);
+                    mma_m16n8k16<T>(o[2 * p + 1], pf, b[2], b[3]);
                 }
             }
         }
@@ -365,10 +340,8 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
     }
     if (!active) return;  // no barrier follows
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     // l >= 1: the row maximum's own p is exp2(0) = 1.
     const float inv0 = 1.f / l0;
     const float inv1 = 1.f / l1;
@@ -480,35 +453,6 @@ __device__ __forceinline__ void attn_flash(const float* __restrict__ qkv, float*
 // multiples of 8 every such offset is aligned for its width on a 16-byte
 // aligned base.
 
-__device__ __forceinline__ unsigned to_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
-    big = to_tf32(x);
-    small = to_tf32(__fsub_rn(x, __uint_as_float(big)));  // exact: x - big fits float32
-}
-
-// c += a * b for one m16n8k8 TF32 tile (layouts above).
-__device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                        unsigned b1) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// c += a * b in 3xTF32: a = (ab, as), b = (bb0 + bs0, bb1 + bs1).
-__device__ __forceinline__ void mma3(float (&c)[4], const unsigned (&ab)[4],
-                                     const unsigned (&as)[4], unsigned bb0, unsigned bb1,
-                                     unsigned bs0, unsigned bs1) {
-    mma1688(c, as, bb0, bb1);
-    mma1688(c, ab, bs0, bs1);
-    mma1688(c, ab, bb0, bb1);
-}
-
 // One block of 64 query rows of one (batch, head), float32 operands.
 // DMAX: the largest head dim this instantiation handles (register arrays
 // and shared memory are sized for it; loops run over the actual d with
@@ -539,16 +483,7 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
     const unsigned h = blockIdx.y;
     const unsigned bi = blockIdx.z;
     const unsigned c3 = 3u * c;
-    unsigned qo, ko, vo;
-    if (legacy) {
-        qo = h * 3u * d;
-        ko = qo + d;
-        vo = qo + 2u * d;
-    } else {
-        qo = h * d;
-        ko = c + h * d;
-        vo = 2u * c + h * d;
-    }
+    const QkvOffsets off = qkv_offsets(h, c, d, legacy);
     const float* base = qkv + (unsigned long long)bi * t * c3;
     const unsigned row0 = blockIdx.x * BM + warp * 16u;  // first query row of this warp
     const bool active = row0 < t;                         // uniform per warp
@@ -565,13 +500,13 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
             const unsigned col = kk * 8u + 2u * qd;  // col + 1 < d
             if (r0 < t) {
                 const float2 x = *reinterpret_cast<const float2*>(
-                    base + (unsigned long long)r0 * c3 + qo + col);
+                    base + (unsigned long long)r0 * c3 + off.q + col);
                 qf[kk][0] = x.x;
                 qf[kk][2] = x.y;
             }
             if (r1 < t) {
                 const float2 x = *reinterpret_cast<const float2*>(
-                    base + (unsigned long long)r1 * c3 + qo + col);
+                    base + (unsigned long long)r1 * c3 + off.q + col);
                 qf[kk][1] = x.x;
                 qf[kk][3] = x.y;
             }
@@ -592,25 +527,12 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
     for (unsigned kt = 0; kt < ntiles; ++kt) {
         const unsigned key0 = kt * KN;
         __syncthreads();  // every warp is done reading the previous tile
-        // Stage K and V rows key0 .. key0 + KN - 1, channels 0..d-1.
-#pragma unroll
-        for (int it = 0; it < STAGE_IT; ++it) {
-            const unsigned idx = tid + (unsigned)it * THREADS;
-            if (idx < slots) {
-                const unsigned r = idx / per_row;
-                const unsigned col = (idx - r * per_row) * 4u;
-                const unsigned key = key0 + r;
-                float4 kx = make_float4(0.f, 0.f, 0.f, 0.f);
-                float4 vx = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (key < t) {
-                    const float* rowp = base + (unsigned long long)key * c3;
-                    kx = *reinterpret_cast<const float4*>(rowp + ko + col);
-                    vx = *reinterpret_cast<const float4*>(rowp + vo + col);
-                }
-                *reinterpret_cast<float4*>(&ks[r * ldk + col]) = kx;
-                *reinterpret_cast<float4*>(&vs[r * ldv + col]) = vx;
-            }
-        }
+        // Stage K and V rows key0 .. key0 + KN - 1, channels 0..d-1, as they are.
+        stage_kv<STAGE_IT, false>(base, c3, off, key0, t, d, per_row, slots, tid,
+                           [&](unsigned r, unsigned col, bool, float4 kx, float4 vx) {
+                               *reinterpret_cast<float4*>(&ks[r * ldk + col]) = kx;
+                               *reinterpret_cast<float4*>(&vs[r * ldv + col]) = vx;
+                           });
         __syncthreads();
         if (!active) continue;
 
@@ -639,7 +561,7 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
                     split_tf32(kv.x, bb0, bs0);
                     split_tf32(kv.y, bb1, bs1);
                     float acc[4] = {0.f, 0.f, 0.f, 0.f};  // fresh: see "Accumulation"
-                    mma3(acc, ab, as, bb0, bb1, bs0, bs1);
+                    mma_m16n8k8_tf32x3(acc, ab, as, bb0, bb1, bs0, bs1);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) s[n][e] = __fadd_rn(s[n][e], acc[e]);
                 }
@@ -666,10 +588,8 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
             mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
             mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
         // Key key0 < t is in every tile: mx is finite (for finite inputs)
         // and the first tile's alpha is exp2(-inf) = 0.
         const float alpha0 = exp2f(__fsub_rn(m0, mx0));
@@ -708,7 +628,7 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
                     split_tf32(vp[0], vb0, vs0);
                     split_tf32(vp[ldv], vb1, vs1);
                     float acc[4] = {0.f, 0.f, 0.f, 0.f};  // fresh: see "Accumulation"
-                    mma3(acc, pb, ps, vb0, vb1, vs0, vs1);
+                    mma_m16n8k8_tf32x3(acc, pb, ps, vb0, vb1, vs0, vs1);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) o[n][e] = __fadd_rn(o[n][e], acc[e]);
                 }
@@ -719,10 +639,8 @@ __device__ __forceinline__ void attn_flash_tf32x3(const float* __restrict__ qkv,
     }
     if (!active) return;  // no barrier follows
 
-    l0 = __fadd_rn(l0, __shfl_xor_sync(0xffffffffu, l0, 1));
-    l0 = __fadd_rn(l0, __shfl_xor_sync(0xffffffffu, l0, 2));
-    l1 = __fadd_rn(l1, __shfl_xor_sync(0xffffffffu, l1, 1));
-    l1 = __fadd_rn(l1, __shfl_xor_sync(0xffffffffu, l1, 2));
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
     // l >= 1: the row maximum's own p is exp2(0) = 1.
     float* ob = out + (unsigned long long)bi * t * c + h * d;
 #pragma unroll

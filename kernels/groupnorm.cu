@@ -15,10 +15,7 @@
 #define GN_GROUPS 32
 #define GN_EPS 1e-5
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-    return v;
-}
+#include "reduce.cuh"
 
 // ---- Statistics: a split, coalesced, deterministic two-level reduction ----
 //

@@ -20,8 +20,7 @@
 // warp 64 x 32 = 4 x 4 m16n8k16 tiles. Two shared-memory stages: the global
 // loads of tile k+1 are issued before the mma of tile k and stored after it.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "tensor_core.cuh"
 
 #define BM 128
 #define BN 128
@@ -33,46 +32,6 @@
 #define THREADS 256
 
 enum Resample { RS_SAME = 0, RS_UP = 1, RS_DOWN = 2 };
-
-template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
-// d += a * b for one m16n8k16 tile, float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma16816(float* d, const unsigned* a, const unsigned* b);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const unsigned* a,
-                                                        const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float* d, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix
-// l / 8 and receives, of matrix i, row l / 4, columns 2 (l % 4) and +1 in r[i].
-__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const unsigned short* p) {
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
 
 struct ConvArgs {
     const float* x;            // source NHWC [b, sh, sw, cin]; (sh, sw) = (h, w), (h/2, w/2) up, (2h, 2w) down
@@ -212,26 +171,28 @@ __device__ __forceinline__ Row decode_row(const ConvArgs& p, int m) {
     return r;
 }
 
-// Thread t stages rows t/8 + 32 i (i < 4) of A, columns 4 (t % 8) .. +3,
-// and rows t/4 + 64 j (j < 2) of B, columns 8 (t % 4) .. +7.
-template <typename T, int RS, bool VEC>
-struct Stage {
-    float4 av[4];   // A values: raw x (VEC, RS != DOWN) or transformed
-    int ain[4];     // A row inside the image for this tile's tap (VEC)
+// The A operand's share of one thread in one K tile of width BKT: NR rows,
+// rows[i] = t / (BKT / 4) + (THREADS / (BKT / 4)) i, columns 4 (t % (BKT / 4))
+// .. +3 (the caller decodes `rows` to match), gathered with zero padding and
+// the prologue (GroupNorm apply, SiLU, resampling; deferred to value() for
+// raw VEC loads). Both precisions stage A through this; they differ only in
+// how value() is stored (rounded to T, or as float32) and in the B tile.
+template <int RS, bool VEC, int BKT, int NR>
+struct StageA {
+    float4 av[NR];  // A values: raw x (VEC, RS != DOWN) or transformed
+    int ain[NR];    // A row inside the image for this tile's tap (VEC)
     int aci;        // first channel of the thread's A columns (VEC)
-    uint4 bv[2];
 
-    __device__ __forceinline__ void load(const ConvArgs& p, const Row* rows, int k0, int n0,
-                                         int tid) {
-        const int q = tid & 7;
+    __device__ __forceinline__ void load(const ConvArgs& p, const Row* rows, int k0, int tid) {
+        const int q = tid & (BKT / 4 - 1);
         const int pad = p.k >> 1;
         if (VEC) {
-            // BK divides cin, so the tile's 32 columns share one tap.
+            // BKT divides cin, so the tile's columns share one tap.
             const int tap = k0 / p.cin;
             const int ky = tap / p.k, kx = tap - (tap / p.k) * p.k;
             aci = k0 - tap * p.cin + 4 * q;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < NR; ++i) {
                 const Row r = rows[i];
                 const int sy = r.oy + ky - pad, sx = r.ox + kx - pad;
                 ain[i] = r.valid && sy >= 0 && sy < p.h && sx >= 0 && sx < p.w;
@@ -241,7 +202,7 @@ struct Stage {
         } else {
             const int kk = p.k * p.k * p.cin;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < NR; ++i) {
                 const Row r = rows[i];
                 float v[4];
 #pragma unroll
@@ -260,6 +221,39 @@ struct Stage {
                 av[i] = make_float4(v[0], v[1], v[2], v[3]);
             }
         }
+    }
+
+    // Row i's four values, ready to store. The raw VEC loads get their
+    // prologue here, after the mma of the previous tile has hidden the load
+    // latency.
+    __device__ __forceinline__ float4 value(const ConvArgs& p, const Row* rows, int i) const {
+        float4 v = av[i];
+        if (VEC && RS != RS_DOWN && ain[i] && (p.has_affine || p.silu)) {
+            const int bi = rows[i].bi;
+            float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (p.has_affine) {
+                a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + aci);
+                s = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi + 1) * p.cin + aci);
+            }
+            v.x = prologue(v.x, a.x, s.x, p.has_affine, p.silu);
+            v.y = prologue(v.y, a.y, s.y, p.has_affine, p.silu);
+            v.z = prologue(v.z, a.z, s.z, p.has_affine, p.silu);
+            v.w = prologue(v.w, a.w, s.w, p.has_affine, p.silu);
+        }
+        return v;
+    }
+};
+
+// 16-bit tiles: thread t stages rows t/8 + 32 i (i < 4) of A, columns
+// 4 (t % 8) .. +3, and rows t/4 + 64 j (j < 2) of B, columns 8 (t % 4) .. +7.
+template <typename T, int RS, bool VEC>
+struct Stage {
+    StageA<RS, VEC, BK, 4> a;
+    uint4 bv[2];
+
+    __device__ __forceinline__ void load(const ConvArgs& p, const Row* rows, int k0, int n0,
+                                         int tid) {
+        a.load(p, rows, k0, tid);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int n = n0 + (tid >> 2) + 64 * j;
@@ -275,22 +269,7 @@ struct Stage {
         const int q = tid & 7;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            float4 v = av[i];
-            // The raw VEC loads get their prologue here, after the mma of the
-            // previous tile has hidden the load latency.
-            if (VEC && RS != RS_DOWN && ain[i] && (p.has_affine || p.silu)) {
-                const int bi = rows[i].bi;
-                float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (p.has_affine) {
-                    a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + aci);
-                    s = *reinterpret_cast<const float4*>(p.affine +
-                                                         (size_t)(2 * bi + 1) * p.cin + aci);
-                }
-                v.x = prologue(v.x, a.x, s.x, p.has_affine, p.silu);
-                v.y = prologue(v.y, a.y, s.y, p.has_affine, p.silu);
-                v.z = prologue(v.z, a.z, s.z, p.has_affine, p.silu);
-                v.w = prologue(v.w, a.w, s.w, p.has_affine, p.silu);
-            }
+            const float4 v = a.value(p, rows, i);
             const uint2 packed = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
             *reinterpret_cast<uint2*>(&as[(tid >> 3) + 32 * i][4 * q]) = packed;
         }
@@ -351,7 +330,8 @@ __device__ __forceinline__ void igemm(const ConvArgs& p) {
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) mma16816<T>(acc[mt][nt], af[mt], bf[nt]);
+                for (int nt = 0; nt < 4; ++nt)
+                    mma_m16n8k16<T>(acc[mt][nt], af[mt], bf[nt][0], bf[nt][1]);
         }
         if (more) st.store(p, rows, As[cur ^ 1], Bs[cur ^ 1], tid);
         __syncthreads();
@@ -371,75 +351,16 @@ __device__ __forceinline__ void igemm(const ConvArgs& p) {
 // and 4 columns t land in 32 distinct banks; rows stay 16-byte aligned.
 #define SROW32 20
 
-__device__ __forceinline__ unsigned to_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
-    big = to_tf32(x);
-    small = to_tf32(x - __uint_as_float(big));
-}
-
-// d += a * b for one m16n8k8 TF32 tile. A: a0 (row g, k t), a1 (g + 8, t),
-// a2 (g, t + 4), a3 (g + 8, t + 4); B: b0 (k t, n g), b1 (k t + 4, n g);
-// C as m16n8k16's; g = lane / 4, t = lane % 4.
-__device__ __forceinline__ void mma1688(float* d, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Thread t stages rows t/4 + 64 i (i < 2) of A and of B, columns 4 (t % 4) .. +3.
 template <int RS, bool VEC>
 struct StageF32 {
-    float4 av[2];
-    int ain[2];
-    int aci;
+    StageA<RS, VEC, BK32, 2> a;
     float4 bv[2];
 
     __device__ __forceinline__ void load(const ConvArgs& p, const Row* rows, int k0, int n0,
                                          int tid) {
+        a.load(p, rows, k0, tid);
         const int q = tid & 3;
-        const int pad = p.k >> 1;
-        if (VEC) {
-            // BK32 divides cin, so the tile's 16 columns share one tap.
-            const int tap = k0 / p.cin;
-            const int ky = tap / p.k, kx = tap - (tap / p.k) * p.k;
-            aci = k0 - tap * p.cin + 4 * q;
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const Row r = rows[i];
-                const int sy = r.oy + ky - pad, sx = r.ox + kx - pad;
-                ain[i] = r.valid && sy >= 0 && sy < p.h && sx >= 0 && sx < p.w;
-                av[i] = ain[i] ? gather4<RS>(p, r.bi, sy, sx, aci)
-                               : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-        } else {
-            const int kk = p.k * p.k * p.cin;
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const Row r = rows[i];
-                float v[4];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int kidx = k0 + 4 * q + j;
-                    v[j] = 0.f;
-                    if (r.valid && kidx < kk) {
-                        const int tap = kidx / p.cin;
-                        const int ci = kidx - tap * p.cin;
-                        const int ky = tap / p.k, kx = tap - (tap / p.k) * p.k;
-                        const int sy = r.oy + ky - pad, sx = r.ox + kx - pad;
-                        if (sy >= 0 && sy < p.h && sx >= 0 && sx < p.w)
-                            v[j] = gather1<RS>(p, r.bi, sy, sx, ci);
-                    }
-                }
-                av[i] = make_float4(v[0], v[1], v[2], v[3]);
-            }
-        }
         const float* w = static_cast<const float*>(p.wt);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
@@ -454,21 +375,7 @@ struct StageF32 {
         const int q = tid & 3;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            float4 v = av[i];
-            if (VEC && RS != RS_DOWN && ain[i] && (p.has_affine || p.silu)) {
-                const int bi = rows[i].bi;
-                float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (p.has_affine) {
-                    a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + aci);
-                    s = *reinterpret_cast<const float4*>(p.affine +
-                                                         (size_t)(2 * bi + 1) * p.cin + aci);
-                }
-                v.x = prologue(v.x, a.x, s.x, p.has_affine, p.silu);
-                v.y = prologue(v.y, a.y, s.y, p.has_affine, p.silu);
-                v.z = prologue(v.z, a.z, s.z, p.has_affine, p.silu);
-                v.w = prologue(v.w, a.w, s.w, p.has_affine, p.silu);
-            }
-            *reinterpret_cast<float4*>(&as[(tid >> 2) + 64 * i][4 * q]) = v;
+            *reinterpret_cast<float4*>(&as[(tid >> 2) + 64 * i][4 * q]) = a.value(p, rows, i);
             *reinterpret_cast<float4*>(&bs[(tid >> 2) + 64 * i][4 * q]) = bv[i];
         }
     }
@@ -534,9 +441,8 @@ __device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
                     float t[4] = {0.f, 0.f, 0.f, 0.f};
-                    mma1688(t, as_[mt], bb[nt]);
-                    mma1688(t, ab[mt], bs_[nt]);
-                    mma1688(t, ab[mt], bb[nt]);
+                    mma_m16n8k8_tf32x3(t, ab[mt], as_[mt], bb[nt][0], bb[nt][1], bs_[nt][0],
+                                       bs_[nt][1]);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[mt][nt][e] += t[e];
                 }

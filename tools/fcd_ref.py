@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Independent PyTorch reference of /work/shared/SPEC.md (fixtures ground truth).
+"""Independent PyTorch reference of SPEC.md, in the project's shared folder
+(the fixtures' ground truth).
 
 Written from the SPEC, not from the published code. Module and parameter
-names reproduce the published state-dict keys exactly (see
-shared/reference/*.tsv), so a published checkpoint loads with
+names reproduce the published state-dict keys exactly (see reference/*.tsv
+in the shared folder, and --check), so a published checkpoint loads with
 `load_state_dict(strict=True)`.
 
 Every function works in float32 and float64: the dtype of the model and of
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import sys
 
@@ -385,7 +387,7 @@ def anomaly(x0: np.ndarray, xhat: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
-# Metrics (SPEC 8 + briefs/fixtures.md)
+# Metrics (SPEC 8 + tests/fixtures/README.md)
 # --------------------------------------------------------------------------
 
 
@@ -476,11 +478,17 @@ def compare(name: str, model: nn.Module, tsv: dict) -> bool:
 
 
 def main(argv=None) -> int:
+    # The published key listings live in the project's shared folder
+    # (reference/*.tsv), not in this repository: FCD_SHARED names that folder;
+    # without it, a folder "shared" beside the checkout is tried.
     here = pathlib.Path(__file__).resolve()
-    default_ref = here.parent.parent.parent / "shared" / "reference"
+    shared = pathlib.Path(os.environ.get("FCD_SHARED", here.parent.parent.parent / "shared"))
+    default_ref = shared / "reference"
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="compare built key sets with the reference .tsv")
-    ap.add_argument("--reference", default=str(default_ref))
+    ap.add_argument("--reference", default=str(default_ref),
+                    help="folder of unet_state_dict.tsv, classifier_state_dict.tsv, configs/ "
+                         "(default: $FCD_SHARED/reference, else ../shared/reference beside the checkout)")
     ap.add_argument("--config", default=None)
     args = ap.parse_args(argv)
     if not args.check:

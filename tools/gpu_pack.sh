@@ -30,6 +30,11 @@ for line in sys.stdin:
 ' | while read -r name exe; do strip -o ".device/bench_$name" "$exe"; done
 strip .device/fcd
 git rev-parse HEAD > .device/commit
+# The test executables find their fixtures and the fcd binary through paths
+# cargo fixed at build time (env!("CARGO_MANIFEST_DIR"),
+# CARGO_BIN_EXE_fcd), i.e. under this checkout; gpu_check.sh makes this
+# path lead to the unpacked copy on the GPU machine.
+pwd -P > .device/build_root
 git diff --quiet HEAD -- src kernels tests benches build.rs Cargo.toml || echo "dirty" >> .device/commit
 tar -cf - .device | xz -T0 -9 > .device.tar.xz
 du -sh .device .device.tar.xz

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write the small checkpoint fixtures of tests/checkpoint.rs into tests/fixtures/ckpt/.
 
-Run with the PyTorch venv: /work/torchenv/bin/python tools/make_ckpt_fixtures.py
+Run from the repository root in the environment of tools/requirements.txt:
+    .venv-tools/bin/python tools/make_ckpt_fixtures.py
 The output is deterministic apart from the zip timestamps and torch's serialization id.
 """
 

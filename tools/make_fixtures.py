@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Write tests/fixtures/ (the PyTorch ground truth) as briefs/fixtures.md specifies.
+"""Write tests/fixtures/ (the PyTorch ground truth) that tests/fixtures/README.md
+describes. From the repository root, in the environment of tools/requirements.txt:
 
-    /work/torchenv/bin/python tools/make_fixtures.py [--out tests/fixtures]
+    .venv-tools/bin/python tools/make_fixtures.py [--out tests/fixtures]
 
 Deterministic: fixed seeds, one CPU thread. Every network parameter is
 random (including the ones PyTorch initialises to zero), the same float32

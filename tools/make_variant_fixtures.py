@@ -4,7 +4,9 @@ models do not use but the engine accepts (use_scale_shift_norm: false,
 use_new_attention_order: true, heads from num_head_channels in the UNet),
 checked on one UNet forward and one classifier gradient.
 
-    /work/torchenv/bin/python tools/make_variant_fixtures.py [--out tests/fixtures/variant]
+    .venv-tools/bin/python tools/make_variant_fixtures.py [--out tests/fixtures/variant]
+
+(from the repository root, in the environment of tools/requirements.txt)
 
 Same method as make_fixtures.py: random weights (stored as float16) (zero-initialised
 layers included), float64 references, float32 floors in manifest.json.

@@ -12,6 +12,8 @@ arch = sys.argv[2] if len(sys.argv) > 2 else "sm_90"
 prog = ctypes.c_void_p()
 assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, sys.argv[1].encode(), 0, None, None) == 0
 opts = [f"--gpu-architecture={arch}", "--std=c++17", "--ptxas-options=-v"]
+# kernels/common/ first, as build.rs passes it.
+opts += [f"--include-path={os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'kernels', 'common')}"]
 opts += [f"--include-path={p}" for p in os.environ.get("FCD_CUDA_INCLUDE", "").split(":") if p]
 arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
 rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)

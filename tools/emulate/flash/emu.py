@@ -1,7 +1,17 @@
-# Lane-level emulation of kernels/flash.cu (transliterated), with ldmatrix and
-# mma semantics coded from the PTX ISA fragment definitions.
+# Lane-level emulation of the 16-bit kernels attn_flash_{bf16,f16}[_d128] of
+# kernels/flash.cu (transliterated), with ldmatrix and mma semantics coded
+# from the PTX ISA fragment definitions. Follows the kernel as it is now:
+# the K/V staging of stage_kv<DMAX / 8, WHOLE = true> (shared with the
+# 3xTF32 kernel), the float32 order of the row sums (ls += u.x + u.y per
+# register, l = fmaf(l, alpha, ls), quad_sum), 1 / l then o * inv.
+# Checks: shared memory is NaN before every tile and each staged word is
+# written once per tile (a read of an unstaged or stale word poisons the
+# output), ldmatrix rows stay inside the staged columns, every output
+# element is written exactly once, and the highest index reached in every
+# buffer is printed against its length.
 import numpy as np, sys
 rng = np.random.default_rng(1)
+F32 = np.float32
 
 def r16(x, kind):
     x = np.asarray(x, np.float32)
@@ -58,6 +68,8 @@ def kernel(qkv, out, b, t, c, heads, legacy, kind, DMAX):
     scale_log2 = np.float32(np.log2(np.e) / np.sqrt(d))
     c3 = 3*c
     flat = qkv.reshape(-1); oflat = out.reshape(-1)
+    owrites = np.zeros(oflat.shape, int)
+    hi = dict(qkv=-1, out=-1, ks=-1, vs=-1)
     for bi in range(b):
       for h in range(heads):
         if legacy: qo = h*3*d; ko = qo + d; vo = qo + 2*d
@@ -80,12 +92,13 @@ def kernel(qkv, out, b, t, c, heads, legacy, kind, DMAX):
                   lo_in = col < d; hi_in = col + 8 < d
                   if r0 < t:
                     p = base + r0*c3 + qo + col
-                    if lo_in: x[0] = (flat[p], flat[p+1])
-                    if hi_in: x[2] = (flat[p+8], flat[p+9])
+                    assert p % 2 == 0, "float2 load misaligned"
+                    if lo_in: x[0] = (flat[p], flat[p+1]); hi['qkv'] = max(hi['qkv'], p+1)
+                    if hi_in: x[2] = (flat[p+8], flat[p+9]); hi['qkv'] = max(hi['qkv'], p+9)
                   if r1 < t:
                     p = base + r1*c3 + qo + col
-                    if lo_in: x[1] = (flat[p], flat[p+1])
-                    if hi_in: x[3] = (flat[p+8], flat[p+9])
+                    if lo_in: x[1] = (flat[p], flat[p+1]); hi['qkv'] = max(hi['qkv'], p+1)
+                    if hi_in: x[3] = (flat[p+8], flat[p+9]); hi['qkv'] = max(hi['qkv'], p+9)
                   qf[lane][kk] = [pack(*x[e], kind) for e in range(4)]
             W['qf'] = qf
             W['o'] = [[[0.]*4 for _ in range(2*KD)] for _ in range(32)]
@@ -95,19 +108,30 @@ def kernel(qkv, out, b, t, c, heads, legacy, kind, DMAX):
           per_row = dp // 4
           for kt in range((t + 63)//64):
             key0 = kt*BN
+            # stage_kv<DMAX / 8, true>(..., used = dp / 8): slot tid + it * THREADS.
+            ks[:] = np.nan; vs[:] = np.nan
+            kwr = np.zeros(ks.shape, int); vwr = np.zeros(vs.shape, int)
             for tid in range(128):
               for it in range(DMAX//8):
+                idx = tid + it*128
                 if it < dp//8:
-                  idx = tid + it*128
                   r = idx // per_row; col = (idx - r*per_row)*4
                   key = key0 + r
-                  kw = [0.]*4; vw = [0.]*4
-                  if key < t and col < d:
+                  inb = key < t and col < d
+                  kx = [0.]*4; vx = [0.]*4
+                  if inb:
                     rp = base + key*c3
-                    kw = list(r16(flat[rp+ko+col:rp+ko+col+4], kind))
-                    vw = list(r16(flat[rp+vo+col:rp+vo+col+4], kind))
-                  assert col + 4 <= ld - 8 and r < 64
+                    assert (rp + ko + col) % 4 == 0 and (rp + vo + col) % 4 == 0, "float4 load misaligned"
+                    kx = list(flat[rp+ko+col:rp+ko+col+4]); vx = list(flat[rp+vo+col:rp+vo+col+4])
+                    hi['qkv'] = max(hi['qkv'], rp+ko+col+3, rp+vo+col+3)
+                  # put: pack2<T> when in range, else zeros
+                  kw = list(r16(kx, kind)) if inb else [0.]*4
+                  vw = list(r16(vx, kind)) if inb else [0.]*4
+                  assert col + 4 <= dp and r < 64 and (r*ld + col) % 4 == 0
                   ks[r, col:col+4] = kw; vs[r, col:col+4] = vw
+                  kwr[r, col:col+4] += 1; vwr[r, col:col+4] += 1
+                  hi['ks'] = max(hi['ks'], r*ld + col + 3); hi['vs'] = hi['ks']
+            assert (kwr[:, :dp] == 1).all() and (vwr[:, :dp] == 1).all() and kwr[:, dp:].sum() == 0, "staging: a word written twice or never"
             for warp, W in enumerate(warps):
               if not W['active']: continue
               s = [[[0.]*4 for _ in range(NT)] for _ in range(32)]
@@ -154,7 +178,11 @@ def kernel(qkv, out, b, t, c, heads, legacy, kind, DMAX):
                        pack(np.exp2(S[2*j][2]-m1), np.exp2(S[2*j][3]-m1), kind),
                        pack(np.exp2(S[2*j+1][0]-m0), np.exp2(S[2*j+1][1]-m0), kind),
                        pack(np.exp2(S[2*j+1][2]-m1), np.exp2(S[2*j+1][3]-m1), kind)]
-                  ls[lane][0] += sum(P[0]) + sum(P[2]); ls[lane][1] += sum(P[1]) + sum(P[3])
+                  # ls0 += u.x + u.y for pf[0], then pf[2]; ls1 for pf[1], pf[3] (float32)
+                  ls[lane][0] = F32(F32(ls[lane][0]) + F32(F32(P[0][0]) + F32(P[0][1])))
+                  ls[lane][0] = F32(ls[lane][0] + F32(F32(P[2][0]) + F32(P[2][1])))
+                  ls[lane][1] = F32(F32(ls[lane][1]) + F32(F32(P[1][0]) + F32(P[1][1])))
+                  ls[lane][1] = F32(ls[lane][1] + F32(F32(P[3][0]) + F32(P[3][1])))
                   pf.append(P)
                 for p in range(KD):
                   if p < nk:
@@ -170,23 +198,31 @@ def kernel(qkv, out, b, t, c, heads, legacy, kind, DMAX):
                     mma([W['o'][l][2*p+1] for l in range(32)], pf, [bb[l][2] for l in range(32)], [bb[l][3] for l in range(32)])
               for lane in range(32):
                 a0, a1 = alpha[lane]
-                W['l'][lane][0] = W['l'][lane][0]*a0 + ls[lane][0]; W['l'][lane][1] = W['l'][lane][1]*a1 + ls[lane][1]
+                # fmaf: one rounding of the exact l * alpha + ls
+                W['l'][lane][0] = F32(np.float64(W['l'][lane][0])*np.float64(a0) + np.float64(ls[lane][0]))
+                W['l'][lane][1] = F32(np.float64(W['l'][lane][1])*np.float64(a1) + np.float64(ls[lane][1]))
           for warp, W in enumerate(warps):
             if not W['active']: continue
             l = [list(x) for x in W['l']]
             for sh in (1, 2):
-              l = [[l[x][0] + l[x ^ sh][0], l[x][1] + l[x ^ sh][1]] for x in range(32)]
+              l = [[F32(l[x][0] + l[x ^ sh][0]), F32(l[x][1] + l[x ^ sh][1])] for x in range(32)]  # quad_sum
             ob = bi*t*c + h*d
             for lane in range(32):
               g, qd = lane >> 2, lane & 3
               r0 = W['row0'] + g; r1 = r0 + 8
-              inv0 = 1/l[lane][0]; inv1 = 1/l[lane][1]
+              inv0 = F32(1)/F32(l[lane][0]); inv1 = F32(1)/F32(l[lane][1])
               for n in range(2*KD):
                 col = n*8 + 2*qd
                 if n < 2*nk and col < d:
                   o = W['o'][lane][n]
-                  if r0 < t: oflat[ob + r0*c + col: ob + r0*c + col + 2] = [o[0]*inv0, o[1]*inv0]
-                  if r1 < t: oflat[ob + r1*c + col: ob + r1*c + col + 2] = [o[2]*inv1, o[3]*inv1]
+                  for r, a, inv in ((r0, 0, inv0), (r1, 2, inv1)):
+                    if r < t:
+                      e = ob + r*c + col
+                      assert e % 2 == 0, "float2 store misaligned"
+                      oflat[e: e + 2] = [F32(o[a])*inv, F32(o[a+1])*inv]
+                      owrites[e: e + 2] += 1; hi['out'] = max(hi['out'], e + 1)
+    assert (owrites == 1).all(), "an output element written %d times" % owrites.max() if owrites.max() > 1 else "an output element never written"
+    return hi
 
 def ref(qkv, b, t, c, heads, legacy, kind):
     d = c // heads
@@ -208,8 +244,13 @@ for (b, t, d, heads, legacy, kind, std) in [(1, 70, 24, 2, True, 'bf16', 1.0), (
     c = d*heads
     qkv = (rng.standard_normal((b, t, 3*c))*std).astype(np.float32)
     out = np.full((b, t, c), np.nan, np.float32)
-    kernel(qkv, out, b, t, c, heads, legacy, kind, 64 if d <= 64 else 128)
+    DMAX = 64 if d <= 64 else 128
+    hi = kernel(qkv, out, b, t, c, heads, legacy, kind, DMAX)
+    ld = ((d + 15) & ~15) + 8
+    lens = dict(qkv=qkv.size, out=out.size, ks=64*(DMAX + 8), vs=64*(DMAX + 8))
     want = ref(qkv, b, t, c, heads, legacy, kind)
     assert np.isfinite(out).all(), "unwritten"
     rel = np.linalg.norm(out - want)/np.linalg.norm(want)
-    print(b, t, d, heads, legacy, kind, std, "rel", rel, flush=True)
+    assert all(hi[k] < lens[k] for k in hi), "out of bounds"
+    print(f"b{b} t{t} d{d} heads{heads} legacy{int(legacy)} {kind} std{std} DMAX{DMAX} | rel {rel:.2e} | "
+          "max idx/len: " + ", ".join(f"{k}:{hi[k]}/{lens[k]}" for k in hi), flush=True)

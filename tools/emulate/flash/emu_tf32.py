@@ -13,8 +13,8 @@
 #       (truncated), summed, normalised with round toward zero.
 # sacc='step' / oacc='group' (defaults) are the kernel: each group of 3 mma
 # starts from a zero accumulator and is FADDed into s / o; 'chain' is the
-# rejected design (all mma chained on s / o). bug=... plants typos (bugs.py).
-# Scripts: table.py (error table), shapes.py (other shapes), bugs.py.
+# rejected design (all mma chained on s / o). bug=... plants a typo, to see
+# the checks catch it. table_tf32.py prints the error table.
 import sys
 import numpy as np
 
@@ -221,7 +221,7 @@ def kernel(qkv, out, b, t, c, heads, legacy, DMAX, KN, model='rn', nprod=3, bug=
                     r = idx // per_row
                     col = (idx - r * per_row) * 4
                     key = key0 + r
-                    inb = key < t
+                    inb = (key < t) & (col < d)  # stage_kv's test (col < d always holds here)
                     rowp = base + key * c3
                     for e in range(4):
                         assert np.all(col + e < d)

@@ -1,4 +1,4 @@
-"""Lane-by-lane numpy emulation of /work/main/kernels/igemm.cu.
+"""Lane-by-lane numpy emulation of kernels/igemm.cu (the 16-bit kernels).
 
 Every per-thread index formula is transcribed literally from the .cu (vectorised
 over the 256 threads of a block, or the 32 lanes of a warp, with masks standing
@@ -277,23 +277,27 @@ def epilogue(p, acc, wm0, wn0, lane):
                     p.y.store(o, v.astype(np.float32), ok)
 
 
-class Stage:
-    def __init__(self, RS, VEC, rnd):
-        self.RS, self.VEC, self.rnd = RS, VEC, rnd
-        self.av = np.zeros((4, THREADS, 4), np.float32)
-        self.ain = np.zeros((4, THREADS), bool)
-        self.aci = np.zeros(THREADS, np.int64)
-        self.bv = np.zeros((2, THREADS, 8), np.float32)
+class StageA:
+    """StageA<RS, VEC, BKT, NR>: the A operand's share of thread t in one K tile of width
+    BKT, rows t / (BKT / 4) + (THREADS / (BKT / 4)) i (i < NR), columns 4 (t % (BKT / 4))
+    .. +3; both precisions' stages hold one."""
 
-    def load(self, p, rows, k0, n0, tid):
-        RS, VEC = self.RS, self.VEC
-        q = tid & 7
+    def __init__(self, RS, VEC, BKT, NR):
+        self.RS, self.VEC, self.BKT, self.NR = RS, VEC, BKT, NR
+        self.av = np.zeros((NR, THREADS, 4), np.float32)
+        self.ain = np.zeros((NR, THREADS), bool)
+        self.aci = np.zeros(THREADS, np.int64)
+
+    def load(self, p, rows, k0, tid):
+        RS, VEC, NR = self.RS, self.VEC, self.NR
+        q = tid & (self.BKT // 4 - 1)
         pad = p.k >> 1
         if VEC:
+            # BKT divides cin, so the tile's columns share one tap.
             tap = cdiv(k0, p.cin)
             ky, kx = cdiv(tap, p.k), tap - cdiv(tap, p.k) * p.k
             self.aci = k0 - tap * p.cin + 4 * q
-            for i in range(4):
+            for i in range(NR):
                 r = rows[i]
                 sy, sx = r.oy + ky - pad, r.ox + kx - pad
                 self.ain[i] = r.valid & (sy >= 0) & (sy < p.h) & (sx >= 0) & (sx < p.w)
@@ -301,7 +305,7 @@ class Stage:
                 self.av[i] = np.where(self.ain[i][:, None], g, np.float32(0))
         else:
             kk = p.k * p.k * p.cin
-            for i in range(4):
+            for i in range(NR):
                 r = rows[i]
                 v = np.zeros((4, THREADS), np.float32)
                 for j in range(4):
@@ -315,6 +319,32 @@ class Stage:
                     g = gather1(RS, p, r.bi, sy, sx, ci, m2)
                     v[j] = np.where(m2, g, np.float32(0))
                 self.av[i] = v.T
+
+    def value(self, p, rows, i):
+        v = self.av[i].copy()
+        if self.VEC and self.RS != RS_DOWN and (p.has_affine or p.silu):
+            m = self.ain[i]
+            bi = rows[i].bi
+            a = np.ones((THREADS, 4), np.float32)
+            s = np.zeros((THREADS, 4), np.float32)
+            if p.has_affine:
+                a = p.affine.load((2 * bi) * p.cin + self.aci, 4, m)
+                s = p.affine.load((2 * bi + 1) * p.cin + self.aci, 4, m)
+            v = np.where(m[:, None], prologue(v, a, s, p.has_affine, p.silu), v)
+        return v
+
+
+class Stage:
+    """Stage<T, RS, VEC>: A through StageA<RS, VEC, BK, 4>, B rows t/4 + 64 j (j < 2),
+    columns 8 (t % 4) .. +7."""
+
+    def __init__(self, RS, VEC, rnd):
+        self.rnd = rnd
+        self.a = StageA(RS, VEC, BK, 4)
+        self.bv = np.zeros((2, THREADS, 8), np.float32)
+
+    def load(self, p, rows, k0, n0, tid):
+        self.a.load(p, rows, k0, tid)
         for j in range(2):
             n = n0 + (tid >> 2) + 64 * j
             m = n < p.cout
@@ -324,16 +354,7 @@ class Stage:
     def store(self, p, rows, As, Bs, stage, tid, tile):
         q = tid & 7
         for i in range(4):
-            v = self.av[i].copy()
-            if self.VEC and self.RS != RS_DOWN and (p.has_affine or p.silu):
-                m = self.ain[i]
-                bi = rows[i].bi
-                a = np.ones((THREADS, 4), np.float32)
-                s = np.zeros((THREADS, 4), np.float32)
-                if p.has_affine:
-                    a = p.affine.load((2 * bi) * p.cin + self.aci, 4, m)
-                    s = p.affine.load((2 * bi + 1) * p.cin + self.aci, 4, m)
-                v = np.where(m[:, None], prologue(v, a, s, p.has_affine, p.silu), v)
+            v = self.a.value(p, rows, i)
             As.store(Smem.flat(stage, (tid >> 3) + 32 * i, 4 * q), self.rnd(v), 4, tid, tile)
         for j in range(2):
             Bs.store(Smem.flat(stage, (tid >> 2) + 64 * j, 8 * (tid & 3)), self.bv[j], 8, tid, tile)
@@ -344,7 +365,7 @@ _l = np.arange(32)
 _g, _t = _l >> 2, _l & 3
 
 
-def mma16816(d, a, b):
+def mma_m16n8k16(d, a, b):
     """d: [32][4], a: [4][32][2], b: [2][32][2] (register pairs as (lo, hi))."""
     A = np.full((16, 16), np.nan, np.float64)
     B = np.full((16, 8), np.nan, np.float64)
@@ -405,7 +426,7 @@ def igemm_block(p, RS, VEC, bx, by, rnd):
                     bf[2 * np_ + 1] = np.stack([r[2], r[3]])
                 for mt in range(4):
                     for nt in range(4):
-                        acc[warp, mt, nt] = mma16816(acc[warp, mt, nt], af[mt], bf[nt])
+                        acc[warp, mt, nt] = mma_m16n8k16(acc[warp, mt, nt], af[mt], bf[nt])
         if more:
             st.store(p, rows, As, Bs, cur ^ 1, tid, kt + 1)
         As.barrier(phase); Bs.barrier(phase); phase += 1

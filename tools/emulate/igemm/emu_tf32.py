@@ -1,6 +1,7 @@
 """Lane-by-lane numpy emulation of the float32 "3xTF32" kernels of
-/work/main/kernels/igemm.cu (StageF32, igemm_tf32x3<RS, VEC>, split_tf32,
-mma1688, pack_weights_f32, shared epilogue / decode_row), launched as
+kernels/igemm.cu (StageF32 with the shared StageA, igemm_tf32x3<RS, VEC>, and
+split_tf32 / mma_m16n8k8_tf32x3 of kernels/common/tensor_core.cuh, pack_weights_f32,
+shared epilogue / decode_row), launched as
 src/cuda/igemm.rs does for Arith::Tf32x3 (BK 16, kp = round_up(k*k*cin, 16),
 VEC iff cin % 16 == 0).
 
@@ -25,7 +26,7 @@ import sys
 import numpy as np
 import emu
 from emu import GBuf, REP, P, cdiv, chk32, gather4, gather1, prologue, decode_row, epilogue, RS_SAME, RS_UP, RS_DOWN
-from emu import set_source, coverage, fuses
+from emu import set_source, coverage, fuses, StageA
 
 BM, BN, BK32, SROW32, THREADS = 128, 128, 16, 20, 256
 
@@ -122,7 +123,7 @@ _l = np.arange(32)
 _g, _t = _l >> 2, _l & 3
 
 
-def mma1688(d, a, b):
+def mma_m16n8k8_tf32(d, a, b):
     """d [..., 32, 4] += A B. a [..., 4, 32] (a0..a3 per lane), b [..., 2, 32];
     leading dims broadcast (warp, mt, nt)."""
     for arr, nm in ((a, "A"), (b, "B")):
@@ -167,46 +168,16 @@ def mma1688(d, a, b):
 
 # ---------------------------------------------------------------- StageF32
 class StageF32:
-    """Thread t stages rows t/4 + 64 i (i < 2) of A and of B, columns 4 (t % 4) .. +3."""
+    """Thread t stages rows t/4 + 64 i (i < 2) of A (through emu.StageA<RS, VEC, BK32, 2>,
+    the 16-bit kernels' A staging) and of B, columns 4 (t % 4) .. +3."""
 
     def __init__(self, RS, VEC):
-        self.RS, self.VEC = RS, VEC
-        self.av = np.zeros((2, THREADS, 4), np.float32)
-        self.ain = np.zeros((2, THREADS), bool)
-        self.aci = np.zeros(THREADS, np.int64)
+        self.a = StageA(RS, VEC, BK32, 2)
         self.bv = np.zeros((2, THREADS, 4), np.float32)
 
     def load(self, p, rows, k0, n0, tid):
-        RS, VEC = self.RS, self.VEC
+        self.a.load(p, rows, k0, tid)
         q = tid & 3
-        pad = p.k >> 1
-        if VEC:
-            # BK32 divides cin, so the tile's 16 columns share one tap.
-            tap = cdiv(k0, p.cin)
-            ky, kx = cdiv(tap, p.k), tap - cdiv(tap, p.k) * p.k
-            self.aci = k0 - tap * p.cin + 4 * q
-            for i in range(2):
-                r = rows[i]
-                sy, sx = r.oy + ky - pad, r.ox + kx - pad
-                self.ain[i] = r.valid & (sy >= 0) & (sy < p.h) & (sx >= 0) & (sx < p.w)
-                g = gather4(RS, p, r.bi, sy, sx, self.aci, self.ain[i])
-                self.av[i] = np.where(self.ain[i][:, None], g, np.float32(0))
-        else:
-            kk = p.k * p.k * p.cin
-            for i in range(2):
-                r = rows[i]
-                v = np.zeros((4, THREADS), np.float32)
-                for j in range(4):
-                    kidx = k0 + 4 * q + j
-                    m1 = r.valid & (kidx < kk)
-                    tap = cdiv(kidx, p.cin)
-                    ci = kidx - tap * p.cin
-                    ky, kx = cdiv(tap, p.k), tap - cdiv(tap, p.k) * p.k
-                    sy, sx = r.oy + ky - pad, r.ox + kx - pad
-                    m2 = m1 & (sy >= 0) & (sy < p.h) & (sx >= 0) & (sx < p.w)
-                    g = gather1(RS, p, r.bi, sy, sx, ci, m2)
-                    v[j] = np.where(m2, g, np.float32(0))
-                self.av[i] = v.T
         w = p.wt
         for j in range(2):
             n = n0 + (tid >> 2) + 64 * j
@@ -217,17 +188,7 @@ class StageF32:
     def store(self, p, rows, As, Bs, stage, tid, tile):
         q = tid & 3
         for i in range(2):
-            v = self.av[i].copy()
-            if self.VEC and self.RS != RS_DOWN and (p.has_affine or p.silu):
-                m = self.ain[i]
-                bi = rows[i].bi
-                a = np.ones((THREADS, 4), np.float32)
-                s = np.zeros((THREADS, 4), np.float32)
-                if p.has_affine:
-                    a = p.affine.load((2 * bi) * p.cin + self.aci, 4, m)
-                    s = p.affine.load((2 * bi + 1) * p.cin + self.aci, 4, m)
-                v = np.where(m[:, None], prologue(v, a, s, p.has_affine, p.silu), v)
-            As.store4(SmemF.flat(stage, (tid >> 2) + 64 * i, 4 * q), v, tid, tile)
+            As.store4(SmemF.flat(stage, (tid >> 2) + 64 * i, 4 * q), self.a.value(p, rows, i), tid, tile)
             Bs.store4(SmemF.flat(stage, (tid >> 2) + 64 * i, 4 * q), self.bv[i], tid, tile)
 
 
@@ -273,25 +234,25 @@ def igemm_tf32x3_block(p, RS, VEC, bx, by):
             A_b, A_s = ab[:, :, None], as_[:, :, None]     # [8, mt, 1, 4, 32]
             B_b, B_s = bb[:, None], bs_[:, None]           # [8, 1, nt, 2, 32]
             if CFG["products"] == 1:
-                acc = mma1688(acc, A_b, B_b)
+                acc = mma_m16n8k8_tf32(acc, A_b, B_b)
             elif CFG["order"] == "small_first":            # the .cu's order
-                acc = mma1688(acc, A_s, B_b)
-                acc = mma1688(acc, A_b, B_s)
-                acc = mma1688(acc, A_b, B_b)
+                acc = mma_m16n8k8_tf32(acc, A_s, B_b)
+                acc = mma_m16n8k8_tf32(acc, A_b, B_s)
+                acc = mma_m16n8k8_tf32(acc, A_b, B_b)
             elif CFG["order"] == "flush":                  # variant: per-k8 partial from zero, IEEE add into acc
                 tt = np.zeros_like(acc)
-                tt = mma1688(tt, A_s, B_b)
-                tt = mma1688(tt, A_b, B_s)
-                tt = mma1688(tt, A_b, B_b)
+                tt = mma_m16n8k8_tf32(tt, A_s, B_b)
+                tt = mma_m16n8k8_tf32(tt, A_b, B_s)
+                tt = mma_m16n8k8_tf32(tt, A_b, B_b)
                 acc = (acc + tt).astype(np.float32)
             elif CFG["order"] == "sep":                    # variant: cross terms in their own accumulator
-                acc_s = mma1688(acc_s, A_s, B_b)
-                acc_s = mma1688(acc_s, A_b, B_s)
-                acc = mma1688(acc, A_b, B_b)
+                acc_s = mma_m16n8k8_tf32(acc_s, A_s, B_b)
+                acc_s = mma_m16n8k8_tf32(acc_s, A_b, B_s)
+                acc = mma_m16n8k8_tf32(acc, A_b, B_b)
             else:                                          # big first (sensitivity)
-                acc = mma1688(acc, A_b, B_b)
-                acc = mma1688(acc, A_s, B_b)
-                acc = mma1688(acc, A_b, B_s)
+                acc = mma_m16n8k8_tf32(acc, A_b, B_b)
+                acc = mma_m16n8k8_tf32(acc, A_s, B_b)
+                acc = mma_m16n8k8_tf32(acc, A_b, B_s)
         if more:
             st.store(p, rows, As, Bs, cur ^ 1, tid, kt + 1)
         As.barrier(phase); Bs.barrier(phase); phase += 1
