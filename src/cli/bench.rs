@@ -9,9 +9,9 @@
 
 use super::Device;
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::{self, backend::Cuda};
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::cuda::{self, backend::Cuda};
 use crate::ddim::alphas_cumprod;
 use crate::metrics;
 use crate::model::{random::random_weights, weights, Net, NetKind, NetSpec};

@@ -3,8 +3,8 @@
 
 use super::Device;
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::{self, backend::Cuda};
 use crate::backend::Backend;
-use crate::cuda::{self, backend::Cuda};
 use crate::precision::Precision;
 use anyhow::{bail, Context, Result};
 

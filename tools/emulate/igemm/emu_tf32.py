@@ -1,7 +1,7 @@
 """Lane-by-lane numpy emulation of the float32 "3xTF32" kernels of
 /work/main/kernels/igemm.cu (StageF32, igemm_tf32x3<RS, VEC>, split_tf32,
 mma1688, pack_weights_f32, shared epilogue / decode_row), launched as
-src/cuda/igemm.rs does for Arith::Tf32x3 (BK 16, kp = round_up(k*k*cin, 16),
+src/backend/cuda/igemm.rs does for Arith::Tf32x3 (BK 16, kp = round_up(k*k*cin, 16),
 VEC iff cin % 16 == 0).
 
 Every per-thread index formula is transcribed literally from the .cu,
