@@ -7,9 +7,9 @@
 
 use anyhow::{ensure, Result};
 use fcd::backend::cpu::Cpu;
+use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
 use fcd::config::Config;
-use fcd::cuda::backend::Cuda;
 use fcd::ddim::alphas_cumprod;
 use fcd::engine::seeded_noise;
 use fcd::model::{random::random_weights, weights, Net, NetKind, NetSpec};
@@ -37,7 +37,7 @@ fn arg(name: &str, default: usize) -> usize {
 }
 
 fn main() -> Result<()> {
-    if let Some(reason) = fcd::cuda::unavailable_reason() {
+    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
         println!("{{\"skipped\": {:?}}}", reason);
         return Ok(());
     }

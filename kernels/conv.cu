@@ -1,4 +1,4 @@
-// Helpers of the GEMM convolutions in src/cuda/conv.rs (CPU twin:
+// Helpers of the GEMM convolutions in src/backend/cuda/conv.rs (CPU twin:
 // conv_nhwc in src/backend/cpu/conv.rs). x is NHWC; a 'same' k x k
 // convolution, stride 1, is one GEMM of the im2col matrix (one row per
 // output pixel, (ky, kx, ci) along the row) with the (k*k*cin) x cout weights.

@@ -1,7 +1,7 @@
 // Fused multi-head attention forward on tensor cores (FlashAttention-2
 // style) for the bf16 / fp16 precision modes, and a float32-accurate 3xTF32
 // variant of it for the fp32 mode (attn_flash_tf32x3*, described in its own
-// section below the 16-bit kernel). Launcher: src/cuda/flash.rs;
+// section below the 16-bit kernel). Launcher: src/backend/cuda/flash.rs;
 // float32 oracle: attn_fwd in attention.cu; CPU twin: forward in
 // src/backend/cpu/attention.rs.
 //

@@ -7,7 +7,7 @@
 // explicitly rounded intrinsics so that NVRTC cannot fuse it into FMAs the
 // CPU does not perform.
 //
-// Launch shapes (src/cuda/norm.rs): the statistics and the backward's group
+// Launch shapes (src/backend/cuda/norm.rs): the statistics and the backward's group
 // sums run as split reductions (gn_stats_partial, gn_stats_combine;
 // gn_bwd_partial, gn_bwd_combine; see there) of the same launch plan; the
 // apply kernels and gn_affine are grid-stride.
@@ -107,7 +107,7 @@ __device__ __forceinline__ float gn_at(const float* __restrict__ x, const float*
 // its M2 (sum of squared deviations from the mean); the count is implied
 // by span and hw.
 //
-// Block layout (chosen by the launcher, src/cuda/norm.rs): blockDim.x =
+// Block layout (chosen by the launcher, src/backend/cuda/norm.rs): blockDim.x =
 // rows_par * cw threads with cw a multiple of 32, cw <= c; thread t reads
 // channels t % cw + k * cw of the rows t / cw + i * rows_par of a tile, so
 // a warp reads 32 consecutive floats. Dynamic shared memory: rows_par * 32 *

@@ -454,7 +454,7 @@ __device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
     epilogue(p, acc, m0 + wm * 64, n0 + wn * 32, lane);
 }
 
-// The kernel's arguments, in launch order (src/cuda/igemm.rs). The scalar
+// The kernel's arguments, in launch order (src/backend/cuda/igemm.rs). The scalar
 // path exists for the resampling-free case only (input convolutions and
 // odd 1x1 layers): every resampling layer of these networks has whole K
 // tiles of channels, and the launcher refuses the other combination.

@@ -1,5 +1,5 @@
 // Elementwise and data-movement ops of the Backend trait; launchers in
-// src/cuda/ops.rs, CPU twins in src/backend/cpu/mod.rs. Tensors are NHWC,
+// src/backend/cuda/ops.rs, CPU twins in src/backend/cpu/mod.rs. Tensors are NHWC,
 // token sequences [B, 1, T, C].
 //
 // Arithmetic goes through explicitly rounded intrinsics (__fadd_rn, ...) so

@@ -1,5 +1,5 @@
 // Row-wise softmax of attention logits and its backward, for the GEMM form
-// of attention's input gradient (src/cuda/attention_gemm.rs); CPU twin:
+// of attention's input gradient (src/backend/cuda/attention_gemm.rs); CPU twin:
 // backward in src/backend/cpu/attention.rs. One block per row of t values,
 // a multiple of 32 threads; sums in float (the CPU's are double: ~1e-7).
 

@@ -3,7 +3,6 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
-pub mod cuda;
 pub mod ddim;
 pub mod engine;
 pub mod eval;

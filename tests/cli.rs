@@ -240,7 +240,7 @@ fn detect_device_cuda_runs_or_says_why_not() {
     args.extend(["--steps", "2"]);
     let r = fcd(&args);
     let err = String::from_utf8_lossy(&r.stderr);
-    match fcd::cuda::unavailable_reason() {
+    match fcd::backend::cuda::unavailable_reason() {
         Some(reason) => {
             println!("no GPU here ({reason}): checking the error path");
             assert_eq!(r.status.code(), Some(1));

@@ -9,8 +9,10 @@ mod common;
 
 use common::*;
 use fcd::backend::cpu::Cpu;
+use fcd::backend::Backend;
 use fcd::ddim::alphas_cumprod;
 use fcd::sampler::Sampler;
+use fcd::tensor::Tensor;
 
 const SINGLE: f64 = 1e-5;
 
@@ -203,4 +205,19 @@ fn variant_config_forward_and_gradient() {
     assert!(eu <= SINGLE, "unet {eu}");
     assert!(el <= SINGLE, "logits {el}");
     assert!(eg <= SINGLE, "gradient {eg}");
+}
+
+/// Zero heads is a shape error on the CPU as on the GPU (it used to divide
+/// by zero here).
+#[test]
+fn attention_refuses_zero_heads() {
+    let qkv = Tensor::zeros(&[1, 1, 4, 48]);
+    let err = Cpu.attention(&qkv, 0, false).unwrap_err().to_string();
+    assert_eq!(err, "attention: 48 qkv channels for 0 heads");
+    let dout = Tensor::zeros(&[1, 1, 4, 16]);
+    let err = Cpu
+        .attention_bwd(&qkv, &dout, 0, true)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "attention_bwd: 48 qkv channels for 0 heads");
 }

@@ -1,13 +1,13 @@
 //! Attention's input gradient in the GEMM form the fast backends use
-//! (`fcd::cuda::attention_gemm`: cuBLAS batched SGEMMs over the materialised
+//! (`fcd::backend::cuda::attention_gemm`: cuBLAS batched SGEMMs over the materialised
 //! weights) against the CPU twin on fresh random inputs; skipped, with the
 //! reason printed, where no GPU is usable.
 
 mod common;
 
 use fcd::backend::cpu::Cpu;
+use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
-use fcd::cuda::backend::Cuda;
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
@@ -25,7 +25,7 @@ fn normals(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
 )]
 fn gpu_attention_bwd_gemm_matches_cpu() {
-    if let Some(reason) = fcd::cuda::unavailable_reason() {
+    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
         println!("skipped: {reason}");
         return;
     }

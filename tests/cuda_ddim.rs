@@ -5,9 +5,9 @@
 
 mod common;
 
+use fcd::backend::cuda::kernels::{self, ImageKind};
+use fcd::backend::cuda::{self, Gpu};
 use fcd::config::Schedule;
-use fcd::cuda::kernels::{self, ImageKind};
-use fcd::cuda::{self, Gpu};
 use fcd::ddim::{alphas_cumprod, DdimCoefs};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};

@@ -20,8 +20,8 @@
 mod common;
 
 use fcd::backend::cpu::Cpu;
+use fcd::backend::cuda::{self, CudaSlice, Gpu};
 use fcd::backend::Backend;
-use fcd::cuda::{self, CudaSlice, Gpu};
 use fcd::precision::Half;
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;

@@ -12,8 +12,8 @@
 mod common;
 
 use fcd::backend::cpu::Cpu;
+use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::{Backend, ConvPost, ConvPre, Norm, Resample};
-use fcd::cuda::backend::Cuda;
 use fcd::precision::{Half, Precision};
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;
@@ -27,7 +27,7 @@ use rand_distr::StandardNormal;
 const TOL: f64 = 1e-4;
 
 fn gpu(p: Precision) -> Option<Cuda> {
-    if let Some(reason) = fcd::cuda::unavailable_reason() {
+    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
         println!("skipped: {reason}");
         return None;
     }

@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use fcd::backend::cpu::Cpu;
+use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
-use fcd::cuda::backend::Cuda;
 use fcd::ddim::alphas_cumprod;
 use fcd::engine::{DetectOptions, Device, Engine};
 use fcd::model::{Net, NetKind};
@@ -16,7 +16,7 @@ use fcd::sampler::Sampler;
 use fcd::tensor::{rel_l2, Tensor};
 
 fn gpu() -> Option<Cuda> {
-    if let Some(reason) = fcd::cuda::unavailable_reason() {
+    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
         println!("skipped: {reason}");
         return None;
     }
@@ -70,6 +70,30 @@ fn gpu_unet_forward() {
     println!("gpu unet: rel-L2 {e:.3e} to PyTorch f64, {ec:.3e} to the CPU backend");
     assert!(e <= SINGLE, "{e}");
     assert!(ec <= SINGLE, "{ec}");
+}
+
+/// The fast path (implicit-GEMM convolutions with fused prologues, flash
+/// attention) against the GPU oracle, `Cuda::reference` (im2col + SGEMM,
+/// SIMT attention, one op per kernel), on the same device and weights.
+#[test]
+#[cfg_attr(
+    not(fcd_cuda_driver),
+    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
+)]
+fn gpu_fast_path_matches_reference_backend() {
+    let Some(g) = gpu() else { return };
+    let oracle = Cuda::reference(0).expect("the reference backend");
+    let m = manifest();
+    let x = nhwc("unet_in.npy");
+    let (t, y) = (usizes(&m["unet_t"]), usizes(&m["unet_y"]));
+    let unet_of = |b: &Cuda| {
+        let (unet, _) = gpu_nets(b);
+        down(b, &unet.unet(b, &up(b, &x), &t, &y).unwrap())
+    };
+    let (fast, slow) = (unet_of(&g), unet_of(&oracle));
+    let e = rel_l2(&fast.data, &slow.data);
+    println!("gpu unet: rel-L2 {e:.3e} to the reference backend");
+    assert!(e <= SINGLE, "{e}");
 }
 
 #[test]

@@ -7,9 +7,9 @@
 mod common;
 
 use fcd::backend::cpu::{self, Cpu};
+use fcd::backend::cuda::norm::Source;
+use fcd::backend::cuda::{self, CudaSlice, Gpu};
 use fcd::backend::Backend;
-use fcd::cuda::norm::Source;
-use fcd::cuda::{self, CudaSlice, Gpu};
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};

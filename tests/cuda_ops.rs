@@ -14,10 +14,10 @@
 mod common;
 
 use fcd::backend::cpu::Cpu;
+use fcd::backend::cuda::backend::{Cuda, GpuTensor};
+use fcd::backend::cuda::conv::{conv_with_chunk, ConvDims};
+use fcd::backend::cuda::{self, ops};
 use fcd::backend::Backend;
-use fcd::cuda::backend::{Cuda, GpuTensor};
-use fcd::cuda::conv::{conv_with_chunk, ConvDims};
-use fcd::cuda::{self, ops};
 use fcd::ddim::DdimCoefs;
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;

@@ -15,7 +15,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use fcd::cuda::{self, CudaSlice, Gpu};
+use fcd::backend::cuda::{self, CudaSlice, Gpu};
 use fcd::io::npy::read_array;
 use fcd::post::{anomaly_map_batch, normalize_batch};
 use rand::rngs::ChaCha8Rng;

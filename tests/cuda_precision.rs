@@ -6,15 +6,15 @@
 mod common;
 
 use common::*;
+use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
-use fcd::cuda::backend::Cuda;
 use fcd::engine::{DetectOptions, Device, Engine};
 use fcd::metrics::psnr;
 use fcd::model::{Net, NetKind};
 use fcd::precision::Precision;
 
 fn gpu(p: Precision) -> Option<Cuda> {
-    if let Some(reason) = fcd::cuda::unavailable_reason() {
+    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
         println!("skipped: {reason}");
         return None;
     }

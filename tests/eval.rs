@@ -529,7 +529,7 @@ fn eval_nifti_subjects_over_a_slice_range() {
     ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
 )]
 fn gpu_fast_precisions_recall_as_fp32() {
-    if let Some(reason) = fcd::cuda::unavailable_reason() {
+    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
         println!("skipped: {reason}");
         return;
     }

@@ -3,10 +3,12 @@
 //! stored as `[B, 1, T, C]` and a vector per batch item as `[B, 1, 1, C]`.
 
 pub mod cpu;
+pub mod cuda;
+pub mod shapes;
 
 use crate::ddim::DdimCoefs;
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Result};
+use anyhow::Result;
 
 /// The 2x resampling a ResBlock applies between its first GroupNorm and conv.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,33 +231,4 @@ pub trait Backend {
     /// Anomaly maps `[B,H,W,1]` of FLAIR `x0` and pseudo-healthy `xhat`,
     /// histogram-matched first when `hist_match`.
     fn anomaly(&self, x0: &Self::T, xhat: &Self::T, hist_match: bool) -> Result<Self::T>;
-}
-
-/// A tensor that knows its shape, so both backends share one set of checks.
-pub(crate) trait Shaped {
-    fn shape(&self) -> &[usize];
-}
-
-impl Shaped for Tensor {
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-}
-
-/// `(B, H, W, C)` of an NHWC tensor.
-pub(crate) fn nhwc(t: &impl Shaped) -> Result<(usize, usize, usize, usize)> {
-    match t.shape()[..] {
-        [b, h, w, c] => Ok((b, h, w, c)),
-        _ => bail!("expected an NHWC tensor, got shape {:?}", t.shape()),
-    }
-}
-
-pub(crate) fn same_shape(a: &impl Shaped, b: &impl Shaped, what: &str) -> Result<()> {
-    ensure!(
-        a.shape() == b.shape(),
-        "{what}: shapes {:?} and {:?} differ",
-        a.shape(),
-        b.shape()
-    );
-    Ok(())
 }

@@ -33,7 +33,10 @@
 macro_rules! on_nets {
     ($nets:expr, $l:ident => $body:expr) => {
         match $nets {
-            Nets::Cpu($l) => $body,
+            Nets::Cpu(boxed) => {
+                let $l: &Loaded<Cpu> = boxed;
+                $body
+            }
             Nets::Cuda(boxed) => {
                 let $l: &Loaded<Cuda> = boxed;
                 $body
@@ -51,9 +54,9 @@ pub use detect::{seeded_noise, DetectOptions, Detection, Peak, Progress, MAX_AUT
 pub use volume::{VolumeDetection, VolumePeak};
 
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::{self, backend::Cuda};
 use crate::backend::Backend;
 use crate::config::{Config, NetConfig};
-use crate::cuda::{self, backend::Cuda};
 use crate::inputs::{self, Prepared};
 use crate::io::volume::Volume;
 use crate::model::{self, Net, NetKind};
@@ -143,10 +146,10 @@ impl EngineBuilder {
             (&cfg.classifier, NetKind::Classifier, &classifier),
         ];
         let (nets, device) = match pick(self.device, self.precision)? {
-            Picked::Cpu => (Nets::Cpu(Loaded::new(Cpu, weights)?), None),
+            Picked::Cpu => (Nets::Cpu(Box::new(Loaded::new(Cpu, weights)?)), None),
             Picked::Cuda(g) => {
                 let name = g.gpu().name().to_string();
-                (Nets::Cuda(Box::new(Loaded::new(g, weights)?)), Some(name))
+                (Nets::Cuda(Box::new(Loaded::new(*g, weights)?)), Some(name))
             }
         };
         Ok(Engine {
@@ -173,12 +176,11 @@ pub struct Engine {
     nets: Nets,
 }
 
-// SAFETY: every field is `Send` but the CUDA backend's recorded graphs, which cudarc leaves
-// without `Send` because they hold raw driver handles. Those handles are process-wide: the
-// driver accepts them from any thread whose current context is theirs, and cudarc binds the
-// graph's context before every graph call. `Engine` is not `Sync`, so one thread at a time
-// uses them.
-unsafe impl Send for Engine {}
+// The embeddings move an engine to the thread that runs it.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Engine>();
+};
 
 impl Engine {
     /// An engine for the diffusion config at `config` (the published YAML layout).
@@ -332,7 +334,7 @@ fn default_classifier(cfg: &Config, config_file: &Path) -> Result<PathBuf> {
 
 enum Picked {
     Cpu,
-    Cuda(Cuda),
+    Cuda(Box<Cuda>),
 }
 
 /// The backend `device` selects: the GPU for `Cuda` (an error saying why when none is
@@ -340,9 +342,9 @@ enum Picked {
 /// float32 reference: other precisions need the GPU.
 fn pick(device: Device, precision: Precision) -> Result<Picked> {
     let gpu = |why: &str| -> Result<Picked> {
-        Ok(Picked::Cuda(
+        Ok(Picked::Cuda(Box::new(
             Cuda::with_precision(0, precision).context(why.to_string())?,
-        ))
+        )))
     };
     let cpu = || {
         if precision != Precision::Fp32 {
@@ -401,6 +403,6 @@ impl<B: Backend> Loaded<B> {
 }
 
 enum Nets {
-    Cpu(Loaded<Cpu>),
+    Cpu(Box<Loaded<Cpu>>),
     Cuda(Box<Loaded<Cuda>>),
 }

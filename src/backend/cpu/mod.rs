@@ -10,11 +10,12 @@ mod norm;
 pub use conv::CpuConv;
 pub use norm::group_norm_affine;
 
-use super::{nhwc, same_shape, Backend};
+use super::shapes::{self, nhwc};
+use super::Backend;
 use crate::ddim::{self, DdimCoefs};
 use crate::post;
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Result};
+use anyhow::Result;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -26,26 +27,13 @@ fn gn_args<'a>(
     ss: Option<&'a Tensor>,
     silu: bool,
 ) -> Result<norm::GnArgs<'a>> {
-    let (b, h, w, c) = nhwc(x)?;
-    ensure!(
-        c % norm::GROUPS == 0,
-        "group_norm: {c} channels are not a multiple of {}",
-        norm::GROUPS
-    );
-    ensure!(
-        gamma.len() == c && beta.len() == c,
-        "group_norm: affine of {} / {} for {c} channels",
-        gamma.len(),
-        beta.len()
-    );
-    if let Some(ss) = ss {
-        ensure!(
-            ss.shape == [b, 1, 1, 2 * c],
-            "group_norm: scale/shift {:?} for x {:?}",
-            ss.shape,
-            x.shape
-        );
-    }
+    shapes::group_norm(
+        &x.shape,
+        &gamma.shape,
+        &beta.shape,
+        ss.map(|s| &s.shape[..]),
+    )?;
+    let (_, h, w, c) = nhwc(&x.shape)?;
     Ok(norm::GnArgs {
         hw: h * w,
         c,
@@ -77,28 +65,15 @@ impl Backend for Cpu {
     }
 
     fn prepare_conv(&self, w: &Tensor, bias: &Tensor) -> Result<CpuConv> {
-        let (cout, cin, k) = match w.shape[..] {
-            [o, i, kh, kw] if kh == kw && (kh == 1 || kh == 3) => (o, i, kh),
-            [o, i, 1] | [o, i] => (o, i, 1),
-            _ => bail!("convolution weight of shape {:?} is not (out, in, 3, 3), (out, in, 1, 1), (out, in, 1) or (out, in)", w.shape),
-        };
-        ensure!(
-            bias.shape == [cout],
-            "convolution bias of shape {:?} for {cout} outputs",
-            bias.shape
-        );
+        let (cout, cin, k) = shapes::conv_weights(&w.shape, &bias.shape)?;
         Ok(CpuConv::new(&w.data, cout, cin, k, &bias.data))
     }
 
     fn conv(&self, x: &Tensor, c: &CpuConv) -> Result<Tensor> {
-        let (b, h, w, cin) = nhwc(x)?;
-        ensure!(
-            cin == c.cin,
-            "conv: input has {cin} channels, the weights expect {}",
-            c.cin
-        );
+        let shape = shapes::conv(&x.shape, c.cin, c.cout)?;
+        let (b, h, w, cin) = nhwc(&x.shape)?;
         let y = conv::conv_nhwc(&x.data, b, h, w, cin, c.k, &c.fwd, c.cout, Some(&c.bias));
-        Tensor::new(vec![b, h, w, c.cout], y)
+        Tensor::new(shape, y)
     }
 
     fn group_norm(
@@ -121,19 +96,14 @@ impl Backend for Cpu {
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        shapes::add(&a.shape, &b.shape)?;
         if a.shape == b.shape {
             return Tensor::new(
                 a.shape.clone(),
                 a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect(),
             );
         }
-        let (n, h, w, c) = nhwc(a)?;
-        ensure!(
-            b.shape == [n, 1, 1, c],
-            "add: cannot broadcast {:?} onto {:?}",
-            b.shape,
-            a.shape
-        );
+        let (_, h, w, c) = nhwc(&a.shape)?;
         let mut out = a.data.clone();
         for (i, px) in out.chunks_mut(c).enumerate() {
             let bi = i / (h * w);
@@ -145,11 +115,8 @@ impl Backend for Cpu {
     }
 
     fn avg_pool2(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, w, c) = nhwc(x)?;
-        ensure!(
-            h % 2 == 0 && w % 2 == 0,
-            "avg_pool2: odd spatial size {h} x {w}"
-        );
+        let shape = shapes::avg_pool2(&x.shape)?;
+        let (b, h, w, c) = nhwc(&x.shape)?;
         let (ho, wo) = (h / 2, w / 2);
         let mut y = vec![0f32; b * ho * wo * c];
         for bi in 0..b {
@@ -166,11 +133,12 @@ impl Backend for Cpu {
                 }
             }
         }
-        Tensor::new(vec![b, ho, wo, c], y)
+        Tensor::new(shape, y)
     }
 
     fn upsample2(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, w, c) = nhwc(x)?;
+        let shape = shapes::upsample2(&x.shape)?;
+        let (b, h, w, c) = nhwc(&x.shape)?;
         let (ho, wo) = (2 * h, 2 * w);
         let mut y = vec![0f32; b * ho * wo * c];
         for bi in 0..b {
@@ -182,31 +150,22 @@ impl Backend for Cpu {
                 }
             }
         }
-        Tensor::new(vec![b, ho, wo, c], y)
+        Tensor::new(shape, y)
     }
 
     fn concat(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let (n, h, w, ca) = nhwc(a)?;
-        let (n2, h2, w2, cb) = nhwc(b)?;
-        ensure!(
-            (n, h, w) == (n2, h2, w2),
-            "concat: shapes {:?} and {:?} differ outside channels",
-            a.shape,
-            b.shape
-        );
-        let mut y = Vec::with_capacity(n * h * w * (ca + cb));
+        let shape = shapes::concat(&a.shape, &b.shape)?;
+        let (ca, cb) = (a.shape[3], b.shape[3]);
+        let mut y = Vec::with_capacity(a.len() + b.len());
         for (pa, pb) in a.data.chunks(ca).zip(b.data.chunks(cb)) {
             y.extend_from_slice(pa);
             y.extend_from_slice(pb);
         }
-        Tensor::new(vec![n, h, w, ca + cb], y)
+        Tensor::new(shape, y)
     }
 
     fn timestep_embedding(&self, ts: &[usize], dim: usize) -> Result<Tensor> {
-        ensure!(
-            dim >= 2 && dim.is_multiple_of(2),
-            "timestep embedding of odd width {dim}"
-        );
+        let shape = shapes::timestep_embedding(ts.len(), dim)?;
         let half = dim / 2;
         let mut data = Vec::with_capacity(ts.len() * dim);
         for &t in ts {
@@ -216,28 +175,14 @@ impl Backend for Cpu {
             data.extend(args.iter().map(|a| a.cos() as f32));
             data.extend(args.iter().map(|a| a.sin() as f32));
         }
-        Tensor::new(vec![ts.len(), 1, 1, dim], data)
+        Tensor::new(shape, data)
     }
 
     fn add_rows(&self, x: &Tensor, table: &Tensor, rows: &[usize]) -> Result<Tensor> {
-        let (b, _, _, dim) = nhwc(x)?;
-        ensure!(
-            table.shape.len() == 2 && table.shape[1] == dim,
-            "add_rows: table {:?} for width {dim}",
-            table.shape
-        );
-        ensure!(
-            rows.len() == b,
-            "add_rows: {} rows for a batch of {b}",
-            rows.len()
-        );
+        let shape = shapes::add_rows(&x.shape, &table.shape, rows)?;
+        let dim = table.shape[1];
         let mut y = x.data.clone();
         for (bi, &r) in rows.iter().enumerate() {
-            ensure!(
-                r < table.shape[0],
-                "label {r} is out of range: the embedding has {} classes",
-                table.shape[0]
-            );
             for (o, &v) in y[bi * dim..(bi + 1) * dim]
                 .iter_mut()
                 .zip(&table.data[r * dim..(r + 1) * dim])
@@ -245,31 +190,22 @@ impl Backend for Cpu {
                 *o += v;
             }
         }
-        Tensor::new(x.shape.clone(), y)
+        Tensor::new(shape, y)
     }
 
     fn attention(&self, qkv: &Tensor, heads: usize, legacy: bool) -> Result<Tensor> {
-        let (b, h, w, c3) = nhwc(qkv)?;
-        ensure!(
-            c3 % (3 * heads) == 0,
-            "attention: {c3} qkv channels for {heads} heads"
-        );
-        let c = c3 / 3;
+        let shape = shapes::attention(&qkv.shape, heads)?;
+        let (b, h, w, c) = nhwc(&shape)?;
         Tensor::new(
-            vec![b, h, w, c],
+            shape,
             attention::forward(&qkv.data, b, h * w, c, heads, legacy),
         )
     }
 
     fn prepend_mean(&self, x: &Tensor, pos: &Tensor) -> Result<Tensor> {
-        let (b, h, w, c) = nhwc(x)?;
+        let shape = shapes::prepend_mean(&x.shape, &pos.shape)?;
+        let (b, h, w, c) = nhwc(&x.shape)?;
         let t = h * w;
-        ensure!(
-            pos.shape == [t + 1, c],
-            "positional embedding {:?} for {} tokens of {c} channels",
-            pos.shape,
-            t + 1
-        );
         let mut y = vec![0f32; b * (t + 1) * c];
         for bi in 0..b {
             let src = &x.data[bi * t * c..(bi + 1) * t * c];
@@ -283,27 +219,25 @@ impl Backend for Cpu {
                 *o += p;
             }
         }
-        Tensor::new(vec![b, 1, t + 1, c], y)
+        Tensor::new(shape, y)
     }
 
     fn token0(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, _, t, c) = nhwc(x)?;
+        let shape = shapes::token0(&x.shape)?;
+        let (b, h, w, c) = nhwc(&x.shape)?;
+        let t = h * w;
         let mut y = Vec::with_capacity(b * c);
         for bi in 0..b {
             y.extend_from_slice(&x.data[bi * t * c..bi * t * c + c]);
         }
-        Tensor::new(vec![b, 1, 1, c], y)
+        Tensor::new(shape, y)
     }
 
     fn conv_bwd(&self, dy: &Tensor, c: &CpuConv) -> Result<Tensor> {
-        let (b, h, w, co) = nhwc(dy)?;
-        ensure!(
-            co == c.cout,
-            "conv_bwd: gradient has {co} channels, the weights give {}",
-            c.cout
-        );
+        let shape = shapes::conv_bwd(&dy.shape, c.cin, c.cout)?;
+        let (b, h, w, co) = nhwc(&dy.shape)?;
         let dx = conv::conv_nhwc(&dy.data, b, h, w, co, c.k, &c.bwd, c.cin, None);
-        Tensor::new(vec![b, h, w, c.cin], dx)
+        Tensor::new(shape, dx)
     }
 
     fn group_norm_bwd(
@@ -315,7 +249,7 @@ impl Backend for Cpu {
         silu: bool,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        same_shape(x, dy, "group_norm_bwd")?;
+        shapes::same("group_norm_bwd", &x.shape, &dy.shape)?;
         let a = gn_args(x, gamma, beta, ss, silu)?;
         Tensor::new(x.shape.clone(), norm::backward(&x.data, &dy.data, &a))
     }
@@ -332,29 +266,19 @@ impl Backend for Cpu {
         heads: usize,
         legacy: bool,
     ) -> Result<Tensor> {
-        let (b, h, w, c3) = nhwc(qkv)?;
-        let c = c3 / 3;
-        ensure!(
-            dout.shape == [b, h, w, c],
-            "attention_bwd: gradient {:?} for qkv {:?}",
-            dout.shape,
-            qkv.shape
-        );
+        let shape = shapes::attention_bwd(&qkv.shape, &dout.shape, heads)?;
+        let (b, h, w, c) = nhwc(&dout.shape)?;
         Tensor::new(
-            qkv.shape.clone(),
+            shape,
             attention::backward(&qkv.data, &dout.data, b, h * w, c, heads, legacy),
         )
     }
 
     fn prepend_mean_bwd(&self, dtok: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
-        let (b, _, t1, c) = nhwc(dtok)?;
+        let shape = shapes::prepend_mean_bwd(&dtok.shape, hw)?;
+        let (b, _, _, c) = nhwc(&shape)?;
         let t = hw.0 * hw.1;
-        ensure!(
-            t1 == t + 1,
-            "prepend_mean_bwd: {t1} tokens for {} x {}",
-            hw.0,
-            hw.1
-        );
+        let t1 = t + 1;
         let mut dx = vec![0f32; b * t * c];
         for bi in 0..b {
             let src = &dtok.data[bi * t1 * c..(bi + 1) * t1 * c];
@@ -364,32 +288,24 @@ impl Backend for Cpu {
                 }
             }
         }
-        Tensor::new(vec![b, hw.0, hw.1, c], dx)
+        Tensor::new(shape, dx)
     }
 
     fn token0_bwd(&self, d0: &Tensor, tokens: usize) -> Result<Tensor> {
-        let (b, _, _, c) = nhwc(d0)?;
+        let shape = shapes::token0_bwd(&d0.shape, tokens)?;
+        let (b, _, _, c) = nhwc(&d0.shape)?;
         let mut d = vec![0f32; b * tokens * c];
         for bi in 0..b {
             d[bi * tokens * c..bi * tokens * c + c].copy_from_slice(&d0.data[bi * c..(bi + 1) * c]);
         }
-        Tensor::new(vec![b, 1, tokens, c], d)
+        Tensor::new(shape, d)
     }
 
     fn log_softmax_grad(&self, logits: &Tensor, y: &[usize]) -> Result<Tensor> {
-        let (b, _, _, k) = nhwc(logits)?;
-        ensure!(
-            y.len() == b,
-            "log_softmax_grad: {} labels for a batch of {b}",
-            y.len()
-        );
+        let shape = shapes::log_softmax_grad(&logits.shape, y)?;
+        let (b, _, _, k) = nhwc(&shape)?;
         let mut g = vec![0f32; b * k];
         for bi in 0..b {
-            ensure!(
-                y[bi] < k,
-                "label {} is out of range for {k} classifier outputs",
-                y[bi]
-            );
             let row = &logits.data[bi * k..(bi + 1) * k];
             let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
@@ -398,7 +314,7 @@ impl Backend for Cpu {
                 g[bi * k + j] = ((if j == y[bi] { 1.0 } else { 0.0 }) - p) as f32;
             }
         }
-        Tensor::new(logits.shape.clone(), g)
+        Tensor::new(shape, g)
     }
 
     fn duplicate(&self, t: &Tensor) -> Result<Tensor> {
@@ -406,25 +322,25 @@ impl Backend for Cpu {
     }
 
     fn copy_into(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
-        same_shape(dst, src, "copy_into")?;
+        shapes::same("copy_into", &dst.shape, &src.shape)?;
         dst.data.copy_from_slice(&src.data);
         Ok(())
     }
 
     fn ddim_invert(&self, x: &mut Tensor, eps: &Tensor, c: DdimCoefs) -> Result<()> {
-        same_shape(x, eps, "ddim_invert")?;
+        shapes::same("ddim_invert", &x.shape, &eps.shape)?;
         ddim::invert_step(&mut x.data, &eps.data, c);
         Ok(())
     }
 
     fn ddim_denoise(&self, x: &mut Tensor, eps: &Tensor, c: DdimCoefs) -> Result<()> {
-        same_shape(x, eps, "ddim_denoise")?;
+        shapes::same("ddim_denoise", &x.shape, &eps.shape)?;
         ddim::denoise_step(&mut x.data, &eps.data, c);
         Ok(())
     }
 
     fn axpy(&self, x: &mut Tensor, s: f32, g: &Tensor) -> Result<()> {
-        same_shape(x, g, "axpy")?;
+        shapes::same("axpy", &x.shape, &g.shape)?;
         x.data
             .iter_mut()
             .zip(&g.data)
@@ -433,7 +349,7 @@ impl Backend for Cpu {
     }
 
     fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
-        same_shape(x, y, "axpby")?;
+        shapes::same("axpby", &x.shape, &y.shape)?;
         Tensor::new(
             x.shape.clone(),
             x.data
@@ -445,16 +361,16 @@ impl Backend for Cpu {
     }
 
     fn normalize(&self, raw: &Tensor) -> Result<Tensor> {
-        let (_, h, w, c) = nhwc(raw)?;
-        ensure!(c == 1, "normalize: slices have one channel, got {c}");
-        Tensor::new(raw.shape.clone(), post::normalize_batch(&raw.data, h * w)?)
+        let shape = shapes::normalize(&raw.shape)?;
+        let (_, h, w, _) = nhwc(&shape)?;
+        Tensor::new(shape, post::normalize_batch(&raw.data, h * w)?)
     }
 
     fn anomaly(&self, x0: &Tensor, xhat: &Tensor, hist_match: bool) -> Result<Tensor> {
-        same_shape(x0, xhat, "anomaly")?;
-        let (_, h, w, _) = nhwc(x0)?;
+        let shape = shapes::anomaly(&x0.shape, &xhat.shape)?;
+        let (_, h, w, _) = nhwc(&shape)?;
         Tensor::new(
-            x0.shape.clone(),
+            shape,
             post::anomaly_map_batch(&x0.data, &xhat.data, h * w, hist_match)?,
         )
     }

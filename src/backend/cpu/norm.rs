@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-pub const GROUPS: usize = 32;
+use crate::backend::shapes::GROUPS;
+
 pub const EPS: f64 = 1e-5;
 
 pub fn sigmoid(z: f32) -> f32 {
@@ -63,7 +64,7 @@ fn stats_exact(x: &[f32], a: &GnArgs) -> Vec<(f64, f64)> {
 
 /// GroupNorm (+ optional scale/shift) folded into a per-(sample, channel)
 /// affine map `y = a * x + s`; CPU twin of
-/// `crate::cuda::norm::group_norm_affine`. Returns `[b, 2, c]`: `a` then `s`
+/// `crate::backend::cuda::norm::group_norm_affine`. Returns `[b, 2, c]`: `a` then `s`
 /// per sample, with `m`, `r` the two-pass mean and 1/sigma of the channel's
 /// group (as `forward`), `a = r gamma (1 + scale)` and `s = (beta - m r
 /// gamma) (1 + scale) + shift` (scale = shift = 0 without `ss`), in double

@@ -2,7 +2,7 @@
 kernels/igemm.cu (StageF32 with the shared StageA, igemm_tf32x3<RS, VEC>, and
 split_tf32 / mma_m16n8k8_tf32x3 of kernels/common/tensor_core.cuh, pack_weights_f32,
 shared epilogue / decode_row), launched as
-src/cuda/igemm.rs does for Arith::Tf32x3 (BK 16, kp = round_up(k*k*cin, 16),
+src/backend/cuda/igemm.rs does for Arith::Tf32x3 (BK 16, kp = round_up(k*k*cin, 16),
 VEC iff cin % 16 == 0).
 
 Every per-thread index formula is transcribed literally from the .cu,

@@ -11,9 +11,11 @@ pub mod attention;
 pub mod attention_gemm;
 pub mod backend;
 pub mod conv;
+pub mod conv_plan;
 pub mod ddim;
 pub mod flash;
 pub mod gemm;
+mod graph;
 pub mod igemm;
 pub mod kernels;
 pub mod norm;
@@ -196,6 +198,18 @@ impl Gpu {
         self.stream
             .synchronize()
             .with_context(|| format!("synchronising {}", self.name))
+    }
+
+    /// A copy of `v` on the stream; `what` names it in errors.
+    pub fn upload_f32(&self, what: &str, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(v).with_context(|| {
+            format!(
+                "uploading {what} ({} floats, {} MiB) to {}",
+                v.len(),
+                (v.len() * 4) >> 20,
+                self.name
+            )
+        })
     }
 
     /// `extern "C"` kernel `name` of `kernels/<module>.cu`.

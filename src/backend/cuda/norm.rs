@@ -6,8 +6,7 @@ use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::Gpu;
-
-const GROUPS: usize = 32;
+use crate::backend::shapes::GROUPS;
 
 /// Checked sizes of one GroupNorm call, in the kernels' integer types.
 struct Dims {
