@@ -584,6 +584,7 @@ CONCAT = [
 ]
 
 if __name__ == "__main__":
+    failed = False
     names = {0: "same", 1: "up", 2: "down"}
     args = sys.argv[1:]
     sets = [a for a in args if a in ("old", "concat")] or ["old", "concat"]
@@ -600,3 +601,5 @@ if __name__ == "__main__":
                   f"{'' if fz else ' (launcher refuses: kernel-level)'} | relerr {err:.2e} | "
                   f"problems {REP.problems or 'none'}")
             print(f"     max idx/len: {acc}")
+            failed = failed or bool(REP.problems)
+    sys.exit(1 if failed else 0)

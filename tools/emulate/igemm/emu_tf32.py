@@ -408,6 +408,7 @@ def tag(c):
 
 
 if __name__ == "__main__":
+    failed = False
     sets = [a for a in sys.argv[1:] if a in ("old", "concat")] or ["old", "concat"]
     for a in sys.argv[1:]:
         if a in sets:
@@ -422,3 +423,5 @@ if __name__ == "__main__":
               f"relerr {r['err']:.2e} (f32 sgemm {r['err_f32']:.2e} fma-loop {r['err_fma']:.2e}) conv {r['err_conv']:.2e} cw {r['err_cw']:.2e} | banks ld{r['banks'][0]} st{r['banks'][1]} | "
               f"problems {REP.problems or 'none'}")
         print(f"     max idx/len: {r['acc']}")
+        failed = failed or bool(REP.problems)
+    sys.exit(1 if failed else 0)
