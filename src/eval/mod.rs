@@ -1,12 +1,12 @@
 //! The evaluation job as a library call: every case of a dataset through the
-//! [`Engine`], per-slice metrics recorded as they finish ([`rows`], [`ledger`]), and the
+//! [`Engine`], per-slice metrics recorded as they finish ([`rows`], the ledger), and the
 //! set's summary ([`metrics::summarize`], SPEC 8).
 //!
 //! Cases are prepared by [`crate::inputs`], as `fcd detect` prepares its inputs: a PNG case
 //! is one slice, a NIfTI case the axial slice range of the subject, with the same grid checks
 //! and mask rule. A case that cannot be prepared (a grid mismatch, a slice the normalisation
 //! of SPEC 2 rejects, a missing modality, an unreadable file, an empty mask) is bad as a
-//! whole: it is reported ("skipped <id>: <reason>" on stderr and in metrics.json) and skipped.
+//! whole: it is reported (`skipped <id>: <reason>` on stderr and in metrics.json) and skipped.
 //!
 //! Reproducibility and resumption: the initial noise of each slice comes from
 //! [`crate::engine::seeded_noise`] seeded by the FNV-1a hash of the seed and the slice id
