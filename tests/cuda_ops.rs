@@ -15,7 +15,7 @@ mod common;
 
 use fcd::backend::cpu::Cpu;
 use fcd::backend::cuda::backend::{Cuda, GpuTensor};
-use fcd::backend::cuda::conv::{conv_with_chunk, ConvDims};
+use fcd::backend::cuda::conv::{conv_with_chunk, ConvDims, ConvWeights};
 use fcd::backend::cuda::{self, ops};
 use fcd::backend::Backend;
 use fcd::ddim::DdimCoefs;
@@ -219,8 +219,10 @@ fn gpu_conv_chunks_cover_the_image() {
                 g.gpu(),
                 g.blas(),
                 &xg.buf,
-                &gc.fwd,
-                Some(&gc.bias),
+                ConvWeights {
+                    wmat: &gc.fwd,
+                    bias: Some(&gc.bias),
+                },
                 fwd,
                 &mut y,
                 chunk,
@@ -249,8 +251,10 @@ fn gpu_conv_chunks_cover_the_image() {
                 g.gpu(),
                 g.blas(),
                 &dyg.buf,
-                &gc.bwd,
-                None,
+                ConvWeights {
+                    wmat: &gc.bwd,
+                    bias: None,
+                },
                 bwd,
                 &mut dx,
                 chunk,
