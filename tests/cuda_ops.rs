@@ -15,8 +15,9 @@ mod common;
 
 use fcd::backend::cpu::Cpu;
 use fcd::backend::cuda::backend::{Cuda, GpuTensor};
-use fcd::backend::cuda::conv::{conv_with_chunk, ConvDims, ConvWeights};
+use fcd::backend::cuda::conv::{conv_with_chunk, ConvWeights};
 use fcd::backend::cuda::{self, ops};
+use fcd::backend::shapes::ConvDims;
 use fcd::backend::Backend;
 use fcd::ddim::DdimCoefs;
 use fcd::tensor::{rel_l2, Tensor};

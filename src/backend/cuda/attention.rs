@@ -169,7 +169,18 @@ pub fn attention_bwd(
         .alloc_zeros::<f32>(3 * k.blocks as usize)
         .context("allocating attention row statistics")?;
     let (b, t, c, heads, legacy, s) = (k.b, k.t, k.c, k.heads, k.legacy, k.scale);
-    let p = (qkv, dout, &mut *dqkv, &mut rowstats, b, t, c, heads, legacy, s);
+    let p = (
+        qkv,
+        dout,
+        &mut *dqkv,
+        &mut rowstats,
+        b,
+        t,
+        c,
+        heads,
+        legacy,
+        s,
+    );
     // SAFETY: qkv and dqkv hold b * t * 3c floats, dout b * t * c, rowstats
     // 3 * b * heads * t; the grid is b * heads * t blocks of a multiple of
     // 32 threads with 2t floats of dynamic shared memory. Each block writes

@@ -18,13 +18,13 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
 use super::attention::AttnDims;
-use super::conv::{ConvDims, ConvWeights};
+use super::conv::ConvWeights;
 use super::conv_plan::{self, GpuConv};
-use super::norm::{NormDims, NormParams};
 use super::graph::{self, Graphs};
 use super::igemm::{self, Arith, FusedDims, PackedWeights};
+use super::norm::{NormDims, NormParams};
 use super::{attention, attention_gemm, conv, ddim, flash, norm, ops, post, Gpu};
-use crate::backend::shapes::{self, nhwc};
+use crate::backend::shapes::{self, nhwc, ConvDims};
 use crate::backend::{compose_conv_fused, Backend, ConvPost, ConvPre, Resample};
 use crate::ddim::DdimCoefs;
 use crate::precision::Precision;

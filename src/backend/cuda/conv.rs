@@ -9,29 +9,14 @@ use anyhow::{ensure, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
-use super::gemm::{sgemm, GemmShape};
+use super::gemm::sgemm;
 use super::{launch, Gpu};
+use crate::backend::shapes::{ConvDims, GemmShape};
 
 /// Bound on the im2col workspace of one convolution.
 pub const WORKSPACE_BYTES: usize = 256 << 20;
 
-/// A convolution's sizes: input `[b, h, w, cin]`, output `[b, h, w, cout]`,
-/// weights `(k*k*cin) x cout`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvDims {
-    pub b: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cin: usize,
-    pub cout: usize,
-    pub k: usize,
-}
-
 impl ConvDims {
-    pub fn pixels(&self) -> usize {
-        self.b * self.h * self.w
-    }
-
     /// Pixels per GEMM: as many as fit the workspace (k = 3), or all of
     /// them (k = 1, which reads x in place); never past cuBLAS's 32-bit
     /// dimensions.

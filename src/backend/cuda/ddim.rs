@@ -39,7 +39,15 @@ fn launch(
         return Ok(());
     }
     let cfg = gpu.elementwise_config(n);
-    let p = (x, eps, c.sqrt_a, c.sqrt_1ma, c.sqrt_a_next, c.sqrt_1ma_next, n as u64);
+    let p = (
+        x,
+        eps,
+        c.sqrt_a,
+        c.sqrt_1ma,
+        c.sqrt_a_next,
+        c.sqrt_1ma_next,
+        n as u64,
+    );
     // SAFETY: both buffers hold n floats and the kernel touches indices
     // below n only.
     unsafe { launch::ddim_step(gpu, kernel, cfg, p) }

@@ -251,7 +251,9 @@ mod tests {
             p.scale_log2,
             (std::f64::consts::LOG2_E / 48f64.sqrt()) as f32
         );
-        let p = plan(Operands::Tf32x3, dims(1, 1, 8, 1, false)).unwrap().unwrap();
+        let p = plan(Operands::Tf32x3, dims(1, 1, 8, 1, false))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (p.kernel.as_str(), p.grid),
             ("attn_flash_tf32x3", (1, 1, 1))

@@ -53,13 +53,7 @@ impl<'a> Source<'a> {
 }
 
 /// Checks the input and parameters of one call.
-fn check(
-    gpu: &Gpu,
-    op: &str,
-    x: Source<'_>,
-    dims: NormDims,
-    p: &NormParams<'_>,
-) -> Result<Sizes> {
+fn check(gpu: &Gpu, op: &str, x: Source<'_>, dims: NormDims, p: &NormParams<'_>) -> Result<Sizes> {
     let NormDims { b, hw, c } = dims;
     ensure!(
         c > 0 && c.is_multiple_of(GROUPS),
@@ -276,7 +270,9 @@ fn stats(
         unsafe { launch::gn_stats_partial(gpu, cfg, p) }
     };
     let combine = |cfg, part: &CudaSlice<f64>, stats: &mut CudaSlice<f64>| {
-        let p = (x, part, stats, sz.b, plan.runs, sz.hw, cg, plan.span, x2, c1);
+        let p = (
+            x, part, stats, sz.b, plan.runs, sz.hw, cg, plan.span, x2, c1,
+        );
         // SAFETY: x, x2 and part as above, stats holds 2 * b * 32 doubles;
         // warp w < b * 32 reads the runs of (w / 32, w % 32) and
         // x[w / 32, 0, (w % 32) * cg] (hw > 0), and writes
@@ -357,7 +353,16 @@ pub fn group_norm_affine(
     );
     let stats = stats(gpu, op, x, &sz, &plan_for(gpu, op, &sz)?)?;
     let (ss, has_ss) = scale_shift(&p);
-    let params = (&stats, p.gamma, p.beta, ss, has_ss, out, sz.c, (b * c) as u64);
+    let params = (
+        &stats,
+        p.gamma,
+        p.beta,
+        ss,
+        has_ss,
+        out,
+        sz.c,
+        (b * c) as u64,
+    );
     // SAFETY: stats holds 2 * b * 32 doubles, gamma and beta c floats, ss
     // and out 2 * b * c floats (ss unread without has_ss); thread i < b * c
     // reads and writes indices below those bounds only.

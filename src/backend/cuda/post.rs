@@ -35,13 +35,7 @@ pub fn normalize(
         .context("allocating the normalisation status")?;
     // SAFETY: x and y hold b * hw floats and status 4 * b words; block i
     // touches slice i and status words 4i .. 4i + 3 only.
-    unsafe {
-        launch::post_normalize(
-            gpu,
-            slice_config(b)?,
-            (x, y, &mut status, hw as u64),
-        )
-    }?;
+    unsafe { launch::post_normalize(gpu, slice_config(b)?, (x, y, &mut status, hw as u64)) }?;
     let status = gpu
         .stream()
         .clone_dtoh(&status)
