@@ -255,7 +255,7 @@ fn gpu_ddim_rejects_mismatched_lengths() {
     let c = DdimCoefs::new(0.9, 0.8);
     let err = cuda::ddim::denoise_step(&gpu, &mut x, &eps, c).unwrap_err();
     assert!(
-        err.to_string().contains("8 elements but eps has 7"),
+        err.to_string().contains("eps has 7 elements, expected 8"),
         "{err}"
     );
 }

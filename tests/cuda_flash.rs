@@ -20,6 +20,7 @@
 mod common;
 
 use fcd::backend::cpu::Cpu;
+use fcd::backend::cuda::attention::AttnDims;
 use fcd::backend::cuda::{self, CudaSlice, Gpu};
 use fcd::backend::Backend;
 use fcd::precision::Half;
@@ -149,10 +150,31 @@ impl Kind {
         legacy: bool,
     ) -> anyhow::Result<()> {
         match self {
-            Kind::Half(half) => {
-                cuda::flash::attention_fast(gpu, half, qkv, out, b, t, c, heads, legacy)
-            }
-            Kind::Tf32x3 => cuda::flash::attention_tf32x3(gpu, qkv, out, b, t, c, heads, legacy),
+            Kind::Half(half) => cuda::flash::attention_fast(
+                gpu,
+                half,
+                qkv,
+                out,
+                AttnDims {
+                    b,
+                    t,
+                    c,
+                    heads,
+                    legacy,
+                },
+            ),
+            Kind::Tf32x3 => cuda::flash::attention_tf32x3(
+                gpu,
+                qkv,
+                out,
+                AttnDims {
+                    b,
+                    t,
+                    c,
+                    heads,
+                    legacy,
+                },
+            ),
         }
     }
 }
@@ -498,8 +520,19 @@ fn tf32x3_extra_checks(
     let c = k.d * k.heads;
     let qkvd = up(gpu, qkv);
     let mut simt = poisoned(gpu, k.b * k.t * c);
-    cuda::attention::attention(gpu, &qkvd, &mut simt, k.b, k.t, c, k.heads, k.legacy)
-        .unwrap_or_else(|e| panic!("{label}: oracle: {e:#}"));
+    cuda::attention::attention(
+        gpu,
+        &qkvd,
+        &mut simt,
+        AttnDims {
+            b: k.b,
+            t: k.t,
+            c,
+            heads: k.heads,
+            legacy: k.legacy,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{label}: oracle: {e:#}"));
     let simt = down(gpu, &simt);
     let r = rel_l2(got, &simt);
     assert!(
@@ -626,22 +659,66 @@ fn gpu_flash_tf32x3_rejects_bad_sizes() {
     let Some(gpu) = gpu_or_skip() else { return };
     let qkv = up(&gpu, &[0.0; 3 * 5 * 40]);
     let mut out = poisoned(&gpu, 5 * 40);
-    let err = cuda::flash::attention_tf32x3(&gpu, &qkv, &mut out, 1, 5, 40, 2, false)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_tf32x3(
+        &gpu,
+        &qkv,
+        &mut out,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 40,
+            heads: 2,
+            legacy: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("attention_tf32x3: head dim d = 20"), "{err}");
-    let err = cuda::flash::attention_tf32x3(&gpu, &qkv, &mut out, 1, 5, 40, 3, false)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_tf32x3(
+        &gpu,
+        &qkv,
+        &mut out,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 40,
+            heads: 3,
+            legacy: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("3 heads do not divide 40"), "{err}");
     let mut short = poisoned(&gpu, 5 * 40 - 1);
-    let err = cuda::flash::attention_tf32x3(&gpu, &qkv, &mut short, 1, 5, 40, 5, true)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_tf32x3(
+        &gpu,
+        &qkv,
+        &mut short,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 40,
+            heads: 5,
+            legacy: true,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("out has 199 elements, expected 200"), "{err}");
-    let err = cuda::flash::attention_tf32x3(&gpu, &qkv, &mut out, 1, 6, 40, 5, true)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_tf32x3(
+        &gpu,
+        &qkv,
+        &mut out,
+        AttnDims {
+            b: 1,
+            t: 6,
+            c: 40,
+            heads: 5,
+            legacy: true,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("qkv has 600 elements, expected 720"), "{err}");
 }
 
@@ -655,22 +732,70 @@ fn gpu_flash_attention_rejects_bad_sizes() {
     // c = 40 over 2 heads: d = 20, not a multiple of 8.
     let qkv = up(&gpu, &[0.0; 3 * 5 * 40]);
     let mut out = poisoned(&gpu, 5 * 40);
-    let err = cuda::flash::attention_fast(&gpu, Half::Bf16, &qkv, &mut out, 1, 5, 40, 2, false)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_fast(
+        &gpu,
+        Half::Bf16,
+        &qkv,
+        &mut out,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 40,
+            heads: 2,
+            legacy: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("head dim d = 20"), "{err}");
-    let err = cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, &mut out, 1, 5, 40, 3, false)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_fast(
+        &gpu,
+        Half::Fp16,
+        &qkv,
+        &mut out,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 40,
+            heads: 3,
+            legacy: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("3 heads do not divide 40"), "{err}");
     let mut short = poisoned(&gpu, 5 * 40 - 1);
-    let err = cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, &mut short, 1, 5, 40, 5, true)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_fast(
+        &gpu,
+        Half::Fp16,
+        &qkv,
+        &mut short,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 40,
+            heads: 5,
+            legacy: true,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("out has 199 elements, expected 200"), "{err}");
-    let err = cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, &mut out, 1, 6, 40, 5, true)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::flash::attention_fast(
+        &gpu,
+        Half::Fp16,
+        &qkv,
+        &mut out,
+        AttnDims {
+            b: 1,
+            t: 6,
+            c: 40,
+            heads: 5,
+            legacy: true,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("qkv has 600 elements, expected 720"), "{err}");
 }
 
@@ -701,16 +826,66 @@ fn gpu_flash_attention_timing() {
             t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPS)
         };
         let fp32 = time(&mut |o| {
-            cuda::attention::attention(&gpu, &qkv, o, b, t, c, heads, false).unwrap()
+            cuda::attention::attention(
+                &gpu,
+                &qkv,
+                o,
+                AttnDims {
+                    b,
+                    t,
+                    c,
+                    heads,
+                    legacy: false,
+                },
+            )
+            .unwrap()
         });
         let bf16 = time(&mut |o| {
-            cuda::flash::attention_fast(&gpu, Half::Bf16, &qkv, o, b, t, c, heads, false).unwrap()
+            cuda::flash::attention_fast(
+                &gpu,
+                Half::Bf16,
+                &qkv,
+                o,
+                AttnDims {
+                    b,
+                    t,
+                    c,
+                    heads,
+                    legacy: false,
+                },
+            )
+            .unwrap()
         });
         let fp16 = time(&mut |o| {
-            cuda::flash::attention_fast(&gpu, Half::Fp16, &qkv, o, b, t, c, heads, false).unwrap()
+            cuda::flash::attention_fast(
+                &gpu,
+                Half::Fp16,
+                &qkv,
+                o,
+                AttnDims {
+                    b,
+                    t,
+                    c,
+                    heads,
+                    legacy: false,
+                },
+            )
+            .unwrap()
         });
         let tf32x3 = time(&mut |o| {
-            cuda::flash::attention_tf32x3(&gpu, &qkv, o, b, t, c, heads, false).unwrap()
+            cuda::flash::attention_tf32x3(
+                &gpu,
+                &qkv,
+                o,
+                AttnDims {
+                    b,
+                    t,
+                    c,
+                    heads,
+                    legacy: false,
+                },
+            )
+            .unwrap()
         });
         println!(
             "timing b={b} t={t} c={c} heads={heads} (d={}): fp32 SIMT {fp32:.3} ms, \

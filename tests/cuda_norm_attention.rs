@@ -7,7 +7,8 @@
 mod common;
 
 use fcd::backend::cpu::{self, Cpu};
-use fcd::backend::cuda::norm::Source;
+use fcd::backend::cuda::attention::AttnDims;
+use fcd::backend::cuda::norm::{NormDims, NormParams, Source};
 use fcd::backend::cuda::{self, CudaSlice, Gpu};
 use fcd::backend::Backend;
 use fcd::tensor::{rel_l2, Tensor};
@@ -173,10 +174,34 @@ fn gpu_group_norm_matches_cpu() {
             let dyd = up(&gpu, &dy);
             let ssd = with_ss.then_some(&ssd);
             let mut y = poisoned(&gpu, n);
-            cuda::norm::group_norm(&gpu, &xd, &mut y, b, hw, c, &gd, &bd, ssd, silu).unwrap();
+            cuda::norm::group_norm(
+                &gpu,
+                &xd,
+                &mut y,
+                NormDims { b, hw, c },
+                NormParams {
+                    gamma: &gd,
+                    beta: &bd,
+                    ss: ssd,
+                    silu,
+                },
+            )
+            .unwrap();
             let mut dx = poisoned(&gpu, n);
-            cuda::norm::group_norm_bwd(&gpu, &xd, &dyd, &mut dx, b, hw, c, &gd, &bd, ssd, silu)
-                .unwrap();
+            cuda::norm::group_norm_bwd(
+                &gpu,
+                &xd,
+                &dyd,
+                &mut dx,
+                NormDims { b, hw, c },
+                NormParams {
+                    gamma: &gd,
+                    beta: &bd,
+                    ss: ssd,
+                    silu,
+                },
+            )
+            .unwrap();
 
             // Both sides take mean and 1/sigma in double (the GPU by a
             // split two-pass reduction merged with Chan's formula, the CPU
@@ -232,12 +257,13 @@ fn gpu_group_norm_affine_matches_cpu() {
             cuda::norm::group_norm_affine(
                 &gpu,
                 Source::One(&xd),
-                b,
-                hw,
-                c,
-                &gd,
-                &bd,
-                with_ss.then_some(&ssd),
+                NormDims { b, hw, c },
+                NormParams {
+                    gamma: &gd,
+                    beta: &bd,
+                    ss: with_ss.then_some(&ssd),
+                    silu: false,
+                },
                 &mut out,
             )
             .unwrap();
@@ -265,12 +291,13 @@ fn gpu_group_norm_affine_matches_cpu() {
                 cuda::norm::group_norm_affine(
                     &gpu,
                     Source::Concat(&x1d, &x2d, c1),
-                    b,
-                    hw,
-                    c,
-                    &gd,
-                    &bd,
-                    with_ss.then_some(&ssd),
+                    NormDims { b, hw, c },
+                    NormParams {
+                        gamma: &gd,
+                        beta: &bd,
+                        ss: with_ss.then_some(&ssd),
+                        silu: false,
+                    },
                     &mut out,
                 )
                 .unwrap();
@@ -369,11 +396,32 @@ fn gpu_attention_matches_cpu() {
                     let qkvd = up(&gpu, &qkv);
                     let doutd = up(&gpu, &dout);
                     let mut out = poisoned(&gpu, b * t * c);
-                    cuda::attention::attention(&gpu, &qkvd, &mut out, b, t, c, heads, legacy)
-                        .unwrap();
+                    cuda::attention::attention(
+                        &gpu,
+                        &qkvd,
+                        &mut out,
+                        AttnDims {
+                            b,
+                            t,
+                            c,
+                            heads,
+                            legacy,
+                        },
+                    )
+                    .unwrap();
                     let mut dqkv = poisoned(&gpu, b * t * 3 * c);
                     cuda::attention::attention_bwd(
-                        &gpu, &qkvd, &doutd, &mut dqkv, b, t, c, heads, legacy,
+                        &gpu,
+                        &qkvd,
+                        &doutd,
+                        &mut dqkv,
+                        AttnDims {
+                            b,
+                            t,
+                            c,
+                            heads,
+                            legacy,
+                        },
                     )
                     .unwrap();
 
@@ -413,37 +461,91 @@ fn gpu_norm_attention_reject_bad_sizes() {
     let x = up(&gpu, &[0.0; 2 * 48]);
     let g = up(&gpu, &[1.0; 48]);
     let mut y = poisoned(&gpu, 2 * 48);
-    let err = cuda::norm::group_norm(&gpu, &x, &mut y, 1, 2, 48, &g, &g, None, false)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::norm::group_norm(
+        &gpu,
+        &x,
+        &mut y,
+        NormDims { b: 1, hw: 2, c: 48 },
+        NormParams {
+            gamma: &g,
+            beta: &g,
+            ss: None,
+            silu: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("not a positive multiple of 32"), "{err}");
 
     let x = up(&gpu, &[0.0; 64]);
     let g = up(&gpu, &[1.0; 32]);
     let ss = up(&gpu, &[0.0; 32]);
-    let err = cuda::norm::group_norm(&gpu, &x, &mut y, 1, 2, 32, &g, &g, Some(&ss), true)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::norm::group_norm(
+        &gpu,
+        &x,
+        &mut y,
+        NormDims { b: 1, hw: 2, c: 32 },
+        NormParams {
+            gamma: &g,
+            beta: &g,
+            ss: Some(&ss),
+            silu: true,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("scale/shift has 32 elements"), "{err}");
 
     let x = up(&gpu, &[0.0; 2 * 64]);
     let g = up(&gpu, &[1.0; 64]);
     let mut short = poisoned(&gpu, 2 * 2 * 64 - 1);
-    let err =
-        cuda::norm::group_norm_affine(&gpu, Source::One(&x), 2, 1, 64, &g, &g, None, &mut short)
-            .unwrap_err()
-            .to_string();
-    assert!(err.contains("expected [b, 2c] = 2 * 2 * 64 = 256"), "{err}");
+    let err = cuda::norm::group_norm_affine(
+        &gpu,
+        Source::One(&x),
+        NormDims { b: 2, hw: 1, c: 64 },
+        NormParams {
+            gamma: &g,
+            beta: &g,
+            ss: None,
+            silu: false,
+        },
+        &mut short,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("out has 255 elements, expected 256"), "{err}");
 
     let qkv = up(&gpu, &[0.0; 3 * 5 * 64]);
     let mut out = poisoned(&gpu, 5 * 64);
-    let err = cuda::attention::attention(&gpu, &qkv, &mut out, 1, 5, 64, 3, false)
-        .unwrap_err()
-        .to_string();
+    let err = cuda::attention::attention(
+        &gpu,
+        &qkv,
+        &mut out,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 64,
+            heads: 3,
+            legacy: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("3 heads do not divide 64"), "{err}");
     let mut short = poisoned(&gpu, 5 * 64 - 1);
-    let err = cuda::attention::attention(&gpu, &qkv, &mut short, 1, 5, 64, 2, true)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("expected b * t * c = 320"), "{err}");
+    let err = cuda::attention::attention(
+        &gpu,
+        &qkv,
+        &mut short,
+        AttnDims {
+            b: 1,
+            t: 5,
+            c: 64,
+            heads: 2,
+            legacy: true,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("out has 319 elements, expected 320"), "{err}");
 }

@@ -15,8 +15,9 @@ mod common;
 
 use fcd::backend::cpu::Cpu;
 use fcd::backend::cuda::backend::{Cuda, GpuTensor};
-use fcd::backend::cuda::conv::{conv_with_chunk, ConvDims};
+use fcd::backend::cuda::conv::{conv_with_chunk, ConvWeights};
 use fcd::backend::cuda::{self, ops};
+use fcd::backend::shapes::ConvDims;
 use fcd::backend::Backend;
 use fcd::ddim::DdimCoefs;
 use fcd::tensor::{rel_l2, Tensor};
@@ -219,8 +220,10 @@ fn gpu_conv_chunks_cover_the_image() {
                 g.gpu(),
                 g.blas(),
                 &xg.buf,
-                &gc.fwd,
-                Some(&gc.bias),
+                ConvWeights {
+                    wmat: &gc.fwd,
+                    bias: Some(&gc.bias),
+                },
                 fwd,
                 &mut y,
                 chunk,
@@ -249,8 +252,10 @@ fn gpu_conv_chunks_cover_the_image() {
                 g.gpu(),
                 g.blas(),
                 &dyg.buf,
-                &gc.bwd,
-                None,
+                ConvWeights {
+                    wmat: &gc.bwd,
+                    bias: None,
+                },
                 bwd,
                 &mut dx,
                 chunk,

@@ -266,7 +266,7 @@ fn gpu_post_rejects_bad_lengths() {
     let x = gpu.stream().clone_htod(&[1.0f32, 2.0, 3.0]).unwrap();
     let mut y = nan_buffer(&gpu, 3);
     let err = cuda::post::normalize(&gpu, &x, &mut y, 2, 2).unwrap_err();
-    assert!(format!("{err:#}").contains("expected 2 slices of 2 pixels"));
+    assert!(format!("{err:#}").contains("normalize: x has 3 elements, expected 4"));
     let err = cuda::post::anomaly(&gpu, &x, &x, &mut y, 1, 0, true).unwrap_err();
     assert!(format!("{err:#}").contains("slices of 0 pixels"));
 }

@@ -8,6 +8,51 @@ use anyhow::{bail, ensure, Result};
 /// GroupNorm's group count (the networks' only one).
 pub const GROUPS: usize = 32;
 
+/// Shape of a row-major `c (m x n, row stride ldc) = a (m x k, lda) @ b (k x
+/// n, ldb)`, strides of the operands as stored (a transposed operand's
+/// rows are its stored rows).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
+impl GemmShape {
+    /// Every operand stored densely, untransposed.
+    pub fn packed(m: usize, n: usize, k: usize) -> GemmShape {
+        GemmShape {
+            m,
+            n,
+            k,
+            lda: k,
+            ldb: n,
+            ldc: n,
+        }
+    }
+}
+
+/// A 'same' convolution's sizes: input `[b, h, w, cin]`, output
+/// `[b, h, w, cout]`, weights `(k*k*cin) x cout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvDims {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+}
+
+impl ConvDims {
+    pub fn pixels(&self) -> usize {
+        self.b * self.h * self.w
+    }
+}
+
 /// `(B, H, W, C)` of an NHWC shape.
 pub fn nhwc(s: &[usize]) -> Result<(usize, usize, usize, usize)> {
     match s[..] {

@@ -2,6 +2,7 @@
 //! Per (batch, head): S = (q s)(k s)^T with s = d^-1/4, W = softmax(S), A = W V.
 
 use super::gemm::{matmul, matmul_at, matmul_bt};
+use crate::backend::shapes::GemmShape;
 use rayon::prelude::*;
 
 /// Channel offsets of q, k, v of head `h` inside the 3C qkv channels, and of
@@ -56,7 +57,16 @@ fn weights(
     let k = gather(qkv, t, 3 * c, ko, d, s);
     let v = gather(qkv, t, 3 * c, vo, d, 1.0);
     let mut w = vec![0f32; t * t];
-    matmul_bt(t, t, d, &q, d, &k, d, &mut w, t, false);
+    matmul_bt(
+        GemmShape {
+            ldb: d,
+            ..GemmShape::packed(t, t, d)
+        },
+        &q,
+        &k,
+        &mut w,
+        false,
+    );
     softmax_rows(&mut w, t);
     (w, q, k, v)
 }
@@ -71,7 +81,7 @@ pub fn forward(qkv: &[f32], b: usize, t: usize, c: usize, heads: usize, legacy: 
             let x = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c];
             let (w, _, _, v) = weights(x, t, c, h, d, legacy);
             let mut a = vec![0f32; t * d];
-            matmul(t, d, t, &w, t, &v, d, &mut a, d, false);
+            matmul(GemmShape::packed(t, d, t), &w, &v, &mut a, false);
             (bi, h, a)
         })
         .collect();
@@ -111,9 +121,27 @@ pub fn backward(
             let da = gather(&dout[bi * t * c..(bi + 1) * t * c], t, c, oo, d, 1.0);
             // dV = W^T dA ; dW = dA V^T
             let mut dv = vec![0f32; t * d];
-            matmul_at(t, d, t, &w, t, &da, d, &mut dv, d, false);
+            matmul_at(
+                GemmShape {
+                    lda: t,
+                    ..GemmShape::packed(t, d, t)
+                },
+                &w,
+                &da,
+                &mut dv,
+                false,
+            );
             let mut dw = vec![0f32; t * t];
-            matmul_bt(t, t, d, &da, d, &v, d, &mut dw, t, false);
+            matmul_bt(
+                GemmShape {
+                    ldb: d,
+                    ..GemmShape::packed(t, t, d)
+                },
+                &da,
+                &v,
+                &mut dw,
+                false,
+            );
             // dS = W * (dW - rowsum(W * dW))
             for (wr, dr) in w.chunks(t).zip(dw.chunks_mut(t)) {
                 let dot: f64 = wr
@@ -127,9 +155,18 @@ pub fn backward(
             }
             // S = (q s)(k s)^T: dq = s dS (k s), dk = s dS^T (q s)
             let mut dq = vec![0f32; t * d];
-            matmul(t, d, t, &dw, t, &k, d, &mut dq, d, false);
+            matmul(GemmShape::packed(t, d, t), &dw, &k, &mut dq, false);
             let mut dk = vec![0f32; t * d];
-            matmul_at(t, d, t, &dw, t, &q, d, &mut dk, d, false);
+            matmul_at(
+                GemmShape {
+                    lda: t,
+                    ..GemmShape::packed(t, d, t)
+                },
+                &dw,
+                &q,
+                &mut dk,
+                false,
+            );
             dq.iter_mut().for_each(|v| *v *= s);
             dk.iter_mut().for_each(|v| *v *= s);
             (bi, h, dq, dk, dv)

@@ -1,6 +1,7 @@
 //! 'Same' convolutions in NHWC by im2col over pixel chunks and a GEMM.
 
 use super::gemm::matmul;
+use crate::backend::shapes::{ConvDims, GemmShape};
 use rayon::prelude::*;
 
 /// Weights of a k x k convolution as a (k*k*cin) x cout matrix, plus the
@@ -48,18 +49,15 @@ impl CpuConv {
 const CHUNK: usize = 1024;
 
 /// `y = conv(x, wmat) + bias` for x `[b, h, w, cin]`, `wmat` (k*k*cin x cout).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_nhwc(
-    x: &[f32],
-    b: usize,
-    h: usize,
-    w: usize,
-    cin: usize,
-    k: usize,
-    wmat: &[f32],
-    cout: usize,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
+pub fn conv_nhwc(x: &[f32], d: ConvDims, wmat: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let ConvDims {
+        b,
+        h,
+        w,
+        cin,
+        cout,
+        k,
+    } = d;
     let pixels = b * h * w;
     let mut y = vec![0.0f32; pixels * cout];
     let kk = k * k * cin;
@@ -75,16 +73,12 @@ pub fn conv_nhwc(
                 }
             }
             if k == 1 {
+                let a = &x[p0 * cin..(p0 + np) * cin];
                 matmul(
-                    np,
-                    cout,
-                    cin,
-                    &x[p0 * cin..(p0 + np) * cin],
-                    cin,
+                    GemmShape::packed(np, cout, cin),
+                    a,
                     wmat,
-                    cout,
                     out,
-                    cout,
                     bias.is_some(),
                 );
                 return;
@@ -108,15 +102,10 @@ pub fn conv_nhwc(
                 }
             }
             matmul(
-                np,
-                cout,
-                kk,
+                GemmShape::packed(np, cout, kk),
                 &cols,
-                kk,
                 wmat,
-                cout,
                 out,
-                cout,
                 bias.is_some(),
             );
         });

@@ -1,5 +1,7 @@
 //! A safe row-major wrapper over the `gemm` crate.
 
+use crate::backend::shapes::GemmShape;
+
 /// A row-major matrix operand: its data, and its row and column strides.
 #[derive(Clone, Copy)]
 struct Operand<'a> {
@@ -8,7 +10,13 @@ struct Operand<'a> {
     cs: usize,
 }
 
-impl Operand<'_> {
+impl<'a> Operand<'a> {
+    /// `data` with rows `ld` apart, read as stored or transposed.
+    fn new(data: &'a [f32], ld: usize, transposed: bool) -> Self {
+        let (rs, cs) = if transposed { (1, ld) } else { (ld, 1) };
+        Operand { data, rs, cs }
+    }
+
     /// Enough elements for `rows` x `cols` at these strides.
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || self.data.len() > (rows - 1) * self.rs + (cols - 1) * self.cs
@@ -17,17 +25,8 @@ impl Operand<'_> {
 
 /// `c = a @ b (+ c when accumulate)`: `a` m x k, `b` k x n, `c` m x n with
 /// row stride `ldc`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_core(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+fn gemm_core(s: GemmShape, a: Operand, b: Operand, c: &mut [f32], accumulate: bool) {
+    let GemmShape { m, n, k, ldc, .. } = s;
     if m == 0 || n == 0 {
         return;
     }
@@ -68,104 +67,20 @@ fn gemm_core(
     }
 }
 
-/// `c = a @ b (+ c)`, `a` (m x k, row stride `lda`), `b` (k x n, row stride `ldb`).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_core(
-        m,
-        n,
-        k,
-        Operand {
-            data: a,
-            rs: lda,
-            cs: 1,
-        },
-        Operand {
-            data: b,
-            rs: ldb,
-            cs: 1,
-        },
-        c,
-        ldc,
-        accumulate,
-    )
+/// `c = a @ b (+ c)`, `a` (m x k), `b` (k x n).
+pub fn matmul(s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    let (a, b) = (Operand::new(a, s.lda, false), Operand::new(b, s.ldb, false));
+    gemm_core(s, a, b, c, accumulate)
 }
 
 /// `c = a @ b^T (+ c)`, `b` given as (n x k) row-major.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_bt(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_core(
-        m,
-        n,
-        k,
-        Operand {
-            data: a,
-            rs: lda,
-            cs: 1,
-        },
-        Operand {
-            data: b,
-            rs: 1,
-            cs: ldb,
-        },
-        c,
-        ldc,
-        accumulate,
-    )
+pub fn matmul_bt(s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    let (a, b) = (Operand::new(a, s.lda, false), Operand::new(b, s.ldb, true));
+    gemm_core(s, a, b, c, accumulate)
 }
 
 /// `c = a^T @ b (+ c)`, `a` given as (k x m) row-major.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_at(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_core(
-        m,
-        n,
-        k,
-        Operand {
-            data: a,
-            rs: 1,
-            cs: lda,
-        },
-        Operand {
-            data: b,
-            rs: ldb,
-            cs: 1,
-        },
-        c,
-        ldc,
-        accumulate,
-    )
+pub fn matmul_at(s: GemmShape, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    let (a, b) = (Operand::new(a, s.lda, true), Operand::new(b, s.ldb, false));
+    gemm_core(s, a, b, c, accumulate)
 }

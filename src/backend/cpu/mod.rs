@@ -10,7 +10,7 @@ mod norm;
 pub use conv::CpuConv;
 pub use norm::group_norm_affine;
 
-use super::shapes::{self, nhwc};
+use super::shapes::{self, nhwc, ConvDims};
 use super::Backend;
 use crate::ddim::{self, DdimCoefs};
 use crate::post;
@@ -72,7 +72,15 @@ impl Backend for Cpu {
     fn conv(&self, x: &Tensor, c: &CpuConv) -> Result<Tensor> {
         let shape = shapes::conv(&x.shape, c.cin, c.cout)?;
         let (b, h, w, cin) = nhwc(&x.shape)?;
-        let y = conv::conv_nhwc(&x.data, b, h, w, cin, c.k, &c.fwd, c.cout, Some(&c.bias));
+        let d = ConvDims {
+            b,
+            h,
+            w,
+            cin,
+            cout: c.cout,
+            k: c.k,
+        };
+        let y = conv::conv_nhwc(&x.data, d, &c.fwd, Some(&c.bias));
         Tensor::new(shape, y)
     }
 
@@ -236,7 +244,15 @@ impl Backend for Cpu {
     fn conv_bwd(&self, dy: &Tensor, c: &CpuConv) -> Result<Tensor> {
         let shape = shapes::conv_bwd(&dy.shape, c.cin, c.cout)?;
         let (b, h, w, co) = nhwc(&dy.shape)?;
-        let dx = conv::conv_nhwc(&dy.data, b, h, w, co, c.k, &c.bwd, c.cin, None);
+        let d = ConvDims {
+            b,
+            h,
+            w,
+            cin: co,
+            cout: c.cin,
+            k: c.k,
+        };
+        let dx = conv::conv_nhwc(&dy.data, d, &c.bwd, None);
         Tensor::new(shape, dx)
     }
 

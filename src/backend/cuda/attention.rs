@@ -4,9 +4,9 @@
 //! `crate::backend::cpu` (`attention.rs`).
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::Gpu;
+use super::{launch, Gpu};
 
 /// Threads per block: a multiple of 32 (the kernels work a warp per key or
 /// query and reduce with full-warp shuffles).
@@ -25,8 +25,50 @@ fn shared_bytes(rows_of_shared: usize, t: usize) -> usize {
     (rows_of_shared * t + SHARED_PAD) * 4
 }
 
-/// Checked sizes of one attention call, in the kernels' integer types.
-struct Dims {
+/// One multi-head attention call: `qkv` `[b, t, 3c]` -> `[b, t, c]` over
+/// `heads` heads of `d = c / heads` channels. `legacy`: per head q, k, v
+/// are consecutive; else q, k, v are the thirds of the 3c channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub heads: usize,
+    pub legacy: bool,
+}
+
+impl AttnDims {
+    /// `d = c / heads`, once `heads` is known to divide `c`.
+    pub(super) fn head_dim(&self, op: &str) -> Result<usize> {
+        let (c, heads) = (self.c, self.heads);
+        ensure!(
+            heads > 0 && c > 0 && c.is_multiple_of(heads),
+            "{op}: {heads} heads do not divide {c} channels"
+        );
+        Ok(c / heads)
+    }
+
+    /// Fails unless `qkv` is `[b, t, 3c]` and `out` (named `what`: the
+    /// output, or the output's gradient) `[b, t, c]`.
+    pub(super) fn expect_lens(
+        &self,
+        gpu: &Gpu,
+        op: &str,
+        qkv: &CudaSlice<f32>,
+        (what, out): (&str, &CudaSlice<f32>),
+    ) -> Result<()> {
+        let AttnDims { b, t, c, .. } = *self;
+        let n = b
+            .checked_mul(t)
+            .and_then(|v| v.checked_mul(3 * c))
+            .with_context(|| format!("{op}: size {b} x {t} x 3*{c} overflows"))?;
+        gpu.expect_len(op, "qkv", qkv, n)?;
+        gpu.expect_len(op, what, out, n / 3)
+    }
+}
+
+/// Checked sizes of one launch, in the kernels' integer types.
+struct Kernel {
     blocks: u32,
     b: u32,
     t: u32,
@@ -37,40 +79,20 @@ struct Dims {
     scale: f32,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Checks one call, `out` being the output or its gradient; None when
+/// there is nothing to compute.
 fn check(
     gpu: &Gpu,
     op: &str,
+    dims: AttnDims,
     qkv: &CudaSlice<f32>,
-    out_len: usize,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
+    out: (&str, &CudaSlice<f32>),
     rows_of_shared: usize,
-) -> Result<Option<Dims>> {
-    ensure!(
-        heads > 0 && c > 0 && c.is_multiple_of(heads),
-        "{op}: {heads} heads do not divide {c} channels"
-    );
-    let n = b
-        .checked_mul(t)
-        .and_then(|v| v.checked_mul(3 * c))
-        .with_context(|| format!("{op}: size {b} x {t} x 3*{c} overflows"))?;
-    ensure!(
-        qkv.len() == n,
-        "{op}: qkv has {} elements, expected b * t * 3c = {b} * {t} * {} = {n}",
-        qkv.len(),
-        3 * c
-    );
-    ensure!(
-        out_len == n / 3,
-        "{op}: output / gradient has {out_len} elements, expected b * t * c = {}",
-        n / 3
-    );
-    gpu.check_stream(qkv, "qkv")?;
-    if n == 0 {
+) -> Result<Option<Kernel>> {
+    let d = dims.head_dim(op)?;
+    dims.expect_lens(gpu, op, qkv, out)?;
+    let AttnDims { b, t, c, heads, .. } = dims;
+    if b * t == 0 {
         return Ok(None);
     }
     ensure!(
@@ -84,8 +106,7 @@ fn check(
         .and_then(|v| u32::try_from(v).ok())
         .filter(|&v| v < i32::MAX as u32)
         .with_context(|| format!("{op}: {b} x {heads} heads x {t} tokens is too many blocks"))?;
-    let d = c / heads;
-    Ok(Some(Dims {
+    Ok(Some(Kernel {
         blocks,
         b: u32::try_from(b).context("batch size")?,
         t: u32::try_from(t).context("token count")?,
@@ -95,134 +116,80 @@ fn check(
             .filter(|v| v.checked_mul(3).is_some())
             .with_context(|| format!("{op}: {c} channels"))?,
         heads: u32::try_from(heads).context("head count")?,
-        legacy: i32::from(legacy),
+        legacy: i32::from(dims.legacy),
         scale: (d as f32).sqrt().sqrt().recip(),
     }))
 }
 
-fn config(d: &Dims, rows_of_shared: u32) -> LaunchConfig {
+fn config(k: &Kernel, rows_of_shared: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (d.blocks, 1, 1),
+        grid_dim: (k.blocks, 1, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: shared_bytes(rows_of_shared as usize, d.t as usize) as u32,
+        shared_mem_bytes: shared_bytes(rows_of_shared as usize, k.t as usize) as u32,
     }
 }
 
 /// `out[b, i, head h] = sum_j softmax_j((q_i s) . (k_j s)) v_j`; see
-/// `Backend::attention`. `legacy`: per head q, k, v are consecutive; else
-/// q, k, v are the thirds of the 3c channels.
-#[allow(clippy::too_many_arguments)]
+/// `Backend::attention`.
 pub fn attention(
     gpu: &Gpu,
     qkv: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
+    dims: AttnDims,
 ) -> Result<()> {
     let op = "attention";
-    gpu.check_stream(out, "out")?;
-    let Some(dims) = check(gpu, op, qkv, out.len(), b, t, c, heads, legacy, 1)? else {
+    let Some(k) = check(gpu, op, dims, qkv, ("out", out), 1)? else {
         return Ok(());
     };
-    let func = gpu.function("attention", "attn_fwd")?;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(qkv)
-        .arg(out)
-        .arg(&dims.b)
-        .arg(&dims.t)
-        .arg(&dims.c)
-        .arg(&dims.heads)
-        .arg(&dims.legacy)
-        .arg(&dims.scale);
-    // SAFETY: the arguments match attn_fwd(const float* qkv, float* out,
-    // unsigned b, unsigned t, unsigned c, unsigned heads, int legacy, float
-    // s); qkv holds b * t * 3c floats and out b * t * c, both on this Gpu's
-    // stream; the grid is b * heads * t blocks of a multiple of 32 threads
-    // with t floats of dynamic shared memory, as the kernel expects.
-    unsafe { args.launch(config(&dims, 1)) }
-        .with_context(|| format!("launching attn_fwd on {b} x {t} tokens x {c} ({heads} heads)"))?;
-    Ok(())
+    let p = (qkv, out, k.b, k.t, k.c, k.heads, k.legacy, k.scale);
+    // SAFETY: qkv holds b * t * 3c floats and out b * t * c; the grid is
+    // b * heads * t blocks of a multiple of 32 threads with t floats of
+    // dynamic shared memory, as the kernel expects.
+    unsafe { launch::attn_fwd(gpu, config(&k, 1), p) }
 }
 
 /// Input gradient of `attention`: `dout` is `[b, t, c]`, `dqkv` `[b, t, 3c]`
 /// (every element written).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
     qkv: &CudaSlice<f32>,
     dout: &CudaSlice<f32>,
     dqkv: &mut CudaSlice<f32>,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
+    dims: AttnDims,
 ) -> Result<()> {
     let op = "attention_bwd";
-    ensure!(
-        dqkv.len() == qkv.len(),
-        "{op}: dqkv has {} elements but qkv has {}",
-        dqkv.len(),
-        qkv.len()
-    );
-    gpu.check_stream(dout, "dout")?;
-    gpu.check_stream(dqkv, "dqkv")?;
-    let Some(dims) = check(gpu, op, qkv, dout.len(), b, t, c, heads, legacy, 2)? else {
+    gpu.expect_len(op, "dqkv", dqkv, qkv.len())?;
+    let Some(k) = check(gpu, op, dims, qkv, ("dout", dout), 2)? else {
         return Ok(());
     };
     // Per (batch, head, query row): max logit, 1 / sum of exponentials, and
     // D_i = sum_j W_ij (dA_i . v_j).
     let mut rowstats = gpu
         .stream()
-        .alloc_zeros::<f32>(3 * dims.blocks as usize)
+        .alloc_zeros::<f32>(3 * k.blocks as usize)
         .context("allocating attention row statistics")?;
-
-    let func = gpu.function("attention", "attn_bwd_rows")?;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(qkv)
-        .arg(dout)
-        .arg(&mut *dqkv)
-        .arg(&mut rowstats)
-        .arg(&dims.b)
-        .arg(&dims.t)
-        .arg(&dims.c)
-        .arg(&dims.heads)
-        .arg(&dims.legacy)
-        .arg(&dims.scale);
-    // SAFETY: the arguments match attn_bwd_rows(const float* qkv, const
-    // float* dout, float* dqkv, float* rowstats, unsigned b, unsigned t,
-    // unsigned c, unsigned heads, int legacy, float s); qkv and dqkv hold
-    // b * t * 3c floats, dout b * t * c, rowstats 3 * b * heads * t, all on
-    // this Gpu's stream; the grid is b * heads * t blocks of a multiple of 32
-    // threads with 2t floats of dynamic shared memory. Each block writes only
-    // the q channels of its own (batch, token, head) and its rowstats triple.
-    unsafe { args.launch(config(&dims, 2)) }.with_context(|| {
-        format!("launching attn_bwd_rows on {b} x {t} tokens x {c} ({heads} heads)")
-    })?;
-
-    let func = gpu.function("attention", "attn_bwd_cols")?;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(qkv)
-        .arg(dout)
-        .arg(&rowstats)
-        .arg(dqkv)
-        .arg(&dims.b)
-        .arg(&dims.t)
-        .arg(&dims.c)
-        .arg(&dims.heads)
-        .arg(&dims.legacy)
-        .arg(&dims.scale);
-    // SAFETY: the arguments match attn_bwd_cols(const float* qkv, const
-    // float* dout, const float* rowstats, float* dqkv, unsigned b, unsigned
-    // t, unsigned c, unsigned heads, int legacy, float s); sizes as above;
-    // stream order puts it after attn_bwd_rows, whose rowstats it reads.
-    // Each block writes only the k and v channels of its own (batch, token,
-    // head).
-    unsafe { args.launch(config(&dims, 2)) }.with_context(|| {
-        format!("launching attn_bwd_cols on {b} x {t} tokens x {c} ({heads} heads)")
-    })?;
-    Ok(())
+    let (b, t, c, heads, legacy, s) = (k.b, k.t, k.c, k.heads, k.legacy, k.scale);
+    let p = (
+        qkv,
+        dout,
+        &mut *dqkv,
+        &mut rowstats,
+        b,
+        t,
+        c,
+        heads,
+        legacy,
+        s,
+    );
+    // SAFETY: qkv and dqkv hold b * t * 3c floats, dout b * t * c, rowstats
+    // 3 * b * heads * t; the grid is b * heads * t blocks of a multiple of
+    // 32 threads with 2t floats of dynamic shared memory. Each block writes
+    // only the q channels of its own (batch, token, head) and its rowstats
+    // triple.
+    unsafe { launch::attn_bwd_rows(gpu, config(&k, 2), p) }?;
+    let p = (qkv, dout, &rowstats, dqkv, b, t, c, heads, legacy, s);
+    // SAFETY: sizes as above; stream order puts it after attn_bwd_rows,
+    // whose rowstats it reads. Each block writes only the k and v channels
+    // of its own (batch, token, head).
+    unsafe { launch::attn_bwd_cols(gpu, config(&k, 2), p) }
 }

@@ -7,11 +7,11 @@
 
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
+use super::attention::AttnDims;
 use super::gemm::{sgemm_batched, BatchedGemm};
-use super::ops::expect_len;
-use super::Gpu;
+use super::{launch, Gpu};
 
 /// Bound on the two `t x t` workspaces together; larger batches run in chunks.
 const WORKSPACE_BYTES: usize = 512 << 20;
@@ -30,27 +30,25 @@ fn offsets(h: usize, d: usize, c: usize, legacy: bool) -> (usize, usize, usize) 
 
 /// `dqkv` = gradient of multi-head attention on `qkv` (`[b, t, 3c]`) given
 /// the output gradient `dout` (`[b, t, c]`); every element written.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
     blas: &CudaBlas,
     qkv: &CudaSlice<f32>,
     dout: &CudaSlice<f32>,
     dqkv: &mut CudaSlice<f32>,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
+    dims: AttnDims,
 ) -> Result<()> {
     let op = "attention_bwd";
-    ensure!(
-        heads > 0 && c > 0 && c.is_multiple_of(heads),
-        "{op}: {heads} heads do not divide {c} channels"
-    );
-    expect_len(gpu, op, "qkv", qkv, b * t * 3 * c)?;
-    expect_len(gpu, op, "dout", dout, b * t * c)?;
-    expect_len(gpu, op, "dqkv", dqkv, b * t * 3 * c)?;
+    let d = dims.head_dim(op)?;
+    dims.expect_lens(gpu, op, qkv, ("dout", dout))?;
+    gpu.expect_len(op, "dqkv", dqkv, qkv.len())?;
+    let AttnDims {
+        b,
+        t,
+        c,
+        heads,
+        legacy,
+    } = dims;
     if b * t == 0 {
         return Ok(());
     }
@@ -58,7 +56,6 @@ pub fn attention_bwd(
         u32::try_from(t).is_ok(),
         "{op}: {t} tokens exceed the kernels' 32-bit rows"
     );
-    let d = c / heads;
     let tt = t * t;
     let chunk = (WORKSPACE_BYTES / (2 * tt * 4)).clamp(1, b);
     // SAFETY (both): every element is written (the logits GEMM, the dP GEMM)
@@ -150,14 +147,9 @@ fn rows_config(kernel: &str, len: usize, n_rows: usize, t: usize) -> Result<Laun
 /// `w[r, :] = softmax(w[r, :])` for `n_rows` rows of `t`.
 fn softmax_rows(gpu: &Gpu, w: &mut CudaSlice<f32>, n_rows: usize, t: usize) -> Result<()> {
     let cfg = rows_config("softmax_rows", w.len(), n_rows, t)?;
-    let f = gpu.function("softmax", "softmax_rows")?;
-    let t32 = t as u32;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(w).arg(&t32);
-    // SAFETY: (float* s, unsigned t); block r touches row r < n_rows of t
-    // elements, inside w (checked), on this Gpu's stream.
-    unsafe { args.launch(cfg) }.context("launching softmax_rows")?;
-    Ok(())
+    // SAFETY: block r touches row r < n_rows of t elements, inside w
+    // (checked).
+    unsafe { launch::softmax_rows(gpu, cfg, (w, t as u32)) }
 }
 
 /// `dw[r, :] = w (dw - sum(w dw))` for `n_rows` rows of `t`.
@@ -169,13 +161,7 @@ fn softmax_bwd_rows(
     t: usize,
 ) -> Result<()> {
     let cfg = rows_config("softmax_bwd_rows", w.len().min(dw.len()), n_rows, t)?;
-    let f = gpu.function("softmax", "softmax_bwd_rows")?;
-    let t32 = t as u32;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(w).arg(dw).arg(&t32);
-    // SAFETY: (const float* p, float* dp, unsigned t); block r touches row
-    // r < n_rows of t elements of both, inside them (checked), on this
-    // Gpu's stream.
-    unsafe { args.launch(cfg) }.context("launching softmax_bwd_rows")?;
-    Ok(())
+    // SAFETY: block r touches row r < n_rows of t elements of both, inside
+    // them (checked).
+    unsafe { launch::softmax_bwd_rows(gpu, cfg, (w, dw, t as u32)) }
 }

@@ -17,12 +17,14 @@ use cudarc::cublas::sys::cublasMath_t;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
-use super::conv::ConvDims;
+use super::attention::AttnDims;
+use super::conv::ConvWeights;
 use super::conv_plan::{self, GpuConv};
 use super::graph::{self, Graphs};
 use super::igemm::{self, Arith, FusedDims, PackedWeights};
+use super::norm::{NormDims, NormParams};
 use super::{attention, attention_gemm, conv, ddim, flash, norm, ops, post, Gpu};
-use crate::backend::shapes::{self, nhwc};
+use crate::backend::shapes::{self, nhwc, ConvDims};
 use crate::backend::{compose_conv_fused, Backend, ConvPost, ConvPre, Resample};
 use crate::ddim::DdimCoefs;
 use crate::precision::Precision;
@@ -182,17 +184,13 @@ impl Cuda {
                     Some(s) => norm::Source::Concat(&x.buf, &s.buf, c1),
                 };
                 let mut a = self.output("group_norm_affine", vec![b, 1, 1, 2 * cin])?;
-                norm::group_norm_affine(
-                    &self.gpu,
-                    src,
+                let p = norm_params(n.gamma, n.beta, n.ss, n.silu);
+                let dims = NormDims {
                     b,
-                    sh * sw,
-                    cin,
-                    &n.gamma.buf,
-                    &n.beta.buf,
-                    n.ss.map(|s| &s.buf),
-                    &mut a.buf,
-                )?;
+                    hw: sh * sw,
+                    c: cin,
+                };
+                norm::group_norm_affine(&self.gpu, src, dims, p, &mut a.buf)?;
                 Some(a)
             }
         };
@@ -252,6 +250,21 @@ impl Cuda {
             .stream()
             .clone_htod(&v)
             .with_context(|| format!("{op}: uploading {} indices", v.len()))
+    }
+}
+
+/// The device buffers of `Backend::group_norm`'s parameters.
+fn norm_params<'a>(
+    gamma: &'a GpuTensor,
+    beta: &'a GpuTensor,
+    ss: Option<&'a GpuTensor>,
+    silu: bool,
+) -> NormParams<'a> {
+    NormParams {
+        gamma: &gamma.buf,
+        beta: &beta.buf,
+        ss: ss.map(|s| &s.buf),
+        silu,
     }
 }
 
@@ -320,8 +333,10 @@ impl Backend for Cuda {
             &self.gpu,
             &self.blas,
             &x.buf,
-            &c.fwd,
-            Some(&c.bias),
+            ConvWeights {
+                wmat: &c.fwd,
+                bias: Some(&c.bias),
+            },
             d,
             &mut y.buf,
         )?;
@@ -357,19 +372,13 @@ impl Backend for Cuda {
             ss.map(|s| &s.shape[..]),
         )?;
         let (b, h, w, c) = nhwc(&shape)?;
-        let hw = h * w;
         let mut y = self.output("group_norm", shape)?;
         norm::group_norm(
             &self.gpu,
             &x.buf,
             &mut y.buf,
-            b,
-            hw,
-            c,
-            &gamma.buf,
-            &beta.buf,
-            ss.map(|s| &s.buf),
-            silu,
+            NormDims { b, hw: h * w, c },
+            norm_params(gamma, beta, ss, silu),
         )?;
         Ok(y)
     }
@@ -438,31 +447,17 @@ impl Backend for Cuda {
         let shape = shapes::attention(&qkv.shape, heads)?;
         let (b, h, w, c) = nhwc(&shape)?;
         let mut y = self.output("attention", shape)?;
+        let dims = AttnDims {
+            b,
+            t: h * w,
+            c,
+            heads,
+            legacy,
+        };
         match self.precision.half() {
-            Some(half) => flash::attention_fast(
-                &self.gpu,
-                half,
-                &qkv.buf,
-                &mut y.buf,
-                b,
-                h * w,
-                c,
-                heads,
-                legacy,
-            )?,
-            None if self.reference => {
-                attention::attention(&self.gpu, &qkv.buf, &mut y.buf, b, h * w, c, heads, legacy)?
-            }
-            None => flash::attention_tf32x3(
-                &self.gpu,
-                &qkv.buf,
-                &mut y.buf,
-                b,
-                h * w,
-                c,
-                heads,
-                legacy,
-            )?,
+            Some(half) => flash::attention_fast(&self.gpu, half, &qkv.buf, &mut y.buf, dims)?,
+            None if self.reference => attention::attention(&self.gpu, &qkv.buf, &mut y.buf, dims)?,
+            None => flash::attention_tf32x3(&self.gpu, &qkv.buf, &mut y.buf, dims)?,
         }
         Ok(y)
     }
@@ -518,7 +513,11 @@ impl Backend for Cuda {
             cout: c.cin,
             k: c.k,
         };
-        conv::conv(&self.gpu, &self.blas, &dy.buf, &c.bwd, None, d, &mut dx.buf)?;
+        let wt = ConvWeights {
+            wmat: &c.bwd,
+            bias: None,
+        };
+        conv::conv(&self.gpu, &self.blas, &dy.buf, wt, d, &mut dx.buf)?;
         Ok(dx)
     }
 
@@ -539,20 +538,14 @@ impl Backend for Cuda {
             ss.map(|s| &s.shape[..]),
         )?;
         let (b, h, w, c) = nhwc(&shape)?;
-        let hw = h * w;
         let mut dx = self.output("group_norm_bwd", shape)?;
         norm::group_norm_bwd(
             &self.gpu,
             &x.buf,
             &dy.buf,
             &mut dx.buf,
-            b,
-            hw,
-            c,
-            &gamma.buf,
-            &beta.buf,
-            ss.map(|s| &s.buf),
-            silu,
+            NormDims { b, hw: h * w, c },
+            norm_params(gamma, beta, ss, silu),
         )?;
         Ok(dx)
     }
@@ -575,32 +568,19 @@ impl Backend for Cuda {
         let shape = shapes::attention_bwd(&qkv.shape, &dout.shape, heads)?;
         let (b, h, w, c) = nhwc(&dout.shape)?;
         let mut dqkv = self.output("attention_bwd", shape)?;
-        if !self.reference {
-            attention_gemm::attention_bwd(
-                &self.gpu,
-                &self.blas,
-                &qkv.buf,
-                &dout.buf,
-                &mut dqkv.buf,
-                b,
-                h * w,
-                c,
-                heads,
-                legacy,
-            )?;
-            return Ok(dqkv);
-        }
-        attention::attention_bwd(
-            &self.gpu,
-            &qkv.buf,
-            &dout.buf,
-            &mut dqkv.buf,
+        let dims = AttnDims {
             b,
-            h * w,
+            t: h * w,
             c,
             heads,
             legacy,
-        )?;
+        };
+        let (qkv, dout) = (&qkv.buf, &dout.buf);
+        if self.reference {
+            attention::attention_bwd(&self.gpu, qkv, dout, &mut dqkv.buf, dims)?;
+        } else {
+            attention_gemm::attention_bwd(&self.gpu, &self.blas, qkv, dout, &mut dqkv.buf, dims)?;
+        }
         Ok(dqkv)
     }
 

@@ -7,32 +7,16 @@
 
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
-use super::gemm::{sgemm, GemmShape};
-use super::ops::{expect_len, launch};
-use super::Gpu;
+use super::gemm::sgemm;
+use super::{launch, Gpu};
+use crate::backend::shapes::{ConvDims, GemmShape};
 
 /// Bound on the im2col workspace of one convolution.
 pub const WORKSPACE_BYTES: usize = 256 << 20;
 
-/// A convolution's sizes: input `[b, h, w, cin]`, output `[b, h, w, cout]`,
-/// weights `(k*k*cin) x cout`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvDims {
-    pub b: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cin: usize,
-    pub cout: usize,
-    pub k: usize,
-}
-
 impl ConvDims {
-    pub fn pixels(&self) -> usize {
-        self.b * self.h * self.w
-    }
-
     /// Pixels per GEMM: as many as fit the workspace (k = 3), or all of
     /// them (k = 1, which reads x in place); never past cuBLAS's 32-bit
     /// dimensions.
@@ -48,28 +32,33 @@ impl ConvDims {
     }
 }
 
+/// A convolution's float32 weights: the `(k*k*cin) x cout` matrix of
+/// `crate::backend::cpu::CpuConv`, and the bias (none: zero).
+#[derive(Clone, Copy)]
+pub struct ConvWeights<'a> {
+    pub wmat: &'a CudaSlice<f32>,
+    pub bias: Option<&'a CudaSlice<f32>>,
+}
+
 /// `y = conv(x, wmat) (+ bias)`, every element of `y` written.
 pub fn conv(
     gpu: &Gpu,
     blas: &CudaBlas,
     x: &CudaSlice<f32>,
-    wmat: &CudaSlice<f32>,
-    bias: Option<&CudaSlice<f32>>,
+    wt: ConvWeights<'_>,
     d: ConvDims,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    conv_with_chunk(gpu, blas, x, wmat, bias, d, y, d.default_chunk())
+    conv_with_chunk(gpu, blas, x, wt, d, y, d.default_chunk())
 }
 
 /// `conv` with at most `chunk_pixels` pixels per GEMM (tests force small
 /// chunks to exercise the multi-chunk path on small images).
-#[allow(clippy::too_many_arguments)]
 pub fn conv_with_chunk(
     gpu: &Gpu,
     blas: &CudaBlas,
     x: &CudaSlice<f32>,
-    wmat: &CudaSlice<f32>,
-    bias: Option<&CudaSlice<f32>>,
+    ConvWeights { wmat, bias }: ConvWeights<'_>,
     d: ConvDims,
     y: &mut CudaSlice<f32>,
     chunk_pixels: usize,
@@ -82,11 +71,11 @@ pub fn conv_with_chunk(
     ensure!(chunk_pixels > 0, "conv: a chunk of zero pixels");
     let p = d.pixels();
     let row = d.k * d.k * d.cin;
-    expect_len(gpu, "conv", "input", x, p * d.cin)?;
-    expect_len(gpu, "conv", "weights", wmat, row * d.cout)?;
-    expect_len(gpu, "conv", "output", y, p * d.cout)?;
+    gpu.expect_len("conv", "input", x, p * d.cin)?;
+    gpu.expect_len("conv", "weights", wmat, row * d.cout)?;
+    gpu.expect_len("conv", "output", y, p * d.cout)?;
     if let Some(bias) = bias {
-        expect_len(gpu, "conv", "bias", bias, d.cout)?;
+        gpu.expect_len("conv", "bias", bias, d.cout)?;
     }
     if p * d.cout == 0 {
         return Ok(());
@@ -167,21 +156,16 @@ fn im2col(
         d.pixels(),
         ws.len()
     );
-    let f = gpu.function("conv", "im2col")?;
-    let args64 = [p0, np, d.h, d.w, d.cin, d.k].map(|v| v as u64);
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x).arg(ws);
-    for v in &args64 {
-        args.arg(v);
-    }
-    // SAFETY: (const float*, float*, u64 x6); the kernel writes the first
-    // np*row elements of ws (checked above) and reads x only at in-image
-    // pixels of batch items below b (p0 + np <= b*h*w; x length checked by
-    // the caller).
-    unsafe { launch(args, gpu.elementwise_config(n), "im2col", n) }
+    let p = [p0, np, d.h, d.w, d.cin, d.k].map(|v| v as u64);
+    let p = (x, ws, p[0], p[1], p[2], p[3], p[4], p[5]);
+    // SAFETY: the kernel writes the first np*row elements of ws (checked
+    // above) and reads x only at in-image pixels of batch items below b
+    // (p0 + np <= b*h*w; x length checked by the caller).
+    unsafe { launch::im2col(gpu, gpu.elementwise_config(n), p) }
 }
 
-/// `y[r, ..] = bias` for each of `rows` rows of `c`.
+/// `y[r, ..] = bias` for each of `rows` rows of `c` (lengths checked by
+/// the caller).
 fn broadcast_rows(
     gpu: &Gpu,
     y: &mut CudaSlice<f32>,
@@ -190,13 +174,12 @@ fn broadcast_rows(
     c: usize,
 ) -> Result<()> {
     let n = rows * c;
-    expect_len(gpu, "broadcast_rows", "y", y, n)?;
-    expect_len(gpu, "broadcast_rows", "bias", bias, c)?;
-    let f = gpu.function("conv", "broadcast_rows")?;
-    let dims = [rows as u64, c as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(y).arg(bias).arg(&dims[0]).arg(&dims[1]);
-    // SAFETY: (float*, const float*, u64, u64); y holds rows*c floats and
-    // bias c.
-    unsafe { launch(args, gpu.elementwise_config(n), "broadcast_rows", n) }
+    // SAFETY: y holds rows*c floats and bias c.
+    unsafe {
+        launch::broadcast_rows(
+            gpu,
+            gpu.elementwise_config(n),
+            (y, bias, rows as u64, c as u64),
+        )
+    }
 }

@@ -23,13 +23,12 @@
 //! (peaky) from float64, as close as the CPU twin's float32.
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::ops::{expect_len, launch};
-use super::Gpu;
+use super::attention::AttnDims;
+use super::{launch, Gpu};
 use crate::precision::Half;
 
-const MODULE: &str = "flash";
 /// Query rows per block (4 warps of 16 rows).
 const BLOCK_ROWS: usize = 64;
 /// Threads per block: the kernel's 4 warps (`flash::THREADS`).
@@ -81,20 +80,10 @@ struct Plan {
 }
 
 /// Validates the sizes of one call; None when there is nothing to compute.
-fn plan(
-    operands: Operands,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
-) -> Result<Option<Plan>> {
+fn plan(operands: Operands, dims: AttnDims) -> Result<Option<Plan>> {
     let op = operands.op();
-    ensure!(
-        heads > 0 && c > 0 && c.is_multiple_of(heads),
-        "{op}: {heads} heads do not divide {c} channels"
-    );
-    let d = c / heads;
+    let d = dims.head_dim(op)?;
+    let AttnDims { b, t, c, heads, .. } = dims;
     ensure!(
         d.is_multiple_of(8) && d <= MAX_HEAD_DIM,
         "{op}: head dim d = {d} ({c} channels / {heads} heads) is not a multiple of 8 \
@@ -133,86 +122,50 @@ fn plan(
         t: t32,
         c: c32,
         d: d as u32,
-        legacy: i32::from(legacy),
+        legacy: i32::from(dims.legacy),
         scale_log2: (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32,
     }))
 }
 
 /// Checks and launches one call of either kind.
-#[allow(clippy::too_many_arguments)]
 fn run(
     gpu: &Gpu,
     operands: Operands,
     qkv: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
+    dims: AttnDims,
 ) -> Result<()> {
-    let op = operands.op();
-    let plan = plan(operands, b, t, c, heads, legacy)?;
-    let n = b
-        .checked_mul(t)
-        .and_then(|v| v.checked_mul(3 * c))
-        .with_context(|| format!("{op}: size {b} x {t} x 3*{c} overflows"))?;
-    expect_len(gpu, op, "qkv", qkv, n)?;
-    expect_len(gpu, op, "out", out, n / 3)?;
+    let plan = plan(operands, dims)?;
+    dims.expect_lens(gpu, operands.op(), qkv, ("out", out))?;
     let Some(p) = plan else {
         return Ok(());
     };
-    let func = gpu.function(MODULE, &p.kernel)?;
     let cfg = LaunchConfig {
         grid_dim: p.grid,
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(qkv)
-        .arg(out)
-        .arg(&p.t)
-        .arg(&p.c)
-        .arg(&p.d)
-        .arg(&p.legacy)
-        .arg(&p.scale_log2);
-    // SAFETY: the arguments match attn_flash_*(const float* qkv, float* out,
-    // unsigned t, unsigned c, unsigned d, int legacy, float scale_log2) (the
-    // 16-bit and the tf32x3 kernels alike); qkv holds b * t * 3c floats and
-    // out b * t * c, both on this Gpu's stream; the grid is (ceil(t / 64),
-    // heads, b) blocks of 128 threads with static shared memory only (under
-    // 48 KiB), and d = c / heads is a multiple of 8 within the chosen
-    // kernel's range, as the kernel requires. The kernel reads and writes
-    // only rows < t, channels of head blockIdx.y < heads.
-    unsafe {
-        launch(
-            args,
-            cfg,
-            &format!("{} ({b} x {t} tokens x {c}, {heads} heads)", p.kernel),
-            n / 3,
-        )
-    }
+    let params = (qkv, out, p.t, p.c, p.d, p.legacy, p.scale_log2);
+    // SAFETY: qkv holds b * t * 3c floats and out b * t * c; the grid is
+    // (ceil(t / 64), heads, b) blocks of 128 threads with static shared
+    // memory only (under 48 KiB), and d = c / heads is a multiple of 8
+    // within the chosen kernel's range, as the kernel requires. The kernel
+    // reads and writes only rows < t, channels of head blockIdx.y < heads.
+    unsafe { launch::attn_flash(gpu, &p.kernel, cfg, params) }
 }
 
 /// `out[b, i, head h] = sum_j softmax_j((q_i s) . (k_j s)) v_j` with s =
 /// d^(-1/4), on tensor cores with `half` operands (see the module note for
-/// where the rounding happens); see `Backend::attention`. `legacy`: per
-/// head q, k, v are consecutive; else q, k, v are the thirds of the 3c
-/// channels. d = c / heads must be a multiple of 8, at most 128. Every
-/// element of `out` is written.
-#[allow(clippy::too_many_arguments)]
+/// where the rounding happens); see `Backend::attention`. d = c / heads
+/// must be a multiple of 8, at most 128. Every element of `out` is written.
 pub fn attention_fast(
     gpu: &Gpu,
     half: Half,
     qkv: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
+    dims: AttnDims,
 ) -> Result<()> {
-    run(gpu, Operands::Half(half), qkv, out, b, t, c, heads, legacy)
+    run(gpu, Operands::Half(half), qkv, out, dims)
 }
 
 /// The same attention as [`attention_fast`] for the fp32 mode: float32
@@ -221,18 +174,13 @@ pub fn attention_fast(
 /// from float64, like the CPU twin). Same layouts, head-dim limits
 /// (d = c / heads a multiple of 8, at most 128) and errors; every element
 /// of `out` is written.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_tf32x3(
     gpu: &Gpu,
     qkv: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
-    b: usize,
-    t: usize,
-    c: usize,
-    heads: usize,
-    legacy: bool,
+    dims: AttnDims,
 ) -> Result<()> {
-    run(gpu, Operands::Tf32x3, qkv, out, b, t, c, heads, legacy)
+    run(gpu, Operands::Tf32x3, qkv, out, dims)
 }
 
 #[cfg(test)]
@@ -242,6 +190,16 @@ mod tests {
     const BF16: Operands = Operands::Half(Half::Bf16);
     const FP16: Operands = Operands::Half(Half::Fp16);
 
+    fn dims(b: usize, t: usize, c: usize, heads: usize, legacy: bool) -> AttnDims {
+        AttnDims {
+            b,
+            t,
+            c,
+            heads,
+            legacy,
+        }
+    }
+
     fn err(r: Result<Option<Plan>>) -> String {
         format!("{:#}", r.expect_err("refused"))
     }
@@ -250,40 +208,40 @@ mod tests {
     fn plan_refuses_bad_head_dims() {
         // d = 20 and 36: not multiples of 8; 136: above 128.
         for (c, heads, d) in [(40, 2, 20), (144, 4, 36), (272, 2, 136)] {
-            let e = err(plan(BF16, 1, 5, c, heads, false));
+            let e = err(plan(BF16, dims(1, 5, c, heads, false)));
             assert!(e.contains(&format!("head dim d = {d}")), "{e}");
         }
-        let e = err(plan(FP16, 1, 5, 64, 3, true));
+        let e = err(plan(FP16, dims(1, 5, 64, 3, true)));
         assert!(e.contains("3 heads do not divide 64"), "{e}");
-        let e = err(plan(FP16, 1, 5, 64, 0, true));
+        let e = err(plan(FP16, dims(1, 5, 64, 0, true)));
         assert!(e.contains("0 heads"), "{e}");
         // A bad d is refused even when there is nothing to compute.
-        let e = err(plan(FP16, 0, 0, 40, 2, true));
+        let e = err(plan(FP16, dims(0, 0, 40, 2, true)));
         assert!(e.contains("head dim d = 20"), "{e}");
     }
 
     #[test]
     fn plan_picks_kernel_and_grid() {
-        let p = plan(BF16, 3, 1000, 8 * 48, 8, true).unwrap().unwrap();
+        let p = plan(BF16, dims(3, 1000, 8 * 48, 8, true)).unwrap().unwrap();
         assert_eq!(p.kernel, "attn_flash_bf16");
         assert_eq!(p.grid, (16, 8, 3));
         assert_eq!((p.t, p.c, p.d, p.legacy), (1000, 384, 48, 1));
-        let p = plan(FP16, 1, 65, 2 * 128, 2, false).unwrap().unwrap();
+        let p = plan(FP16, dims(1, 65, 2 * 128, 2, false)).unwrap().unwrap();
         assert_eq!(p.kernel, "attn_flash_f16_d128");
         assert_eq!(p.grid, (2, 2, 1));
-        let p = plan(FP16, 1, 1, 72, 1, false).unwrap().unwrap();
+        let p = plan(FP16, dims(1, 1, 72, 1, false)).unwrap().unwrap();
         assert_eq!(p.kernel, "attn_flash_f16_d128");
-        let p = plan(FP16, 1, 64, 8, 1, false).unwrap().unwrap();
+        let p = plan(FP16, dims(1, 64, 8, 1, false)).unwrap().unwrap();
         assert_eq!((p.kernel.as_str(), p.grid), ("attn_flash_f16", (1, 1, 1)));
-        assert!(plan(BF16, 0, 17, 64, 2, false).unwrap().is_none());
-        assert!(plan(BF16, 2, 0, 64, 2, false).unwrap().is_none());
-        let e = err(plan(BF16, 70000, 17, 64, 2, false));
+        assert!(plan(BF16, dims(0, 17, 64, 2, false)).unwrap().is_none());
+        assert!(plan(BF16, dims(2, 0, 64, 2, false)).unwrap().is_none());
+        let e = err(plan(BF16, dims(70000, 17, 64, 2, false)));
         assert!(e.contains("batch 70000"), "{e}");
     }
 
     #[test]
     fn plan_tf32x3_kernels_and_errors() {
-        let p = plan(Operands::Tf32x3, 3, 1000, 8 * 48, 8, true)
+        let p = plan(Operands::Tf32x3, dims(3, 1000, 8 * 48, 8, true))
             .unwrap()
             .unwrap();
         assert_eq!(p.kernel, "attn_flash_tf32x3");
@@ -293,30 +251,32 @@ mod tests {
             p.scale_log2,
             (std::f64::consts::LOG2_E / 48f64.sqrt()) as f32
         );
-        let p = plan(Operands::Tf32x3, 1, 1, 8, 1, false).unwrap().unwrap();
+        let p = plan(Operands::Tf32x3, dims(1, 1, 8, 1, false))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (p.kernel.as_str(), p.grid),
             ("attn_flash_tf32x3", (1, 1, 1))
         );
-        let p = plan(Operands::Tf32x3, 1, 4096, 2 * 72, 2, false)
+        let p = plan(Operands::Tf32x3, dims(1, 4096, 2 * 72, 2, false))
             .unwrap()
             .unwrap();
         assert_eq!(
             (p.kernel.as_str(), p.grid),
             ("attn_flash_tf32x3_d128", (64, 2, 1))
         );
-        let p = plan(Operands::Tf32x3, 1, 65, 128, 1, false)
+        let p = plan(Operands::Tf32x3, dims(1, 65, 128, 1, false))
             .unwrap()
             .unwrap();
         assert_eq!(p.kernel, "attn_flash_tf32x3_d128");
-        assert!(plan(Operands::Tf32x3, 0, 17, 64, 2, false)
+        assert!(plan(Operands::Tf32x3, dims(0, 17, 64, 2, false))
             .unwrap()
             .is_none());
-        let e = err(plan(Operands::Tf32x3, 1, 5, 40, 2, false));
+        let e = err(plan(Operands::Tf32x3, dims(1, 5, 40, 2, false)));
         assert!(e.starts_with("attention_tf32x3: head dim d = 20"), "{e}");
-        let e = err(plan(Operands::Tf32x3, 1, 5, 272, 2, false));
+        let e = err(plan(Operands::Tf32x3, dims(1, 5, 272, 2, false)));
         assert!(e.contains("head dim d = 136"), "{e}");
-        let e = err(plan(Operands::Tf32x3, 1, 5, 64, 3, true));
+        let e = err(plan(Operands::Tf32x3, dims(1, 5, 64, 3, true)));
         assert!(e.contains("3 heads do not divide 64"), "{e}");
     }
 }

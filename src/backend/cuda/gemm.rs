@@ -12,16 +12,7 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-/// Shape of `c (m x n, row stride ldc) = a (m x k, lda) @ b (k x n, ldb)`.
-#[derive(Clone, Copy, Debug)]
-pub struct GemmShape {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub lda: usize,
-    pub ldb: usize,
-    pub ldc: usize,
-}
+use crate::backend::shapes::GemmShape;
 
 fn int(v: usize, what: &str, s: &GemmShape) -> Result<i32> {
     i32::try_from(v)

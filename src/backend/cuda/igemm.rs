@@ -5,9 +5,9 @@
 //! (the fp32 mode). CPU twin: `crate::backend::compose_conv_fused`.
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::ops::{expect_len, launch};
+use super::launch::{self, KernelArg};
 use super::Gpu;
 use crate::backend::Resample;
 use crate::precision::{Half, Precision};
@@ -55,9 +55,26 @@ impl Arith {
 
 /// The packed weight buffer: 16-bit values, or float32.
 #[derive(Debug)]
-enum Buf {
+pub(super) enum PackedBuf {
     Half(CudaSlice<u16>),
     F32(CudaSlice<f32>),
+}
+
+/// The kernels take either buffer as `const void* wt`.
+impl KernelArg for &PackedBuf {
+    fn check(&self, gpu: &Gpu, kernel: &str, param: &str) -> Result<()> {
+        match self {
+            PackedBuf::Half(b) => (&b).check(gpu, kernel, param),
+            PackedBuf::F32(b) => (&b).check(gpu, kernel, param),
+        }
+    }
+
+    fn push<'a>(&'a mut self, args: &mut LaunchArgs<'a>) {
+        match **self {
+            PackedBuf::Half(ref b) => args.arg(b),
+            PackedBuf::F32(ref b) => args.arg(b),
+        };
+    }
 }
 
 /// Convolution weights for the implicit-GEMM kernels, `[cout][kp]` with the
@@ -68,7 +85,7 @@ pub struct PackedWeights {
     pub kind: Arith,
     pub kp: usize,
     pub cout: usize,
-    buf: Buf,
+    buf: PackedBuf,
 }
 
 /// Repacks the float32 `(kk x cout)` matrix of `crate::backend::cpu::CpuConv`.
@@ -79,36 +96,33 @@ pub fn pack_weights(
     kk: usize,
     cout: usize,
 ) -> Result<PackedWeights> {
-    expect_len(gpu, "pack_weights", "weights", w, kk * cout)?;
+    gpu.expect_len("pack_weights", "weights", w, kk * cout)?;
     let kp = kk.div_ceil(kind.bk()).max(1) * kind.bk();
     let n = cout * kp;
     let what = || format!("allocating {n} packed weights for a {kk} x {cout} convolution");
-    let dims = [kk as u64, cout as u64, kp as u64];
-    let f = gpu.function(
-        "igemm",
-        &format!("pack_weights_{}", kind.name().replace("tf32x3", "f32")),
-    )?;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(w);
-    // SAFETY (both allocations): the kernel writes all n elements before
-    // anything reads them.
-    let mut buf = match kind {
-        Arith::Half(_) => Buf::Half(unsafe { gpu.stream().alloc::<u16>(n) }.with_context(what)?),
-        Arith::Tf32x3 => Buf::F32(unsafe { gpu.stream().alloc::<f32>(n) }.with_context(what)?),
+    let cfg = gpu.elementwise_config(n);
+    let [kk, cout64, kp64] = [kk, cout, kp].map(|v| v as u64);
+    // SAFETY (allocations): the kernel writes all n elements before anything
+    // reads them. (Launches): w holds kk*cout floats (checked) and the
+    // output cout*kp elements; the kernel reads w only at j < kk.
+    let buf = match kind {
+        Arith::Half(h) => {
+            let mut b = unsafe { gpu.stream().alloc::<u16>(n) }.with_context(what)?;
+            if n > 0 {
+                let name = format!("pack_weights_{}", h.suffix());
+                let p = (w, &mut b, kk, cout64, kp64);
+                unsafe { launch::pack_weights_16(gpu, &name, cfg, p) }?;
+            }
+            PackedBuf::Half(b)
+        }
+        Arith::Tf32x3 => {
+            let mut b = unsafe { gpu.stream().alloc::<f32>(n) }.with_context(what)?;
+            if n > 0 {
+                unsafe { launch::pack_weights_f32(gpu, cfg, (w, &mut b, kk, cout64, kp64)) }?;
+            }
+            PackedBuf::F32(b)
+        }
     };
-    match &mut buf {
-        Buf::Half(b) => args.arg(b),
-        Buf::F32(b) => args.arg(b),
-    };
-    for d in &dims {
-        args.arg(d);
-    }
-    if n > 0 {
-        // SAFETY: (const float*, T*, u64 kk, u64 cout, u64 kp) with T the
-        // buffer's element type; w holds kk*cout floats (checked) and the
-        // output cout*kp elements; the kernel reads w only at j < kk.
-        unsafe { launch(args, gpu.elementwise_config(n), "pack_weights", n) }?;
-    }
     Ok(PackedWeights {
         kind,
         kp,
@@ -214,26 +228,22 @@ pub fn conv(
     );
     let pixels = d.b * sh * sw;
     match op.x2 {
-        None => expect_len(gpu, "conv", "input", op.x, pixels * d.cin)?,
+        None => gpu.expect_len("conv", "input", op.x, pixels * d.cin)?,
         Some((x2, c1)) => {
-            expect_len(gpu, "conv", "input", op.x, pixels * c1)?;
-            expect_len(gpu, "conv", "second input", x2, pixels * (d.cin - c1))?;
+            gpu.expect_len("conv", "input", op.x, pixels * c1)?;
+            gpu.expect_len("conv", "second input", x2, pixels * (d.cin - c1))?;
         }
     }
-    expect_len(gpu, "conv", "output", y, m * d.cout)?;
-    expect_len(gpu, "conv", "bias", op.bias, d.cout)?;
+    gpu.expect_len("conv", "output", y, m * d.cout)?;
+    gpu.expect_len("conv", "bias", op.bias, d.cout)?;
     if let Some(a) = op.affine {
-        expect_len(gpu, "conv", "affine", a, 2 * d.b * d.cin)?;
+        gpu.expect_len("conv", "affine", a, 2 * d.b * d.cin)?;
     }
     if let Some(v) = op.bvec {
-        expect_len(gpu, "conv", "per-sample bias", v, d.b * d.cout)?;
+        gpu.expect_len("conv", "per-sample bias", v, d.b * d.cout)?;
     }
     if let Some(r) = op.res {
-        expect_len(gpu, "conv", "residual", r, m * d.cout)?;
-    }
-    match &w.buf {
-        Buf::Half(b) => gpu.check_stream(b, "weights")?,
-        Buf::F32(b) => gpu.check_stream(b, "weights")?,
+        gpu.expect_len("conv", "residual", r, m * d.cout)?;
     }
     if m * d.cout == 0 {
         return Ok(());
@@ -250,39 +260,6 @@ pub fn conv(
         w.kind.name(),
         if vec { "v" } else { "s" }
     );
-    let f = gpu.function("igemm", &name)?;
-    // Absent optional operands are never read; x stands in as a valid pointer.
-    let ints = [
-        d.b,
-        d.h,
-        d.w,
-        d.cin,
-        d.cout,
-        d.k,
-        w.kp,
-        usize::from(op.affine.is_some()),
-        usize::from(op.silu),
-        usize::from(op.bvec.is_some()),
-        usize::from(op.res.is_some()),
-    ]
-    .map(|v| v as i32);
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(op.x);
-    match &w.buf {
-        Buf::Half(b) => args.arg(b),
-        Buf::F32(b) => args.arg(b),
-    };
-    args.arg(op.bias)
-        .arg(op.affine.unwrap_or(op.x))
-        .arg(op.bvec.unwrap_or(op.x))
-        .arg(op.res.unwrap_or(op.x))
-        .arg(y);
-    for v in &ints {
-        args.arg(v);
-    }
-    let (x2, c1) = op.x2.unwrap_or((op.x, d.cin));
-    let c1 = c1 as i32;
-    args.arg(x2).arg(&c1);
     ensure!(
         d.cout.div_ceil(BN) <= 65535,
         "conv: {} output channels exceed the grid",
@@ -293,10 +270,35 @@ pub fn conv(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match the kernel's (x, wt, bias, affine, bvec,
-    // res, y, 11 ints, x2, c1); every buffer's length is checked above against the
-    // sizes the kernel indexes with, on this Gpu's stream; absent operands
-    // are flagged 0 and not read; the float4 path needs cin % bk == 0 and
-    // 16-byte aligned buffers (cudarc allocations are).
-    unsafe { launch(args, cfg, &name, m * d.cout) }
+    let int = |v: usize| v as i32;
+    let flag = |v: bool| i32::from(v);
+    let (x2, c1) = op.x2.unwrap_or((op.x, d.cin));
+    // Absent optional operands are flagged 0 and never read; x stands in as
+    // a valid pointer.
+    let p = (
+        op.x,
+        &w.buf,
+        op.bias,
+        op.affine.unwrap_or(op.x),
+        op.bvec.unwrap_or(op.x),
+        op.res.unwrap_or(op.x),
+        y,
+        int(d.b),
+        int(d.h),
+        int(d.w),
+        int(d.cin),
+        int(d.cout),
+        int(d.k),
+        int(w.kp),
+        flag(op.affine.is_some()),
+        flag(op.silu),
+        flag(op.bvec.is_some()),
+        flag(op.res.is_some()),
+        x2,
+        int(c1),
+    );
+    // SAFETY: every buffer's length is checked above against the sizes the
+    // kernel indexes with; the float4 path needs cin % bk == 0 and 16-byte
+    // aligned buffers (cudarc allocations are).
+    unsafe { launch::igemm(gpu, &name, cfg, p) }
 }

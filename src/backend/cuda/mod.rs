@@ -18,6 +18,7 @@ pub mod gemm;
 mod graph;
 pub mod igemm;
 pub mod kernels;
+mod launch;
 pub mod norm;
 pub mod ops;
 pub mod post;
@@ -223,13 +224,25 @@ impl Gpu {
             .with_context(|| format!("kernel {name} not found in module {module}"))
     }
 
-    /// Fails unless `buf` lives on this Gpu's stream (see the module note).
-    fn check_stream<T>(&self, buf: &CudaSlice<T>, what: &str) -> Result<()> {
+    /// Fails unless `buf` lives on this Gpu's stream (see the module note);
+    /// `op` and `what` name the call and the buffer in the error.
+    fn check_stream<T>(&self, buf: &CudaSlice<T>, op: &str, what: &str) -> Result<()> {
         ensure!(
             Arc::ptr_eq(buf.stream(), &self.stream),
-            "{what} was allocated on another stream than the Gpu's (use gpu.stream())"
+            "{op}: {what} was allocated on another stream than the Gpu's (use gpu.stream())"
         );
         Ok(())
+    }
+
+    /// Fails unless `buf` holds `len` elements on this Gpu's stream: the
+    /// one length check of the launchers, which tests call with wrong sizes.
+    fn expect_len<T>(&self, op: &str, what: &str, buf: &CudaSlice<T>, len: usize) -> Result<()> {
+        ensure!(
+            buf.len() == len,
+            "{op}: {what} has {} elements, expected {len}",
+            buf.len()
+        );
+        self.check_stream(buf, op, what)
     }
 
     /// A grid-stride launch over `n` elements: enough 256-thread blocks to

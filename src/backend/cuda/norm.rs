@@ -3,17 +3,32 @@
 //! gradient. CPU twins in `crate::backend::cpu` (`norm.rs`).
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::Gpu;
+use super::{launch, Gpu};
 use crate::backend::shapes::GROUPS;
+use crate::backend::Norm;
+
+/// A GroupNorm's sizes: `[b, hw, c]` (NHWC with `hw` pixels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormDims {
+    pub b: usize,
+    pub hw: usize,
+    pub c: usize,
+}
+
+/// GroupNorm's parameters on the device: gamma, beta, the optional `[b, 2c]`
+/// scale/shift (scale first) and SiLU.
+pub type NormParams<'a> = Norm<'a, CudaSlice<f32>>;
 
 /// Checked sizes of one GroupNorm call, in the kernels' integer types.
-struct Dims {
-    blocks: u32,
+struct Sizes {
+    /// (sample, group) pairs.
+    groups: u32,
     b: u32,
     hw: u64,
     c: u32,
+    /// Elements of x.
     n: usize,
 }
 
@@ -37,18 +52,9 @@ impl<'a> Source<'a> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check(
-    gpu: &Gpu,
-    op: &str,
-    x: Source<'_>,
-    b: usize,
-    hw: usize,
-    c: usize,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    ss: Option<&CudaSlice<f32>>,
-) -> Result<Dims> {
+/// Checks the input and parameters of one call.
+fn check(gpu: &Gpu, op: &str, x: Source<'_>, dims: NormDims, p: &NormParams<'_>) -> Result<Sizes> {
+    let NormDims { b, hw, c } = dims;
     ensure!(
         c > 0 && c.is_multiple_of(GROUPS),
         "{op}: {c} channels are not a positive multiple of {GROUPS}"
@@ -58,55 +64,27 @@ fn check(
         .and_then(|v| v.checked_mul(c))
         .with_context(|| format!("{op}: size {b} x {hw} x {c} overflows"))?;
     match x {
-        Source::One(x) => {
-            ensure!(
-                x.len() == n,
-                "{op}: x has {} elements, expected b * hw * c = {b} * {hw} * {c} = {n}",
-                x.len()
-            );
-            gpu.check_stream(x, "x")?;
-        }
+        Source::One(x) => gpu.expect_len(op, "x", x, n)?,
         Source::Concat(first, second, c1) => {
             ensure!(
                 c1 > 0 && c1 < c,
                 "{op}: a concatenation split at channel {c1} of {c}"
             );
-            let (n1, n2) = (n / c * c1, n / c * (c - c1));
-            ensure!(
-                first.len() == n1 && second.len() == n2,
-                "{op}: the halves of a concatenation have {} and {} elements, expected \
-                 {b} * {hw} * {c1} and {b} * {hw} * {}",
-                first.len(),
-                second.len(),
-                c - c1
-            );
-            gpu.check_stream(first, "x")?;
-            gpu.check_stream(second, "x (second half)")?;
+            gpu.expect_len(op, "x", first, n / c * c1)?;
+            gpu.expect_len(op, "x (second half)", second, n / c * (c - c1))?;
         }
     }
-    ensure!(
-        gamma.len() == c && beta.len() == c,
-        "{op}: gamma / beta have {} / {} elements for {c} channels",
-        gamma.len(),
-        beta.len()
-    );
-    gpu.check_stream(gamma, "gamma")?;
-    gpu.check_stream(beta, "beta")?;
-    if let Some(ss) = ss {
-        ensure!(
-            ss.len() == 2 * b * c,
-            "{op}: scale/shift has {} elements, expected [b, 2c] = {}",
-            ss.len(),
-            2 * b * c
-        );
-        gpu.check_stream(ss, "ss")?;
+    gpu.expect_len(op, "gamma", p.gamma, c)?;
+    gpu.expect_len(op, "beta", p.beta, c)?;
+    if let Some(ss) = p.ss {
+        gpu.expect_len(op, "scale/shift", ss, 2 * b * c)?;
     }
-    let blocks = b
+    let groups = b
         .checked_mul(GROUPS)
         .and_then(|v| u32::try_from(v).ok())
         .with_context(|| format!("{op}: batch {b} too large"))?;
-    Ok(Dims {
-        blocks,
+    Ok(Sizes {
+        groups,
         b: u32::try_from(b).context("batch size")?,
         hw: hw as u64,
         c: u32::try_from(c).with_context(|| format!("{op}: {c} channels"))?,
@@ -215,357 +193,245 @@ impl StatsPlan {
 
 /// Launch shape of the split reductions of `b x hw x c`, and the grid-row
 /// limit they share.
-fn plan_for(gpu: &Gpu, op: &str, dims: &Dims) -> Result<StatsPlan> {
-    let (b, hw, c) = (dims.b as usize, dims.hw as usize, dims.c as usize);
+fn plan_for(gpu: &Gpu, op: &str, sz: &Sizes) -> Result<StatsPlan> {
+    let (b, hw, c) = (sz.b as usize, sz.hw as usize, sz.c as usize);
     ensure!(
-        dims.b <= 65_535,
+        sz.b <= 65_535,
         "{op}: batch {b} exceeds the 65535 grid rows of the statistics"
     );
     StatsPlan::new(op, gpu.sm_count(), b, hw, c)
 }
 
-/// Per (sample, group) mean and 1/sigma, as `b * 32` (mean, inv) pairs.
-/// Needs `b * hw > 0` (callers return early on empty inputs); `op` names
-/// the caller in errors.
-fn stats(gpu: &Gpu, op: &str, src: Source<'_>, dims: &Dims) -> Result<CudaSlice<f64>> {
-    let plan = plan_for(gpu, op, dims)?;
-    stats_planned(gpu, op, src, dims, &plan)
+/// One split reduction of the statistics or the gradient sums: `partial`
+/// runs a block per (run, sample) with `shared` bytes, writing a pair per
+/// (sample, run, group) into its buffer, then `combine` a warp per
+/// (sample, group), merging that buffer into the returned pairs.
+fn split_reduce(
+    gpu: &Gpu,
+    op: &str,
+    sz: &Sizes,
+    plan: &StatsPlan,
+    shared: u32,
+    partial: impl FnOnce(LaunchConfig, &mut CudaSlice<f64>) -> Result<()>,
+    combine: impl FnOnce(LaunchConfig, &CudaSlice<f64>, &mut CudaSlice<f64>) -> Result<()>,
+) -> Result<CudaSlice<f64>> {
+    let part_len = sz.b as usize * plan.runs as usize * GROUPS * 2;
+    // SAFETY (both): `partial` writes every element of `part` before
+    // `combine`, stream-ordered after it, reads them, and `combine` every
+    // element of `pairs` before any reader; no zeroing needed (a memset
+    // would be one more launch per GroupNorm).
+    let mut part = unsafe { gpu.stream().alloc::<f64>(part_len) }
+        .with_context(|| format!("{op}: allocating {part_len} partial sums"))?;
+    let mut pairs = unsafe { gpu.stream().alloc::<f64>(2 * sz.groups as usize) }
+        .with_context(|| format!("{op}: allocating {} group sums", sz.groups))?;
+    partial(
+        LaunchConfig {
+            grid_dim: (plan.runs, sz.b, 1),
+            block_dim: (plan.threads, 1, 1),
+            shared_mem_bytes: shared,
+        },
+        &mut part,
+    )?;
+    let warps_per_block = COMBINE_THREADS / 32;
+    combine(
+        LaunchConfig {
+            grid_dim: (sz.groups.div_ceil(warps_per_block), 1, 1),
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        &part,
+        &mut pairs,
+    )?;
+    Ok(pairs)
 }
 
-/// `stats` with the plan `plan_for` gave.
-fn stats_planned(
+/// Per (sample, group) mean and 1/sigma, as `b * 32` (mean, inv) pairs, by
+/// the plan `plan_for` gave. Needs `b * hw > 0` (callers return early on
+/// empty inputs); `op` names the caller in errors.
+fn stats(
     gpu: &Gpu,
     op: &str,
     src: Source<'_>,
-    dims: &Dims,
+    sz: &Sizes,
     plan: &StatsPlan,
 ) -> Result<CudaSlice<f64>> {
-    let (b, hw, c) = (dims.b as usize, dims.hw as usize, dims.c as usize);
-    let part_len = b * plan.runs as usize * GROUPS * 2;
-    // SAFETY: gn_stats_partial writes every element of `part` before
-    // gn_stats_combine, stream-ordered after it, reads them; no zeroing
-    // needed (a memset would be one more launch per GroupNorm).
-    let mut part = unsafe { gpu.stream().alloc::<f64>(part_len) }
-        .with_context(|| format!("{op}: allocating {part_len} partial statistics"))?;
-    // SAFETY: gn_stats_combine writes every element before any reader.
-    let mut stats = unsafe { gpu.stream().alloc::<f64>(2 * dims.blocks as usize) }
-        .with_context(|| format!("{op}: allocating statistics"))?;
-
-    let (x, x2, c1) = src.parts(c);
+    let (x, x2, c1) = src.parts(sz.c as usize);
     let c1 = c1 as u32;
-    let func = gpu.function("groupnorm", "gn_stats_partial")?;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(x)
-        .arg(&mut part)
-        .arg(&dims.hw)
-        .arg(&dims.c)
-        .arg(&plan.cw)
-        .arg(&plan.tile)
-        .arg(&plan.span)
-        .arg(x2)
-        .arg(&c1);
-    let cfg = LaunchConfig {
-        grid_dim: (plan.runs, dims.b, 1),
-        block_dim: (plan.threads, 1, 1),
-        shared_mem_bytes: plan.shared,
+    let cg = sz.c / GROUPS as u32;
+    let partial = |cfg, part: &mut CudaSlice<f64>| {
+        let p = (x, part, sz.hw, sz.c, plan.cw, plan.tile, plan.span, x2, c1);
+        // SAFETY: x and x2 hold b * hw * c1 and b * hw * (c - c1) floats
+        // (x2 unread when c1 = c), part b * runs * 32 * 2 doubles. StatsPlan
+        // gives the layout the kernel assumes: threads a multiple of cw, cw
+        // a multiple of 32 and <= c, shared = (threads / cw * 32 * (c / 32 |
+        // 1) + threads) doubles, runs = ceil(hw / span) so block (run, bi)
+        // reads pixels below hw of sample bi only and writes part entries of
+        // (bi, run) only.
+        unsafe { launch::gn_stats_partial(gpu, cfg, p) }
     };
-    // SAFETY: the arguments match gn_stats_partial(const float* x, double*
-    // part, unsigned long long hw, unsigned c, unsigned cw, unsigned tile,
-    // unsigned long long span, const float* x2, unsigned c1); x and x2 hold
-    // b * hw * c1 and b * hw * (c - c1) floats (x2 unread when c1 = c), part
-    // b * runs * 32 * 2 doubles, on this Gpu's stream. StatsPlan gives the
-    // layout the kernel assumes: threads a multiple of cw, cw a multiple of
-    // 32 and <= c, shared = (threads / cw * 32 * (c / 32 | 1) + threads)
-    // doubles, runs =
-    // ceil(hw / span) so block (run, bi) reads pixels below hw of sample bi
-    // only and writes part entries of (bi, run) only.
-    unsafe { args.launch(cfg) }.with_context(|| {
-        format!("{op}: launching gn_stats_partial on {b} x {hw} x {c} ({plan:?})")
-    })?;
-
-    let func = gpu.function("groupnorm", "gn_stats_combine")?;
-    let cg = dims.c / GROUPS as u32;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(x)
-        .arg(&part)
-        .arg(&mut stats)
-        .arg(&dims.b)
-        .arg(&plan.runs)
-        .arg(&dims.hw)
-        .arg(&cg)
-        .arg(&plan.span)
-        .arg(x2)
-        .arg(&c1);
-    let warps_per_block = COMBINE_THREADS / 32;
-    let cfg = LaunchConfig {
-        grid_dim: (dims.blocks.div_ceil(warps_per_block), 1, 1),
-        block_dim: (COMBINE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let combine = |cfg, part: &CudaSlice<f64>, stats: &mut CudaSlice<f64>| {
+        let p = (
+            x, part, stats, sz.b, plan.runs, sz.hw, cg, plan.span, x2, c1,
+        );
+        // SAFETY: x, x2 and part as above, stats holds 2 * b * 32 doubles;
+        // warp w < b * 32 reads the runs of (w / 32, w % 32) and
+        // x[w / 32, 0, (w % 32) * cg] (hw > 0), and writes
+        // stats[2 w ..= 2 w + 1]; the warps past b * 32 (the last block's
+        // tail) return at once.
+        unsafe { launch::gn_stats_combine(gpu, cfg, p) }
     };
-    // SAFETY: the arguments match gn_stats_combine(const float* x, const
-    // double* part, double* stats, unsigned b, unsigned runs, unsigned long
-    // long hw, unsigned cg, unsigned long long span, const float* x2,
-    // unsigned c1); x, x2 and part as above,
-    // stats holds 2 * b * 32 doubles, on this Gpu's stream; warp w < b * 32
-    // reads the runs of (w / 32, w % 32) and x[w / 32, 0, (w % 32) * cg]
-    // (hw > 0), and writes stats[2 w ..= 2 w + 1]; the warps past b * 32
-    // (the last block's tail) return at once.
-    unsafe { args.launch(cfg) }
-        .with_context(|| format!("{op}: launching gn_stats_combine on {} groups", dims.blocks))?;
-    Ok(stats)
+    split_reduce(gpu, op, sz, plan, plan.shared, partial, combine)
 }
 
 /// `y = silu?((GN(x) * gamma + beta) * (1 + scale) + shift)`; see
-/// `Backend::group_norm`. `ss` is `[b, 2c]`, scale first.
-#[allow(clippy::too_many_arguments)]
+/// `Backend::group_norm`.
 pub fn group_norm(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<f32>,
-    b: usize,
-    hw: usize,
-    c: usize,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    ss: Option<&CudaSlice<f32>>,
-    silu: bool,
+    dims: NormDims,
+    p: NormParams<'_>,
 ) -> Result<()> {
-    let dims = check(gpu, "group_norm", Source::One(x), b, hw, c, gamma, beta, ss)?;
-    ensure!(
-        y.len() == dims.n,
-        "group_norm: y has {} elements but x has {}",
-        y.len(),
-        dims.n
-    );
-    gpu.check_stream(y, "y")?;
-    if dims.n == 0 {
+    let op = "group_norm";
+    let sz = check(gpu, op, Source::One(x), dims, &p)?;
+    gpu.expect_len(op, "y", y, sz.n)?;
+    if sz.n == 0 {
         return Ok(());
     }
-    let stats = stats(gpu, "group_norm", Source::One(x), &dims)?;
-    let func = gpu.function("groupnorm", "gn_apply")?;
-    // Without a scale/shift the kernel never reads `ss`; gamma stands in so
-    // that the argument is a valid device pointer.
-    let ss_buf = ss.unwrap_or(gamma);
-    let has_ss = i32::from(ss.is_some());
-    let silu = i32::from(silu);
-    let n = dims.n as u64;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(x)
-        .arg(y)
-        .arg(&stats)
-        .arg(gamma)
-        .arg(beta)
-        .arg(ss_buf)
-        .arg(&has_ss)
-        .arg(&silu)
-        .arg(&dims.hw)
-        .arg(&dims.c)
-        .arg(&n);
-    // SAFETY: the arguments match gn_apply(const float* x, float* y, const
-    // double* stats, const float* gamma, const float* beta, const float* ss,
-    // int, int, unsigned long long hw, unsigned c, unsigned long long n);
-    // x and y hold n = b * hw * c floats, stats 2 * b * 32 doubles, gamma
-    // and beta c floats, ss 2 * b * c floats when has_ss (else unread), all
-    // on this Gpu's stream; the kernel touches indices below those bounds.
-    unsafe { args.launch(gpu.elementwise_config(dims.n)) }
-        .with_context(|| format!("launching gn_apply on {b} x {hw} x {c}"))?;
-    Ok(())
+    let stats = stats(gpu, op, Source::One(x), &sz, &plan_for(gpu, op, &sz)?)?;
+    let (ss, has_ss) = scale_shift(&p);
+    let params = (
+        x,
+        y,
+        &stats,
+        p.gamma,
+        p.beta,
+        ss,
+        has_ss,
+        i32::from(p.silu),
+        sz.hw,
+        sz.c,
+        sz.n as u64,
+    );
+    // SAFETY: x and y hold n = b * hw * c floats, stats 2 * b * 32 doubles,
+    // gamma and beta c floats, ss 2 * b * c floats when has_ss (else
+    // unread); the kernel touches indices below those bounds.
+    unsafe { launch::gn_apply(gpu, gpu.elementwise_config(sz.n), params) }
+}
+
+/// The kernels' (ss, has_ss): without a scale/shift they never read `ss`,
+/// and gamma stands in so that the argument is a valid device pointer.
+fn scale_shift<'a>(p: &NormParams<'a>) -> (&'a CudaSlice<f32>, i32) {
+    (p.ss.unwrap_or(p.gamma), i32::from(p.ss.is_some()))
 }
 
 /// GroupNorm (+ optional scale/shift) of `x` folded into a per-(sample,
 /// channel) affine map `y = a * x + s` for a convolution's prologue to
-/// apply: `out` is `[b, 2, c]` (`a` then `s`), with `m`, `r` the mean and
-/// 1/sigma of the channel's group, `a = r gamma (1 + scale)` and
+/// apply (which also applies the SiLU, so `p.silu` is not read here): `out`
+/// is `[b, 2, c]` (`a` then `s`), with `m`, `r` the mean and 1/sigma of the
+/// channel's group, `a = r gamma (1 + scale)` and
 /// `s = (beta - m r gamma) (1 + scale) + shift` (scale = shift = 0 without
 /// `ss`), taken in double and rounded once. CPU twin:
 /// `crate::backend::cpu::group_norm_affine`.
-#[allow(clippy::too_many_arguments)]
 pub fn group_norm_affine(
     gpu: &Gpu,
     x: Source<'_>,
-    b: usize,
-    hw: usize,
-    c: usize,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    ss: Option<&CudaSlice<f32>>,
+    dims: NormDims,
+    p: NormParams<'_>,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let dims = check(gpu, "group_norm_affine", x, b, hw, c, gamma, beta, ss)?;
-    let want = b
-        .checked_mul(2 * c)
-        .with_context(|| format!("group_norm_affine: size {b} x 2 x {c} overflows"))?;
-    ensure!(
-        out.len() == want,
-        "group_norm_affine: out has {} elements, expected [b, 2c] = {b} * 2 * {c} = {want}",
-        out.len()
-    );
-    gpu.check_stream(out, "out")?;
+    let op = "group_norm_affine";
+    let sz = check(gpu, op, x, dims, &p)?;
+    let NormDims { b, hw, c } = dims;
+    gpu.expect_len(op, "out", out, 2 * b * c)?;
     if b == 0 {
         return Ok(());
     }
     ensure!(
         hw > 0,
-        "group_norm_affine: {b} x {hw} x {c} has no pixels, so no statistics"
+        "{op}: {b} x {hw} x {c} has no pixels, so no statistics"
     );
-    let stats = stats(gpu, "group_norm_affine", x, &dims)?;
-    let func = gpu.function("groupnorm", "gn_affine")?;
-    // Without a scale/shift the kernel never reads `ss`; gamma stands in so
-    // that the argument is a valid device pointer.
-    let ss_buf = ss.unwrap_or(gamma);
-    let has_ss = i32::from(ss.is_some());
-    let n = (b * c) as u64;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(&stats)
-        .arg(gamma)
-        .arg(beta)
-        .arg(ss_buf)
-        .arg(&has_ss)
-        .arg(out)
-        .arg(&dims.c)
-        .arg(&n);
-    // SAFETY: the arguments match gn_affine(const double* stats, const float*
-    // gamma, const float* beta, const float* ss, int has_ss, float* out,
-    // unsigned c, unsigned long long n); stats holds 2 * b * 32 doubles,
-    // gamma and beta c floats, ss and out 2 * b * c floats (ss unread
-    // without has_ss), all on this Gpu's stream; thread i < n = b * c reads
-    // and writes indices below those bounds only.
-    unsafe { args.launch(gpu.elementwise_config(b * c)) }
-        .with_context(|| format!("launching gn_affine on {b} x {hw} x {c}"))?;
-    Ok(())
+    let stats = stats(gpu, op, x, &sz, &plan_for(gpu, op, &sz)?)?;
+    let (ss, has_ss) = scale_shift(&p);
+    let params = (
+        &stats,
+        p.gamma,
+        p.beta,
+        ss,
+        has_ss,
+        out,
+        sz.c,
+        (b * c) as u64,
+    );
+    // SAFETY: stats holds 2 * b * 32 doubles, gamma and beta c floats, ss
+    // and out 2 * b * c floats (ss unread without has_ss); thread i < b * c
+    // reads and writes indices below those bounds only.
+    unsafe { launch::gn_affine(gpu, gpu.elementwise_config(b * c), params) }
 }
 
 /// Input gradient of `group_norm` (same arguments; `dy` and `dx` are
 /// `[b, hw, c]`).
-#[allow(clippy::too_many_arguments)]
 pub fn group_norm_bwd(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
     dy: &CudaSlice<f32>,
     dx: &mut CudaSlice<f32>,
-    b: usize,
-    hw: usize,
-    c: usize,
-    gamma: &CudaSlice<f32>,
-    beta: &CudaSlice<f32>,
-    ss: Option<&CudaSlice<f32>>,
-    silu: bool,
+    dims: NormDims,
+    p: NormParams<'_>,
 ) -> Result<()> {
-    let dims = check(
-        gpu,
-        "group_norm_bwd",
-        Source::One(x),
-        b,
-        hw,
-        c,
+    let op = "group_norm_bwd";
+    let sz = check(gpu, op, Source::One(x), dims, &p)?;
+    gpu.expect_len(op, "dy", dy, sz.n)?;
+    gpu.expect_len(op, "dx", dx, sz.n)?;
+    if sz.n == 0 {
+        return Ok(());
+    }
+    let plan = plan_for(gpu, op, &sz)?;
+    let bwd_shared = plan.bwd_shared(op, dims.c)?;
+    let stats = stats(gpu, op, Source::One(x), &sz, &plan)?;
+    let (ss, has_ss) = scale_shift(&p);
+    let silu = i32::from(p.silu);
+    let (gamma, beta) = (p.gamma, p.beta);
+    let partial = |cfg, part: &mut CudaSlice<f64>| {
+        let params = (
+            x, dy, &stats, gamma, beta, ss, has_ss, silu, part, sz.hw, sz.c, plan.cw, plan.span,
+        );
+        // SAFETY: x and dy hold b * hw * c floats, stats 2 * b * 32 doubles,
+        // gamma and beta c floats, ss 2 * b * c floats when has_ss (else
+        // unread), part b * runs * 32 * 2 doubles. StatsPlan gives the
+        // layout the kernel assumes (threads a multiple of cw, cw a multiple
+        // of 32 and <= c, runs = ceil(hw / span)) and bwd_shared its
+        // 2 * (threads / cw * 32 * (c / 32 | 1) + threads) doubles; block
+        // (run, bi) reads pixels below hw of sample bi only and writes part
+        // entries of (bi, run) only.
+        unsafe { launch::gn_bwd_partial(gpu, cfg, params) }
+    };
+    let combine = |cfg, part: &CudaSlice<f64>, sums: &mut CudaSlice<f64>| {
+        // SAFETY: part as above, sums holds 2 * b * 32 doubles; warp
+        // w < b * 32 reads the runs of (w / 32, w % 32) and writes
+        // sums[2 w ..= 2 w + 1]; the warps past b * 32 (the last block's
+        // tail) return at once.
+        unsafe { launch::gn_bwd_combine(gpu, cfg, (part, sums, sz.b, plan.runs)) }
+    };
+    let sums = split_reduce(gpu, op, &sz, &plan, bwd_shared, partial, combine)?;
+    let params = (
+        x,
+        dy,
+        dx,
+        &stats,
+        &sums,
         gamma,
         beta,
         ss,
-    )?;
-    ensure!(
-        dy.len() == dims.n && dx.len() == dims.n,
-        "group_norm_bwd: dy / dx have {} / {} elements but x has {}",
-        dy.len(),
-        dx.len(),
-        dims.n
+        has_ss,
+        silu,
+        sz.hw,
+        sz.c,
+        sz.n as u64,
     );
-    gpu.check_stream(dy, "dy")?;
-    gpu.check_stream(dx, "dx")?;
-    if dims.n == 0 {
-        return Ok(());
-    }
-    let op = "group_norm_bwd";
-    let plan = plan_for(gpu, op, &dims)?;
-    let bwd_shared = plan.bwd_shared(op, c)?;
-    let stats = stats_planned(gpu, op, Source::One(x), &dims, &plan)?;
-    let part_len = b * plan.runs as usize * GROUPS * 2;
-    // SAFETY: gn_bwd_partial writes every element of `part` before
-    // gn_bwd_combine, stream-ordered after it, reads them.
-    let mut part = unsafe { gpu.stream().alloc::<f64>(part_len) }
-        .with_context(|| format!("{op}: allocating {part_len} partial gradient sums"))?;
-    // SAFETY: gn_bwd_combine writes every element before gn_bwd_apply reads.
-    let mut sums = unsafe { gpu.stream().alloc::<f64>(2 * dims.blocks as usize) }
-        .context("allocating GroupNorm gradient sums")?;
-    let ss_buf = ss.unwrap_or(gamma);
-    let has_ss = i32::from(ss.is_some());
-    let silu = i32::from(silu);
-
-    let func = gpu.function("groupnorm", "gn_bwd_partial")?;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(x)
-        .arg(dy)
-        .arg(&stats)
-        .arg(gamma)
-        .arg(beta)
-        .arg(ss_buf)
-        .arg(&has_ss)
-        .arg(&silu)
-        .arg(&mut part)
-        .arg(&dims.hw)
-        .arg(&dims.c)
-        .arg(&plan.cw)
-        .arg(&plan.span);
-    let cfg = LaunchConfig {
-        grid_dim: (plan.runs, dims.b, 1),
-        block_dim: (plan.threads, 1, 1),
-        shared_mem_bytes: bwd_shared,
-    };
-    // SAFETY: the arguments match gn_bwd_partial(const float* x, const
-    // float* dy, const double* stats, const float* gamma, const float* beta,
-    // const float* ss, int, int, double* part, unsigned long long hw,
-    // unsigned c, unsigned cw, unsigned long long span); x and dy hold
-    // b * hw * c floats, stats 2 * b * 32 doubles, gamma and beta c floats,
-    // ss 2 * b * c floats when has_ss (else unread), part b * runs * 32 * 2
-    // doubles, all on this Gpu's stream. StatsPlan gives the layout the
-    // kernel assumes (threads a multiple of cw, cw a multiple of 32 and
-    // <= c, runs = ceil(hw / span)) and bwd_shared its 2 * (threads / cw *
-    // 32 * (c / 32 | 1) + threads) doubles; block (run, bi) reads pixels
-    // below hw of sample bi only and writes part entries of (bi, run) only.
-    unsafe { args.launch(cfg) }.with_context(|| {
-        format!("{op}: launching gn_bwd_partial on {b} x {hw} x {c} ({plan:?})")
-    })?;
-
-    let func = gpu.function("groupnorm", "gn_bwd_combine")?;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(&part).arg(&mut sums).arg(&dims.b).arg(&plan.runs);
-    let warps_per_block = COMBINE_THREADS / 32;
-    let cfg = LaunchConfig {
-        grid_dim: (dims.blocks.div_ceil(warps_per_block), 1, 1),
-        block_dim: (COMBINE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match gn_bwd_combine(const double* part, double*
-    // sums, unsigned b, unsigned runs); part as above, sums holds 2 * b * 32
-    // doubles, on this Gpu's stream; warp w < b * 32 reads the runs of
-    // (w / 32, w % 32) and writes sums[2 w ..= 2 w + 1]; the warps past
-    // b * 32 (the last block's tail) return at once.
-    unsafe { args.launch(cfg) }
-        .with_context(|| format!("{op}: launching gn_bwd_combine on {} groups", dims.blocks))?;
-
-    let func = gpu.function("groupnorm", "gn_bwd_apply")?;
-    let n = dims.n as u64;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(x)
-        .arg(dy)
-        .arg(dx)
-        .arg(&stats)
-        .arg(&sums)
-        .arg(gamma)
-        .arg(beta)
-        .arg(ss_buf)
-        .arg(&has_ss)
-        .arg(&silu)
-        .arg(&dims.hw)
-        .arg(&dims.c)
-        .arg(&n);
-    // SAFETY: the arguments match gn_bwd_apply(const float* x, const float*
-    // dy, float* dx, const double* stats, const double* sums, const float*
-    // gamma, const float* beta, const float* ss, int, int, unsigned long long
-    // hw, unsigned c, unsigned long long count); x, dy and dx hold count =
-    // b * hw * c floats, the rest as above, all on this Gpu's stream.
-    unsafe { args.launch(gpu.elementwise_config(dims.n)) }
-        .with_context(|| format!("launching gn_bwd_apply on {b} x {hw} x {c}"))?;
-    Ok(())
+    // SAFETY: x, dy and dx hold count = b * hw * c floats, the rest as
+    // above.
+    unsafe { launch::gn_bwd_apply(gpu, gpu.elementwise_config(sz.n), params) }
 }
 
 #[cfg(test)]
@@ -961,27 +827,19 @@ mod tests {
         silu: bool,
     }
 
-    /// gn_dxhat on the host (Rust's exp for CUDA's, both within an ulp);
-    /// `s` is the sample's `[2c]` scale/shift.
-    #[allow(clippy::too_many_arguments)]
-    fn dxhat(
-        xhat: f64,
-        dy: f32,
-        gamma: f32,
-        beta: f32,
-        s: Option<&[f32]>,
-        silu: bool,
-        c: usize,
-        ch: usize,
-    ) -> f64 {
-        let mut g = dy as f64;
+    /// gn_dxhat on the host (Rust's exp for CUDA's, both within an ulp) at
+    /// element `i`, channel `ch`; `s` is the sample's `[2c]` scale/shift.
+    fn dxhat(a: &BwdIn<'_>, s: Option<&[f32]>, xhat: f64, i: usize, ch: usize) -> f64 {
+        let c = a.gamma.len();
+        let (gamma, beta) = (a.gamma[ch], a.beta[ch]);
+        let mut g = a.dy[i] as f64;
         let mut z = xhat * gamma as f64 + beta as f64;
         let mut mul = 1.0;
         if let Some(s) = s {
             mul = 1.0 + s[ch] as f64;
             z = z * mul + s[c + ch] as f64;
         }
-        if silu {
+        if a.silu {
             let sg = 1.0 / (1.0 + (-z).exp());
             g *= sg * (1.0 + z * (1.0 - sg));
         }
@@ -1026,7 +884,7 @@ mod tests {
                             let i = (pix0 + px) * c + ch;
                             visits[i] += 1;
                             let xhat = (a.x[i] as f64 - mean) * inv;
-                            let d = dxhat(xhat, a.dy[i], a.gamma[ch], a.beta[ch], s, a.silu, c, ch);
+                            let d = dxhat(a, s, xhat, i, ch);
                             s1 += d;
                             s2 += d * xhat;
                             px += rows_par;
@@ -1093,7 +951,7 @@ mod tests {
                     })
                     .map(|(i, ch)| {
                         let xhat = (a.x[i] as f64 - mean) * inv;
-                        let d = dxhat(xhat, a.dy[i], a.gamma[ch], a.beta[ch], s, a.silu, c, ch);
+                        let d = dxhat(a, s, xhat, i, ch);
                         (d, d * xhat)
                     })
                     .collect();

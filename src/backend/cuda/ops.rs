@@ -1,77 +1,32 @@
 //! Launchers for `kernels/ops.cu`: the elementwise and data-movement ops of
 //! the Backend trait. CPU twins in `crate::backend::cpu`. Each launcher
-//! checks that every buffer has the length its dimensions imply and lives on
-//! the Gpu's stream, and writes every element of its output.
+//! checks that every buffer has the length its dimensions imply, and writes
+//! every element of its output.
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use anyhow::{ensure, Result};
+use cudarc::driver::CudaSlice;
 
-use super::Gpu;
-
-const MODULE: &str = "ops";
-
-/// Fails unless `buf` holds `len` elements on the Gpu's stream.
-pub(super) fn expect_len<T>(
-    gpu: &Gpu,
-    op: &str,
-    what: &str,
-    buf: &CudaSlice<T>,
-    len: usize,
-) -> Result<()> {
-    ensure!(
-        buf.len() == len,
-        "{op}: {what} has {} elements, expected {len}",
-        buf.len()
-    );
-    gpu.check_stream(buf, &format!("{op}: {what}"))
-}
-
-/// Launches a prepared argument list.
-///
-/// # Safety
-/// The arguments must match the kernel's parameters in number, order and
-/// type, and every buffer must be large enough for the indices the kernel
-/// reaches under `cfg`.
-pub(super) unsafe fn launch(
-    mut args: LaunchArgs<'_>,
-    cfg: LaunchConfig,
-    kernel: &str,
-    n: usize,
-) -> Result<()> {
-    // SAFETY: forwarded from the caller.
-    unsafe { args.launch(cfg) }.with_context(|| format!("launching {kernel} on {n} elements"))?;
-    Ok(())
-}
+use super::{launch, Gpu};
 
 /// `y[..] = v` (debug poisoning of fresh outputs).
 pub fn fill(gpu: &Gpu, y: &mut CudaSlice<f32>, v: f32) -> Result<()> {
     let n = y.len();
-    expect_len(gpu, "fill", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "fill")?;
-    let n64 = n as u64;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(y).arg(&v).arg(&n64);
-    // SAFETY: (float*, float, u64) as declared; y holds n floats.
-    unsafe { launch(args, gpu.elementwise_config(n), "fill", n) }
+    // SAFETY: y holds n floats.
+    unsafe { launch::fill(gpu, gpu.elementwise_config(n), (y, v, n as u64)) }
 }
 
 /// `y = x * sigmoid(x)`.
 pub fn silu(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
     let n = x.len();
-    expect_len(gpu, "silu", "x", x, n)?;
-    expect_len(gpu, "silu", "y", y, n)?;
+    gpu.expect_len("silu", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "silu")?;
-    let n64 = n as u64;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x).arg(y).arg(&n64);
-    // SAFETY: (const float*, float*, u64); both buffers hold n floats.
-    unsafe { launch(args, gpu.elementwise_config(n), "silu", n) }
+    // SAFETY: both buffers hold n floats.
+    unsafe { launch::silu(gpu, gpu.elementwise_config(n), (x, y, n as u64)) }
 }
 
 /// `y = a + b`, all of one length.
@@ -82,18 +37,13 @@ pub fn add(
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let n = a.len();
-    expect_len(gpu, "add", "a", a, n)?;
-    expect_len(gpu, "add", "b", b, n)?;
-    expect_len(gpu, "add", "y", y, n)?;
+    gpu.expect_len("add", "b", b, n)?;
+    gpu.expect_len("add", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "add")?;
-    let n64 = n as u64;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(a).arg(b).arg(y).arg(&n64);
-    // SAFETY: (const float*, const float*, float*, u64); all hold n floats.
-    unsafe { launch(args, gpu.elementwise_config(n), "add", n) }
+    // SAFETY: all three buffers hold n floats.
+    unsafe { launch::add(gpu, gpu.elementwise_config(n), (a, b, y, n as u64)) }
 }
 
 /// `y = a + v` with `a` `[batch, hw, c]` and `v` `[batch, c]` broadcast over hw.
@@ -105,19 +55,16 @@ pub fn add_bcast(
     [batch, hw, c]: [usize; 3],
 ) -> Result<()> {
     let n = batch * hw * c;
-    expect_len(gpu, "add", "a", a, n)?;
-    expect_len(gpu, "add", "broadcast operand", v, batch * c)?;
-    expect_len(gpu, "add", "y", y, n)?;
+    gpu.expect_len("add", "a", a, n)?;
+    gpu.expect_len("add", "broadcast operand", v, batch * c)?;
+    gpu.expect_len("add", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "add_bcast")?;
-    let (n64, hwc, c64) = (n as u64, (hw * c) as u64, c as u64);
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(a).arg(v).arg(y).arg(&n64).arg(&hwc).arg(&c64);
-    // SAFETY: (const float*, const float*, float*, u64 x3); a and y hold n
-    // floats, v batch*c, and (i / (hw*c))*c + i % c < batch*c for i < n.
-    unsafe { launch(args, gpu.elementwise_config(n), "add_bcast", n) }
+    let p = (a, v, y, n as u64, (hw * c) as u64, c as u64);
+    // SAFETY: a and y hold n floats, v batch*c, and (i / (hw*c))*c + i % c <
+    // batch*c for i < n.
+    unsafe { launch::add_bcast(gpu, gpu.elementwise_config(n), p) }
 }
 
 /// 2x2 mean pooling of `x` `[b, h, w, c]` (h, w even) into `y` `[b, h/2, w/2, c]`.
@@ -133,21 +80,15 @@ pub fn avg_pool2(
     );
     let (ho, wo) = (h / 2, w / 2);
     let n = b * ho * wo * c;
-    expect_len(gpu, "avg_pool2", "x", x, b * h * w * c)?;
-    expect_len(gpu, "avg_pool2", "y", y, n)?;
+    gpu.expect_len("avg_pool2", "x", x, b * h * w * c)?;
+    gpu.expect_len("avg_pool2", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "avg_pool2")?;
-    let dims = [b as u64, ho as u64, wo as u64, c as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x).arg(y);
-    for d in &dims {
-        args.arg(d);
-    }
-    // SAFETY: (const float*, float*, u64 x4); y holds b*ho*wo*c floats and
-    // x the 4x as many the taps of those outputs read.
-    unsafe { launch(args, gpu.elementwise_config(n), "avg_pool2", n) }
+    let [b, ho, wo, c] = [b, ho, wo, c].map(|v| v as u64);
+    // SAFETY: y holds b*ho*wo*c floats and x the 4x as many the taps of
+    // those outputs read.
+    unsafe { launch::avg_pool2(gpu, gpu.elementwise_config(n), (x, y, b, ho, wo, c)) }
 }
 
 /// Nearest-neighbour upsampling `x` `[b, h, w, c]` -> `y` `[b, 2h, 2w, c]`.
@@ -180,22 +121,15 @@ fn upsample2_scaled(
     scale: f32,
 ) -> Result<()> {
     let n = b * 4 * h * w * c;
-    expect_len(gpu, op, "input", x, b * h * w * c)?;
-    expect_len(gpu, op, "output", y, n)?;
+    gpu.expect_len(op, "input", x, b * h * w * c)?;
+    gpu.expect_len(op, "output", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "upsample2")?;
-    let dims = [b as u64, h as u64, w as u64, c as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x).arg(y);
-    for d in &dims {
-        args.arg(d);
-    }
-    args.arg(&scale);
-    // SAFETY: (const float*, float*, u64 x4, float); y holds 4*b*h*w*c
-    // floats and each reads the source pixel (yo/2, xo/2) inside x.
-    unsafe { launch(args, gpu.elementwise_config(n), op, n) }
+    let [b, h, w, c] = [b, h, w, c].map(|v| v as u64);
+    // SAFETY: y holds 4*b*h*w*c floats and each reads the source pixel
+    // (yo/2, xo/2) inside x.
+    unsafe { launch::upsample2(gpu, gpu.elementwise_config(n), (x, y, b, h, w, c, scale)) }
 }
 
 /// Channel concatenation of `a` `[pixels, ca]` and `b` `[pixels, cb]`.
@@ -207,24 +141,16 @@ pub fn concat(
     [pixels, ca, cb]: [usize; 3],
 ) -> Result<()> {
     let n = pixels * (ca + cb);
-    expect_len(gpu, "concat", "a", a, pixels * ca)?;
-    expect_len(gpu, "concat", "b", b, pixels * cb)?;
-    expect_len(gpu, "concat", "y", y, n)?;
+    gpu.expect_len("concat", "a", a, pixels * ca)?;
+    gpu.expect_len("concat", "b", b, pixels * cb)?;
+    gpu.expect_len("concat", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "concat")?;
-    let dims = [pixels as u64, ca as u64, cb as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(a)
-        .arg(b)
-        .arg(y)
-        .arg(&dims[0])
-        .arg(&dims[1])
-        .arg(&dims[2]);
-    // SAFETY: (const float*, const float*, float*, u64 x3); lengths checked
-    // above for the pixel-major layout the kernel indexes.
-    unsafe { launch(args, gpu.elementwise_config(n), "concat", n) }
+    let [pixels, ca, cb] = [pixels, ca, cb].map(|v| v as u64);
+    // SAFETY: lengths checked above for the pixel-major layout the kernel
+    // indexes.
+    unsafe { launch::concat(gpu, gpu.elementwise_config(n), (a, b, y, pixels, ca, cb)) }
 }
 
 /// `y[i] = x[i] + table[rows[i]]` for `x` `[b, dim]`, `table` `[k, dim]`;
@@ -240,27 +166,16 @@ pub fn add_rows(
     ensure!(dim > 0, "add_rows: zero-width rows");
     let b = rows.len();
     let k = table.len() / dim;
-    expect_len(gpu, "add_rows", "x", x, b * dim)?;
-    expect_len(gpu, "add_rows", "table", table, k * dim)?;
-    expect_len(gpu, "add_rows", "rows", rows, b)?;
-    expect_len(gpu, "add_rows", "y", y, b * dim)?;
+    gpu.expect_len("add_rows", "x", x, b * dim)?;
+    gpu.expect_len("add_rows", "table", table, k * dim)?;
+    gpu.expect_len("add_rows", "y", y, b * dim)?;
     let n = b * dim;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "add_rows")?;
-    let dims = [b as u64, dim as u64, k as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x)
-        .arg(table)
-        .arg(rows)
-        .arg(y)
-        .arg(&dims[0])
-        .arg(&dims[1])
-        .arg(&dims[2]);
-    // SAFETY: (const float*, const float*, const unsigned*, float*, u64 x3);
-    // the kernel reads table only at rows below k.
-    unsafe { launch(args, gpu.elementwise_config(n), "add_rows", n) }
+    let p = (x, table, rows, y, b as u64, dim as u64, k as u64);
+    // SAFETY: the kernel reads table only at rows below k.
+    unsafe { launch::add_rows(gpu, gpu.elementwise_config(n), p) }
 }
 
 /// `y` `[b, 2 half]`: the sinusoidal embedding of timesteps `ts` `[b]`.
@@ -271,19 +186,14 @@ pub fn timestep_embedding(
     half: usize,
 ) -> Result<()> {
     let b = ts.len();
-    expect_len(gpu, "timestep_embedding", "ts", ts, b)?;
-    expect_len(gpu, "timestep_embedding", "y", y, b * 2 * half)?;
     let n = b * 2 * half;
+    gpu.expect_len("timestep_embedding", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "timestep_embedding")?;
-    let dims = [b as u64, half as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(ts).arg(y).arg(&dims[0]).arg(&dims[1]);
-    // SAFETY: (const unsigned*, float*, u64 x2); ts holds b entries and y
-    // b * 2 * half, checked above.
-    unsafe { launch(args, gpu.elementwise_config(n), "timestep_embedding", n) }
+    let p = (ts, y, b as u64, half as u64);
+    // SAFETY: ts holds b entries and y b * 2 * half.
+    unsafe { launch::timestep_embedding(gpu, gpu.elementwise_config(n), p) }
 }
 
 /// `x` `[b, t, c]` -> `y` `[b, t+1, c]`: the token mean first, plus `pos` `[t+1, c]`.
@@ -295,24 +205,16 @@ pub fn prepend_mean(
     [b, t, c]: [usize; 3],
 ) -> Result<()> {
     let n = b * (t + 1) * c;
-    expect_len(gpu, "prepend_mean", "x", x, b * t * c)?;
-    expect_len(gpu, "prepend_mean", "pos", pos, (t + 1) * c)?;
-    expect_len(gpu, "prepend_mean", "y", y, n)?;
+    gpu.expect_len("prepend_mean", "x", x, b * t * c)?;
+    gpu.expect_len("prepend_mean", "pos", pos, (t + 1) * c)?;
+    gpu.expect_len("prepend_mean", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "prepend_mean")?;
-    let dims = [b as u64, t as u64, c as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x)
-        .arg(pos)
-        .arg(y)
-        .arg(&dims[0])
-        .arg(&dims[1])
-        .arg(&dims[2]);
-    // SAFETY: (const float*, const float*, float*, u64 x3); lengths checked
-    // above for the [b, t(+1), c] layouts the kernel indexes.
-    unsafe { launch(args, gpu.elementwise_config(n), "prepend_mean", n) }
+    let [b, t, c] = [b, t, c].map(|v| v as u64);
+    // SAFETY: lengths checked above for the [b, t(+1), c] layouts the kernel
+    // indexes.
+    unsafe { launch::prepend_mean(gpu, gpu.elementwise_config(n), (x, pos, y, b, t, c)) }
 }
 
 /// Gradient of `prepend_mean`: `dtok` `[b, t+1, c]` -> `dx` `[b, t, c]`.
@@ -323,21 +225,14 @@ pub fn prepend_mean_bwd(
     [b, t, c]: [usize; 3],
 ) -> Result<()> {
     let n = b * t * c;
-    expect_len(gpu, "prepend_mean_bwd", "dtok", dtok, b * (t + 1) * c)?;
-    expect_len(gpu, "prepend_mean_bwd", "dx", dx, n)?;
+    gpu.expect_len("prepend_mean_bwd", "dtok", dtok, b * (t + 1) * c)?;
+    gpu.expect_len("prepend_mean_bwd", "dx", dx, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "prepend_mean_bwd")?;
-    let dims = [b as u64, t as u64, c as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(dtok)
-        .arg(dx)
-        .arg(&dims[0])
-        .arg(&dims[1])
-        .arg(&dims[2]);
-    // SAFETY: (const float*, float*, u64 x3); lengths checked above.
-    unsafe { launch(args, gpu.elementwise_config(n), "prepend_mean_bwd", n) }
+    let [b, t, c] = [b, t, c].map(|v| v as u64);
+    // SAFETY: lengths checked above.
+    unsafe { launch::prepend_mean_bwd(gpu, gpu.elementwise_config(n), (dtok, dx, b, t, c)) }
 }
 
 /// `x` `[b, t, c]` -> `y` `[b, c]`, token 0.
@@ -349,17 +244,14 @@ pub fn token0(
 ) -> Result<()> {
     ensure!(t > 0, "token0: a sequence of no tokens");
     let n = b * c;
-    expect_len(gpu, "token0", "x", x, b * t * c)?;
-    expect_len(gpu, "token0", "y", y, n)?;
+    gpu.expect_len("token0", "x", x, b * t * c)?;
+    gpu.expect_len("token0", "y", y, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "token0")?;
-    let dims = [b as u64, t as u64, c as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-    // SAFETY: (const float*, float*, u64 x3); lengths checked above.
-    unsafe { launch(args, gpu.elementwise_config(n), "token0", n) }
+    let [b, t, c] = [b, t, c].map(|v| v as u64);
+    // SAFETY: lengths checked above.
+    unsafe { launch::token0(gpu, gpu.elementwise_config(n), (x, y, b, t, c)) }
 }
 
 /// Gradient of `token0`: `d0` `[b, c]` -> `d` `[b, t, c]`.
@@ -370,21 +262,14 @@ pub fn token0_bwd(
     [b, t, c]: [usize; 3],
 ) -> Result<()> {
     let n = b * t * c;
-    expect_len(gpu, "token0_bwd", "d0", d0, b * c)?;
-    expect_len(gpu, "token0_bwd", "d", d, n)?;
+    gpu.expect_len("token0_bwd", "d0", d0, b * c)?;
+    gpu.expect_len("token0_bwd", "d", d, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "token0_bwd")?;
-    let dims = [b as u64, t as u64, c as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(d0)
-        .arg(d)
-        .arg(&dims[0])
-        .arg(&dims[1])
-        .arg(&dims[2]);
-    // SAFETY: (const float*, float*, u64 x3); lengths checked above.
-    unsafe { launch(args, gpu.elementwise_config(n), "token0_bwd", n) }
+    let [b, t, c] = [b, t, c].map(|v| v as u64);
+    // SAFETY: lengths checked above.
+    unsafe { launch::token0_bwd(gpu, gpu.elementwise_config(n), (d0, d, b, t, c)) }
 }
 
 /// `g = onehot(labels) - softmax(logits)` per row of `k`; `labels` must
@@ -397,39 +282,25 @@ pub fn log_softmax_grad(
     k: usize,
 ) -> Result<()> {
     let b = labels.len();
-    expect_len(gpu, "log_softmax_grad", "logits", logits, b * k)?;
-    expect_len(gpu, "log_softmax_grad", "labels", labels, b)?;
-    expect_len(gpu, "log_softmax_grad", "g", g, b * k)?;
+    gpu.expect_len("log_softmax_grad", "logits", logits, b * k)?;
+    gpu.expect_len("log_softmax_grad", "g", g, b * k)?;
     if b * k == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "log_softmax_grad")?;
-    let dims = [b as u64, k as u64];
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(logits)
-        .arg(labels)
-        .arg(g)
-        .arg(&dims[0])
-        .arg(&dims[1]);
-    // SAFETY: (const float*, const unsigned*, float*, u64 x2); one thread
-    // per row r < b touches r*k .. r*k+k only.
-    unsafe { launch(args, gpu.elementwise_config(b), "log_softmax_grad", b) }
+    let p = (logits, labels, g, b as u64, k as u64);
+    // SAFETY: one thread per row r < b touches r*k .. r*k+k only.
+    unsafe { launch::log_softmax_grad(gpu, gpu.elementwise_config(b), p) }
 }
 
 /// `x += s * g`, the product rounded first.
 pub fn axpy(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32, g: &CudaSlice<f32>) -> Result<()> {
     let n = x.len();
-    expect_len(gpu, "axpy", "x", x, n)?;
-    expect_len(gpu, "axpy", "g", g, n)?;
+    gpu.expect_len("axpy", "g", g, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "axpy")?;
-    let n64 = n as u64;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(x).arg(&s).arg(g).arg(&n64);
-    // SAFETY: (float*, float, const float*, u64); both hold n floats.
-    unsafe { launch(args, gpu.elementwise_config(n), "axpy", n) }
+    // SAFETY: both buffers hold n floats.
+    unsafe { launch::axpy(gpu, gpu.elementwise_config(n), (x, s, g, n as u64)) }
 }
 
 /// `out = a * x + b * y`, each product rounded before the sum.
@@ -442,17 +313,11 @@ pub fn axpby(
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let n = x.len();
-    expect_len(gpu, "axpby", "x", x, n)?;
-    expect_len(gpu, "axpby", "y", y, n)?;
-    expect_len(gpu, "axpby", "out", out, n)?;
+    gpu.expect_len("axpby", "y", y, n)?;
+    gpu.expect_len("axpby", "out", out, n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE, "axpby")?;
-    let n64 = n as u64;
-    let mut args = gpu.stream().launch_builder(&f);
-    args.arg(&a).arg(x).arg(&b).arg(y).arg(out).arg(&n64);
-    // SAFETY: (float, const float*, float, const float*, float*, u64); all
-    // buffers hold n floats.
-    unsafe { launch(args, gpu.elementwise_config(n), "axpby", n) }
+    // SAFETY: all three buffers hold n floats.
+    unsafe { launch::axpby(gpu, gpu.elementwise_config(n), (a, x, b, y, out, n as u64)) }
 }

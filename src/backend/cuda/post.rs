@@ -3,9 +3,9 @@
 //! bit-identical to them, and so are the errors.
 
 use anyhow::{anyhow, ensure, Context, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::Gpu;
+use super::{launch, Gpu};
 
 /// Threads per block (one block per slice); `POST_THREADS` in the kernel.
 const THREADS: u32 = 512;
@@ -23,10 +23,9 @@ pub fn normalize(
     b: usize,
     hw: usize,
 ) -> Result<()> {
-    check_stack("normalize", "x", x.len(), b, hw)?;
-    check_stack("normalize", "y", y.len(), b, hw)?;
-    gpu.check_stream(x, "x")?;
-    gpu.check_stream(y, "y")?;
+    let n = stack_len("normalize", b, hw)?;
+    gpu.expect_len("normalize", "x", x, n)?;
+    gpu.expect_len("normalize", "y", y, n)?;
     if b == 0 {
         return Ok(());
     }
@@ -34,16 +33,9 @@ pub fn normalize(
         .stream()
         .alloc_zeros::<u32>(b * STATUS_WORDS)
         .context("allocating the normalisation status")?;
-    let func = gpu.function("post", "post_normalize")?;
-    let hw64 = hw as u64;
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(x).arg(&mut *y).arg(&mut status).arg(&hw64);
-    // SAFETY: the arguments match post_normalize(const float*, float*,
-    // unsigned*, unsigned long long); x and y hold b * hw floats and status
-    // 4 * b words, all on this Gpu's stream; block i touches slice i and
-    // status words 4i .. 4i + 3 only.
-    unsafe { args.launch(slice_config(b)?) }
-        .with_context(|| format!("launching post_normalize on {b} slices of {hw} pixels"))?;
+    // SAFETY: x and y hold b * hw floats and status 4 * b words; block i
+    // touches slice i and status words 4i .. 4i + 3 only.
+    unsafe { launch::post_normalize(gpu, slice_config(b)?, (x, y, &mut status, hw as u64)) }?;
     let status = gpu
         .stream()
         .clone_dtoh(&status)
@@ -78,36 +70,24 @@ pub fn anomaly(
     hw: usize,
     hist_match: bool,
 ) -> Result<()> {
-    check_stack("anomaly", "x0", x0.len(), b, hw)?;
-    check_stack("anomaly", "xhat", xhat.len(), b, hw)?;
-    check_stack("anomaly", "out", out.len(), b, hw)?;
-    gpu.check_stream(x0, "x0")?;
-    gpu.check_stream(xhat, "xhat")?;
-    gpu.check_stream(out, "out")?;
+    let n = stack_len("anomaly", b, hw)?;
+    gpu.expect_len("anomaly", "x0", x0, n)?;
+    gpu.expect_len("anomaly", "xhat", xhat, n)?;
+    gpu.expect_len("anomaly", "out", out, n)?;
     if b == 0 {
         return Ok(());
     }
-    let func = gpu.function("post", "post_anomaly")?;
-    let hw64 = hw as u64;
-    let flag = i32::from(hist_match);
-    let mut args = gpu.stream().launch_builder(&func);
-    args.arg(x0).arg(xhat).arg(&mut *out).arg(&hw64).arg(&flag);
-    // SAFETY: the arguments match post_anomaly(const float*, const float*,
-    // float*, unsigned long long, int); the three buffers hold b * hw floats
-    // on this Gpu's stream and block i touches slice i only.
-    unsafe { args.launch(slice_config(b)?) }
-        .with_context(|| format!("launching post_anomaly on {b} slices of {hw} pixels"))?;
-    Ok(())
+    let p = (x0, xhat, out, hw as u64, i32::from(hist_match));
+    // SAFETY: the three buffers hold b * hw floats and block i touches slice
+    // i only.
+    unsafe { launch::post_anomaly(gpu, slice_config(b)?, p) }
 }
 
-/// `len` must be `b` slices of `hw > 0` pixels.
-fn check_stack(op: &str, what: &str, len: usize, b: usize, hw: usize) -> Result<()> {
+/// The length of `b` slices of `hw > 0` pixels.
+fn stack_len(op: &str, b: usize, hw: usize) -> Result<usize> {
     ensure!(hw > 0, "{op}: slices of 0 pixels");
-    ensure!(
-        b.checked_mul(hw) == Some(len),
-        "{op}: {what} has {len} values, expected {b} slices of {hw} pixels"
-    );
-    Ok(())
+    b.checked_mul(hw)
+        .with_context(|| format!("{op}: {b} slices of {hw} pixels overflow"))
 }
 
 fn slice_config(b: usize) -> Result<LaunchConfig> {
