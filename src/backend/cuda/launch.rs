@@ -117,7 +117,34 @@ macro_rules! kernels {
     (@kernel $name:ident $kernel:ident) => { $kernel };
 }
 
-kernels! {
+/// The table as data, for the test that holds it to the `.cu` parameter lists: (launcher,
+/// whether a family, module, [(parameter, Rust type)]).
+#[cfg(test)]
+type TableEntry = (&'static str, bool, &'static str, &'static [(&'static str, &'static str)]);
+
+macro_rules! kernel_table {
+    ($($name:ident $([$kernel:ident])? in $module:literal: ($($param:ident: $ty:ty),* $(,)?);)*) => {
+        #[cfg(test)]
+        const TABLE: &[TableEntry] = &[$((
+            stringify!($name),
+            kernel_table!(@family $($kernel)?),
+            $module,
+            &[$((stringify!($param), stringify!($ty))),*],
+        )),*];
+    };
+    (@family) => { false };
+    (@family $kernel:ident) => { true };
+}
+
+/// Both the launchers and their table from one list.
+macro_rules! declare_kernels {
+    ($($list:tt)*) => {
+        kernels! { $($list)* }
+        kernel_table! { $($list)* }
+    };
+}
+
+declare_kernels! {
     fill in "ops": (y: &mut CudaSlice<f32>, v: f32, n: u64);
     silu in "ops": (x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: u64);
     add in "ops": (a: &CudaSlice<f32>, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>, n: u64);
@@ -235,4 +262,131 @@ kernels! {
         y: &mut CudaSlice<f32>, b: i32, h: i32, w: i32, cin: i32, cout: i32, k: i32, kp: i32,
         has_affine: i32, silu: i32, has_bvec: i32, has_res: i32, x2: &CudaSlice<f32>, c1: i32,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TABLE;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    /// The Rust type a kernel parameter of C type `c` takes in the table.
+    fn rust_type(c: &str) -> String {
+        let c = c.replace("__restrict__", "");
+        let words: Vec<&str> = c.split_whitespace().collect();
+        let c = words.join(" ").replace(" *", "*");
+        let elem = |t: &str| match t {
+            "float" => "f32",
+            "double" => "f64",
+            "unsigned" => "u32",
+            "unsigned short" => "u16",
+            other => panic!("no Rust element type for C `{other}`"),
+        };
+        match c.as_str() {
+            "const void*" => "&super::igemm::PackedBuf".to_string(),
+            "float" => "f32".to_string(),
+            "int" => "i32".to_string(),
+            "unsigned" => "u32".to_string(),
+            "unsigned long long" => "u64".to_string(),
+            p if p.starts_with("const ") && p.ends_with('*') => {
+                format!("&CudaSlice<{}>", elem(&p[6..p.len() - 1]))
+            }
+            p if p.ends_with('*') => format!("&mutCudaSlice<{}>", elem(&p[..p.len() - 1])),
+            other => panic!("no Rust type for C `{other}`"),
+        }
+    }
+
+    /// `(name, type)` of a C parameter list.
+    fn params(list: &str) -> Vec<(String, String)> {
+        list.split(',')
+            .map(|p| {
+                let p = p.trim();
+                let at = p.rfind(|ch: char| !(ch.is_alphanumeric() || ch == '_')).unwrap() + 1;
+                (p[at..].to_string(), rust_type(&p[..at]))
+            })
+            .collect()
+    }
+
+    /// Every `extern "C"` kernel of a `.cu` source with its parameters; a kernel declared by a
+    /// `#define` is expanded for each use of the macro.
+    fn kernels(src: &str) -> BTreeMap<String, Vec<(String, String)>> {
+        let src = src.replace("\\\n", " ");
+        let mut out = BTreeMap::new();
+        for (at, _) in src.match_indices("extern \"C\" __global__ void") {
+            let rest = &src[at..];
+            let open = rest.find('(').unwrap();
+            let mut head = &rest[..open];
+            let mut body = &rest[open..];
+            if head.trim_end().ends_with("__launch_bounds__") {
+                let close = body.find(')').unwrap();
+                body = &body[close + 1..];
+                let open = body.find('(').unwrap();
+                head = &body[..open];
+                body = &body[open..];
+            }
+            let name = head.split_whitespace().last().unwrap().to_string();
+            let list = params(&body[1..body.find(')').unwrap()]);
+            let define = src[..at].rfind("#define ").map(|d| &src[d + 8..at]);
+            match define.and_then(|d| d.split_once('(')).filter(|(m, _)| !m.contains('\n')) {
+                Some((mac, _)) if name == "NAME" => {
+                    for (use_at, _) in src.match_indices(&format!("{mac}(")) {
+                        let arg = &src[use_at + mac.len() + 1..];
+                        let kernel = arg[..arg.find(',').unwrap()].trim();
+                        if kernel != "NAME" {
+                            out.insert(kernel.to_string(), list.clone());
+                        }
+                    }
+                }
+                _ => {
+                    out.insert(name, list);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_table_matches_every_kernel_of_the_cu_sources() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut modules: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".cu").map(String::from))
+            .collect();
+        modules.sort();
+        let table = |m: &str| TABLE.iter().filter(move |e| e.2 == m);
+        let as_strings = |ps: &[(&str, &str)]| -> Vec<(String, String)> {
+            ps.iter()
+                .map(|(n, t)| (n.to_string(), t.replace(' ', "")))
+                .collect()
+        };
+        let mut covered = 0;
+        for m in &modules {
+            let src = std::fs::read_to_string(dir.join(format!("{m}.cu"))).unwrap();
+            let found = kernels(&src);
+            assert!(!found.is_empty(), "{m}.cu: no kernels found");
+            for (kernel, ps) in &found {
+                let fits = table(m).any(|e| {
+                    (e.0 == kernel || e.1) && as_strings(e.3) == *ps
+                });
+                assert!(
+                    fits,
+                    "{m}.cu: kernel {kernel}{ps:?} has no entry in the launch table with its parameters"
+                );
+                covered += 1;
+            }
+            for e in table(m).filter(|e| !e.1) {
+                assert!(found.contains_key(e.0), "launch table: no kernel {} in {m}.cu", e.0);
+            }
+            for e in table(m).filter(|e| e.1) {
+                assert!(
+                    found.values().any(|ps| as_strings(e.3) == *ps),
+                    "launch table: family {} fits no kernel of {m}.cu",
+                    e.0
+                );
+            }
+        }
+        assert!(TABLE.iter().all(|e| modules.iter().any(|m| m == e.2)));
+        assert!(covered >= 40, "only {covered} kernels found");
+    }
 }
