@@ -158,7 +158,8 @@ impl Engine {
     /// volumes: ``flair`` and ``t1`` float32 or float64 arrays (x, y, z) as nibabel gives
     /// them (``img.get_fdata()``), ``mask`` an optional lesion mask on the same grid (> 0 is
     /// lesion; checked as ``fcd detect`` checks it), ``affine`` the voxel-to-world matrix
-    /// (``img.affine``; default: the identity). The other options are ``detect``'s.
+    /// (``img.affine``; default: the identity). The other options are ``detect``'s, with
+    /// ``noise`` shaped (number of slices, image_size, image_size).
     ///
     /// Returns the maps on the input's grid and the peaks in voxel and world coordinates.
     #[pyo3(signature = (
