@@ -1,0 +1,131 @@
+"""Type stubs of the extension module fcd._fcd (see the docstrings at run time)."""
+
+import os
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+_Path = Union[str, "os.PathLike[str]"]
+_Floats = Union[npt.NDArray[np.float32], npt.NDArray[np.float64]]
+_Progress = Callable[[int, int], object]
+
+class FcdError(ValueError):
+    """The engine's one-line message: a bad file, input, option or device."""
+
+class Peak:
+    """A local maximum of an anomaly map on the network's grid."""
+
+    @property
+    def slice(self) -> int: ...
+    @property
+    def row(self) -> int: ...
+    @property
+    def col(self) -> int: ...
+    @property
+    def score(self) -> float: ...
+
+class Detection:
+    """Results on slices, as ``fcd detect`` writes them."""
+
+    @property
+    def pseudo_healthy(self) -> npt.NDArray[np.float32]:
+        """(B, 1, H, W) in [-1, 1]."""
+    @property
+    def anomaly(self) -> npt.NDArray[np.float32]:
+        """(B, H, W) in [0, 1]."""
+    @property
+    def peaks(self) -> list[Peak]:
+        """Strongest first."""
+    @property
+    def steps(self) -> int: ...
+    @property
+    def guidance(self) -> float: ...
+    @property
+    def batch(self) -> int: ...
+
+class VolumePeak:
+    """A peak in the volume: axial slice z, voxel position, world position (mm)."""
+
+    @property
+    def slice(self) -> int: ...
+    @property
+    def voxel_x(self) -> float: ...
+    @property
+    def voxel_y(self) -> float: ...
+    @property
+    def world_mm(self) -> Tuple[float, float, float]: ...
+    @property
+    def score(self) -> float: ...
+
+class VolumeDetection:
+    """Results on the input volume's grid."""
+
+    @property
+    def anomaly(self) -> npt.NDArray[np.float32]:
+        """(x, y, z), zero outside the slices."""
+    @property
+    def pseudo_healthy(self) -> npt.NDArray[np.float32]:
+        """(x, y, z) in each slice's intensity range, zero outside the slices."""
+    @property
+    def peaks(self) -> list[VolumePeak]:
+        """Strongest first."""
+    @property
+    def slices(self) -> Tuple[int, int]:
+        """The axial slices (first, last), inclusive."""
+    @property
+    def steps(self) -> int: ...
+    @property
+    def guidance(self) -> float: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def network(self) -> Detection:
+        """The results on the network's grid."""
+
+class Engine:
+    """The diffusion config and both networks, loaded once on a device."""
+
+    def __init__(
+        self,
+        config: _Path,
+        unet: _Path,
+        classifier: Optional[_Path] = None,
+        device: str = "auto",
+        precision: str = "fp32",
+    ) -> None: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def image_size(self) -> int: ...
+    def detect(
+        self,
+        flair: _Floats,
+        t1: _Floats,
+        *,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        seed: int = 0,
+        noise: Optional[_Floats] = None,
+        hist_match: bool = True,
+        batch: Optional[int] = None,
+        progress: Optional[_Progress] = None,
+    ) -> Detection: ...
+    def detect_volume(
+        self,
+        flair: _Floats,
+        t1: _Floats,
+        *,
+        slices: Tuple[int, int] = (75, 125),
+        mask: Optional[npt.ArrayLike] = None,
+        affine: Optional[Union[npt.ArrayLike, Sequence[Sequence[float]]]] = None,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        seed: int = 0,
+        noise: Optional[_Floats] = None,
+        hist_match: bool = True,
+        batch: Optional[int] = None,
+        progress: Optional[_Progress] = None,
+    ) -> VolumeDetection: ...

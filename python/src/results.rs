@@ -1,0 +1,164 @@
+//! What detection returns to Python: numpy maps, peaks, and the settings used.
+
+use crate::arrays::{c_array, volume_array};
+use crate::error;
+use numpy::{PyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+/// Detection on slices: `pseudo_healthy` (B, 1, H, W) float32 in [-1, 1] and `anomaly`
+/// (B, H, W) float32 in [0, 1], as `fcd detect` writes them to pseudo_healthy.npy and
+/// anomaly.npy; `peaks`, strongest first; the noise level `steps`, the `guidance` scale and
+/// the slices per sampler run `batch` that were used.
+#[pyclass(module = "fcd", frozen, get_all)]
+pub struct Detection {
+    pseudo_healthy: Py<PyArrayDyn<f32>>,
+    anomaly: Py<PyArrayDyn<f32>>,
+    peaks: Vec<Peak>,
+    steps: usize,
+    guidance: f64,
+    batch: usize,
+}
+
+impl Detection {
+    pub fn new(py: Python<'_>, det: fcd::engine::Detection) -> PyResult<Self> {
+        let [s, h, w, _] = *det.pseudo_healthy.shape.as_slice() else {
+            return Err(error(
+                "internal: pseudo-healthy slices are not [S, H, W, 1]",
+            ));
+        };
+        Ok(Detection {
+            pseudo_healthy: c_array(py, &[s, 1, h, w], det.pseudo_healthy.data)?,
+            anomaly: c_array(py, &det.anomaly.shape, det.anomaly.data)?,
+            peaks: det.peaks.iter().map(Peak::from).collect(),
+            steps: det.steps,
+            guidance: det.guidance,
+            batch: det.batch,
+        })
+    }
+}
+
+#[pymethods]
+impl Detection {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "Detection(slices={}, steps={}, guidance={:?}, batch={}, peaks={})",
+            self.anomaly.bind(py).shape()[0],
+            self.steps,
+            self.guidance,
+            self.batch,
+            self.peaks.len()
+        )
+    }
+}
+
+/// A local maximum of an anomaly map: `score` at (`row`, `col`) of slice `slice`.
+#[pyclass(module = "fcd", frozen, get_all)]
+#[derive(Clone)]
+pub struct Peak {
+    slice: usize,
+    row: usize,
+    col: usize,
+    score: f32,
+}
+
+impl From<&fcd::engine::Peak> for Peak {
+    fn from(p: &fcd::engine::Peak) -> Self {
+        Peak {
+            slice: p.slice,
+            row: p.row,
+            col: p.col,
+            score: p.score,
+        }
+    }
+}
+
+#[pymethods]
+impl Peak {
+    fn __repr__(&self) -> String {
+        format!(
+            "Peak(slice={}, row={}, col={}, score={})",
+            self.slice, self.row, self.col, self.score
+        )
+    }
+}
+
+/// Detection on volumes: `anomaly` and `pseudo_healthy` (x, y, z) float32 on the input's
+/// grid (zero outside the slices; the pseudo-healthy FLAIR in each slice's intensity range),
+/// `peaks` in voxel and world coordinates, the axial `slices` (first, last), the settings
+/// used, and `network`, the results on the network's grid.
+#[pyclass(module = "fcd", frozen, get_all)]
+pub struct VolumeDetection {
+    anomaly: Py<PyArrayDyn<f32>>,
+    pseudo_healthy: Py<PyArrayDyn<f32>>,
+    peaks: Vec<VolumePeak>,
+    slices: (usize, usize),
+    steps: usize,
+    guidance: f64,
+    batch: usize,
+    network: Py<Detection>,
+}
+
+impl VolumeDetection {
+    pub fn new(py: Python<'_>, vd: fcd::engine::VolumeDetection) -> PyResult<Self> {
+        let (steps, guidance, batch) = (vd.network.steps, vd.network.guidance, vd.network.batch);
+        Ok(VolumeDetection {
+            anomaly: volume_array(py, vd.anomaly)?,
+            pseudo_healthy: volume_array(py, vd.pseudo_healthy)?,
+            peaks: vd.peaks.iter().map(VolumePeak::from).collect(),
+            slices: (vd.range.first, vd.range.last),
+            steps,
+            guidance,
+            batch,
+            network: Py::new(py, Detection::new(py, vd.network)?)?,
+        })
+    }
+}
+
+#[pymethods]
+impl VolumeDetection {
+    fn __repr__(&self) -> String {
+        format!(
+            "VolumeDetection(slices={:?}, steps={}, guidance={:?}, batch={}, peaks={})",
+            self.slices,
+            self.steps,
+            self.guidance,
+            self.batch,
+            self.peaks.len()
+        )
+    }
+}
+
+/// A peak in the volume: axial slice `slice` (z), the fractional voxel position
+/// (`voxel_x`, `voxel_y`) under the network pixel, `world_mm` through the affine, `score`.
+#[pyclass(module = "fcd", frozen, get_all)]
+#[derive(Clone)]
+pub struct VolumePeak {
+    slice: usize,
+    voxel_x: f64,
+    voxel_y: f64,
+    world_mm: (f64, f64, f64),
+    score: f32,
+}
+
+impl From<&fcd::engine::VolumePeak> for VolumePeak {
+    fn from(p: &fcd::engine::VolumePeak) -> Self {
+        let [x, y, z] = p.world_mm;
+        VolumePeak {
+            slice: p.slice,
+            voxel_x: p.voxel_x,
+            voxel_y: p.voxel_y,
+            world_mm: (x, y, z),
+            score: p.score,
+        }
+    }
+}
+
+#[pymethods]
+impl VolumePeak {
+    fn __repr__(&self) -> String {
+        format!(
+            "VolumePeak(slice={}, voxel_x={}, voxel_y={}, world_mm={:?}, score={})",
+            self.slice, self.voxel_x, self.voxel_y, self.world_mm, self.score
+        )
+    }
+}

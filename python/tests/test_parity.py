@@ -1,0 +1,65 @@
+"""The package and the C ABI give the command line's results, bit for bit."""
+
+import subprocess
+
+import numpy as np
+
+from conftest import CONFIG, STEPS, UNET
+
+
+def test_seed_gives_the_command_lines_maps(engine, flair, t1, cli):
+    det = engine.detect(flair, t1, steps=STEPS, seed=7)
+    pseudo_healthy, anomaly, _ = cli(seed=7)
+    assert det.pseudo_healthy.dtype == np.float32 and det.anomaly.dtype == np.float32
+    assert det.pseudo_healthy.shape == pseudo_healthy.shape == flair.shape
+    assert det.anomaly.shape == anomaly.shape == flair.shape[:1] + flair.shape[2:]
+    assert np.array_equal(det.pseudo_healthy, pseudo_healthy)
+    assert np.array_equal(det.anomaly, anomaly)
+
+
+def test_noise_gives_the_command_lines_maps(engine, flair, t1, noise, cli):
+    det = engine.detect(flair, t1, steps=STEPS, noise=noise)
+    pseudo_healthy, anomaly, _ = cli(init_noise=True)
+    assert np.array_equal(det.pseudo_healthy, pseudo_healthy)
+    assert np.array_equal(det.anomaly, anomaly)
+
+
+def test_peaks_and_settings_are_the_command_lines(engine, flair, t1, cli):
+    det = engine.detect(flair, t1, steps=STEPS, seed=7)
+    _, _, summary = cli(seed=7)
+    assert [(p.slice, p.row, p.col) for p in det.peaks] == [
+        (p["slice"], p["row"], p["col"]) for p in summary["peaks"]
+    ]
+    assert np.array_equal(
+        np.array([p.score for p in det.peaks], np.float32),
+        np.array([p["score"] for p in summary["peaks"]], np.float32),
+    )
+    settings = summary["settings"]
+    assert (det.steps, det.guidance, det.batch) == (
+        settings["steps"], settings["guidance"], settings["batch"]
+    )
+
+
+def test_c_example_gives_the_command_lines_maps(c_example, flair, t1, cli, tmp_path):
+    for name, a in (("flair", flair), ("t1", t1)):
+        a.astype("<f4").tofile(tmp_path / f"{name}.f32")
+    healthy, anomaly = tmp_path / "healthy.f32", tmp_path / "anomaly.f32"
+    args = [c_example, CONFIG, UNET, tmp_path / "flair.f32", tmp_path / "t1.f32"]
+    args += ["7", str(STEPS), healthy, anomaly, "cpu"]
+    run = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "2 slices of 32 x 32"
+    pseudo_healthy_cli, anomaly_cli, _ = cli(seed=7)
+    assert healthy.read_bytes() == pseudo_healthy_cli.astype("<f4").tobytes()
+    assert anomaly.read_bytes() == anomaly_cli.astype("<f4").tobytes()
+
+
+def test_c_example_reports_the_engines_error(c_example, flair, tmp_path):
+    flair.astype("<f4").tofile(tmp_path / "flair.f32")
+    missing = tmp_path / "missing.pt"
+    raw = tmp_path / "flair.f32"
+    args = [c_example, CONFIG, missing, raw, raw, "0", "1", tmp_path / "a", tmp_path / "b", "cpu"]
+    run = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.startswith("fcd: ") and str(missing) in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
