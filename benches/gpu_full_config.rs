@@ -98,9 +98,9 @@ fn main() -> Result<()> {
         steps: 1,
         guidance: 5.0,
     };
-    g.download(&warm.run(&x0, &c, &n, |_, _| {})?)?;
+    g.download(&warm.run(&x0, &c, &n, |_, _| Ok(()))?)?;
     let t0 = Instant::now();
-    let out = g.download(&sampler.run(&x0, &c, &n, |_, _| {})?)?;
+    let out = g.download(&sampler.run(&x0, &c, &n, |_, _| Ok(()))?)?;
     let secs = t0.elapsed().as_secs_f64();
     ensure!(
         out.data.iter().all(|v| v.is_finite()),

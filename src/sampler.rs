@@ -89,7 +89,7 @@ impl<B: Backend> Sampler<'_, B> {
         x0: &B::T,
         cond: &B::T,
         noise: &B::T,
-        mut progress: impl FnMut(Phase, usize),
+        mut progress: impl FnMut(Phase, usize) -> Result<()>,
     ) -> Result<B::T> {
         let b = self.backend;
         let (d0, dc, dn) = (b.dims(x0), b.dims(cond), b.dims(noise));
@@ -123,7 +123,7 @@ impl<B: Backend> Sampler<'_, B> {
             b.copy_into(&mut slots.unet_emb, emb)?;
             self.unet_pass(&x, cond, &mut slots)?;
             b.ddim_invert(&mut x, &slots.eps, DdimCoefs::inversion(&self.abar, t))?;
-            progress(Phase::Inversion, t);
+            progress(Phase::Inversion, t)?;
         }
         for t in (0..self.steps).rev() {
             b.copy_into(&mut slots.unet_emb, &unet_embs[t])?;
@@ -132,7 +132,7 @@ impl<B: Backend> Sampler<'_, B> {
             b.ddim_denoise(&mut x, &slots.eps, DdimCoefs::denoising(&self.abar, t))?;
             self.classifier_pass(&x, &y, &mut slots)?;
             b.axpy(&mut x, self.guidance, &slots.grad)?;
-            progress(Phase::Guided, t);
+            progress(Phase::Guided, t)?;
         }
         Ok(x)
     }

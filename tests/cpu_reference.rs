@@ -126,7 +126,7 @@ fn whole_sampler(steps: usize, factor: f64) {
             &nhwc("x0.npy"),
             &nhwc("cond.npy"),
             &nhwc("noise.npy"),
-            |_, _| {},
+            |_, _| Ok(()),
         )
         .unwrap();
     let r = array(&format!("sampler_n{steps}_ref.npy")).1;

@@ -164,7 +164,7 @@ fn whole(steps: usize) {
         up(&g, &nhwc("cond.npy")),
         up(&g, &nhwc("noise.npy")),
     );
-    let out = down(&g, &s.run(&x0, &c, &n, |_, _| {}).unwrap());
+    let out = down(&g, &s.run(&x0, &c, &n, |_, _| Ok(())).unwrap());
     let e = rel(&out.data, &array(&format!("sampler_n{steps}_ref.npy")).1);
     let fl = floor(&format!("sampler_n{steps}"));
     println!(
@@ -260,10 +260,10 @@ fn gpu_sampler_graph_replay_is_exact() {
     );
     let s = sampler(&g, &unet, &cls, 4);
     g.set_graphs(false);
-    let direct = down(&g, &s.run(&x0, &c, &n, |_, _| {}).unwrap());
+    let direct = down(&g, &s.run(&x0, &c, &n, |_, _| Ok(())).unwrap());
     assert_eq!(g.graph_launches(), 0);
     g.set_graphs(true);
-    let replayed = down(&g, &s.run(&x0, &c, &n, |_, _| {}).unwrap());
+    let replayed = down(&g, &s.run(&x0, &c, &n, |_, _| Ok(())).unwrap());
     // N = 4: 8 UNet passes and 4 classifier passes; each key runs directly
     // once, then every later pass launches its graph (the capturing call
     // too): 7 + 3 launches.

@@ -44,9 +44,14 @@ pub unsafe extern "C" fn fcd_engine_new(
     call(|| {
         let config = text(config, "config")?.ok_or_else(|| invalid("config is NULL"))?;
         let unet = text(unet, "unet")?.ok_or_else(|| invalid("unet is NULL"))?;
-        let device: Device = choice(text(device, "device")?.unwrap_or("auto"), "device")?;
-        let precision: Precision =
-            choice(text(precision, "precision")?.unwrap_or("fp32"), "precision")?;
+        let device: Device = text(device, "device")?
+            .unwrap_or("auto")
+            .parse()
+            .map_err(bad)?;
+        let precision: Precision = text(precision, "precision")?
+            .unwrap_or("fp32")
+            .parse()
+            .map_err(bad)?;
         let builder = Engine::builder(config)
             .unet(unet)
             .device(device)
@@ -182,17 +187,7 @@ unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, Fail
         .map_err(|_| invalid(format!("{what} is not UTF-8")))
 }
 
-/// The value of a command-line choice (`--device`, `--precision`) named `s`.
-fn choice<T: clap::ValueEnum>(s: &str, what: &str) -> Result<T, Failure> {
-    T::from_str(s, true).map_err(|_| {
-        let names: Vec<String> = T::value_variants()
-            .iter()
-            .filter_map(|v| v.to_possible_value())
-            .map(|v| v.get_name().to_string())
-            .collect();
-        invalid(format!(
-            "{what} {s:?}: expected one of {}",
-            names.join(", ")
-        ))
-    })
+/// A refused argument, with the engine's message.
+fn bad(e: anyhow::Error) -> Failure {
+    invalid(format!("{e:#}"))
 }

@@ -40,7 +40,7 @@ impl Settings {
     fn options<'a>(
         self,
         noise: Option<fcd::tensor::Tensor>,
-        progress: &'a mut dyn FnMut(Progress),
+        progress: &'a mut dyn FnMut(Progress) -> anyhow::Result<()>,
     ) -> DetectOptions<'a> {
         DetectOptions {
             steps: self.steps,
@@ -67,8 +67,8 @@ impl Engine {
         device: &str,
         precision: &str,
     ) -> PyResult<Self> {
-        let device: Device = choice(device, "device")?;
-        let precision: Precision = choice(precision, "precision")?;
+        let device: Device = device.parse().map_err(engine_error)?;
+        let precision: Precision = precision.parse().map_err(engine_error)?;
         let builder = eng::Engine::builder(config)
             .unet(unet)
             .device(device)
@@ -213,10 +213,6 @@ impl Engine {
     }
 }
 
-/// Stops a run from inside its progress callback: the engine's callback cannot return an
-/// error, so this unwinds to [`Engine::run`], which catches it.
-struct Stop;
-
 impl Engine {
     /// Runs `call` on the engine with the GIL released. After every sampler step the GIL is
     /// taken back to check for signals (Ctrl-C) and call `progress`; an exception from either
@@ -225,7 +221,11 @@ impl Engine {
         &self,
         py: Python<'_>,
         progress: Option<Bound<'_, PyAny>>,
-        call: impl FnOnce(&eng::Engine, &mut dyn FnMut(Progress)) -> anyhow::Result<T> + Send,
+        call: impl FnOnce(
+                &eng::Engine,
+                &mut dyn FnMut(Progress) -> anyhow::Result<()>,
+            ) -> anyhow::Result<T>
+            + Send,
     ) -> PyResult<T> {
         if let Some(p) = &progress {
             if !p.is_callable() {
@@ -237,7 +237,6 @@ impl Engine {
         }
         let progress = progress.map(Bound::unbind);
         py.detach(move || {
-            // The guard outlives the unwinding of a stopped run, so the lock is not poisoned.
             let engine = self.engine.lock().unwrap_or_else(PoisonError::into_inner);
             let mut raised = None;
             let mut report = |p: Progress| {
@@ -248,21 +247,19 @@ impl Engine {
                         None => Ok(()),
                     }
                 });
-                if let Err(e) = outcome {
+                outcome.map_err(|e| {
                     raised = Some(e);
-                    // Not `panic!`: `resume_unwind` skips the panic hook and its message.
-                    panic::resume_unwind(Box::new(Stop));
-                }
+                    anyhow::anyhow!("stopped by the progress callback")
+                })
             };
-            match panic::catch_unwind(AssertUnwindSafe(|| call(&engine, &mut report))) {
-                Ok(result) => result.map_err(engine_error),
-                Err(payload) => Err(match raised {
-                    Some(e) => e,
-                    None => error(format!(
-                        "internal error in fcd (a panic): {}",
-                        panic_message(payload.as_ref())
-                    )),
-                }),
+            let result = panic::catch_unwind(AssertUnwindSafe(|| call(&engine, &mut report)));
+            match (result, raised) {
+                (_, Some(e)) => Err(e),
+                (Ok(result), None) => result.map_err(engine_error),
+                (Err(payload), None) => Err(error(format!(
+                    "internal error in fcd (a panic): {}",
+                    panic_message(payload.as_ref())
+                ))),
             }
         })
     }
@@ -274,19 +271,4 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_default()
-}
-
-/// The value of a command-line choice (`--device`, `--precision`) named `s`.
-fn choice<T: clap::ValueEnum>(s: &str, what: &str) -> PyResult<T> {
-    T::from_str(s, true).map_err(|_| {
-        let names: Vec<String> = T::value_variants()
-            .iter()
-            .filter_map(|v| v.to_possible_value())
-            .map(|v| v.get_name().to_string())
-            .collect();
-        error(format!(
-            "{what} {s:?}: expected one of {}",
-            names.join(", ")
-        ))
-    })
 }

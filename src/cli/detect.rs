@@ -54,7 +54,7 @@ pub struct DetectArgs {
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// Slices per sampler run (default: on a GPU, as many as fit in 80% of
-    /// its free memory, at most 64; on the CPU, all). Results do not depend on it.
+    /// its free memory, at most 64; on the CPU, all). Results depend on it only through float32 rounding.
     #[arg(long)]
     batch: Option<usize>,
     /// Arithmetic of the networks: fp32 (the parity mode), or bf16 / fp16 on
@@ -103,6 +103,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
             Phase::Guided => "guided",
         });
         bar.set_position(p.done as u64);
+        Ok(())
     };
     let t_sample = Instant::now();
     let det = engine.detect_prepared(

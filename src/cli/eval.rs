@@ -32,7 +32,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 10.0)]
     radius: f64,
     /// Slices per sampler call (default: on a GPU, as many as fit in 80% of
-    /// its free memory, at most 64; on the CPU, 8). Results do not depend on it.
+    /// its free memory, at most 64; on the CPU, 8). Results depend on it only through float32 rounding.
     #[arg(long)]
     batch: Option<usize>,
     /// Seed of the initial noise (each slice's noise is seeded by it and the slice id).

@@ -73,10 +73,10 @@ pub(super) fn run<B: Backend>(
         guidance: cfg.defaults.guidance as f32,
     };
     if setup.warmup > 0 {
-        backend.download(&sampler(setup.warmup).run(&x0, &cond, &noise, |_, _| {})?)?;
+        backend.download(&sampler(setup.warmup).run(&x0, &cond, &noise, |_, _| Ok(()))?)?;
     }
     let t0 = Instant::now();
-    let xhat = sampler(setup.steps).run(&x0, &cond, &noise, |_, _| {})?;
+    let xhat = sampler(setup.steps).run(&x0, &cond, &noise, |_, _| Ok(()))?;
     let out = backend.download(&xhat)?;
     let seconds = t0.elapsed().as_secs_f64();
     ensure!(

@@ -29,13 +29,14 @@ pub struct DetectOptions<'a> {
     /// Histogram-match the pseudo-healthy FLAIR to the input before the difference.
     pub hist_match: bool,
     /// Slices per sampler run (default: [`super::Engine::auto_batch`] on a GPU, all slices
-    /// on the CPU). Results do not depend on it.
+    /// on the CPU). Results depend on it only through float32 rounding (the CPU's matrix
+    /// products may split rows differently; rel-L2 about 1e-6).
     pub batch: Option<usize>,
     /// How many peaks [`Detection::peaks`] keeps: at most `per_slice` of each slice, `most`
     /// in all, each suppressing a disc of `radius` pixels.
     pub peaks: PeakOptions,
-    /// Called after every sampler step.
-    pub progress: Option<&'a mut dyn FnMut(Progress)>,
+    /// Called after every sampler step; an error it returns stops the run with that error.
+    pub progress: Option<&'a mut dyn FnMut(Progress) -> Result<()>>,
 }
 
 impl Default for DetectOptions<'_> {
@@ -191,10 +192,11 @@ pub(super) fn run<B: Backend>(
     ensure!(batch >= 1, "a batch must be at least 1 slice");
     let total = 2 * steps * n.div_ceil(batch);
     let mut done = 0;
-    let mut report = |phase: Phase| {
+    let mut report = |phase: Phase| -> Result<()> {
         done += 1;
-        if let Some(p) = progress.as_mut() {
-            p(Progress { phase, done, total });
+        match progress.as_mut() {
+            Some(p) => p(Progress { phase, done, total }),
+            None => Ok(()),
         }
     };
     let sampler = Sampler {
@@ -257,7 +259,7 @@ fn sample<B: Backend>(
     sampler: &Sampler<B>,
     [flair, t1, noise]: [&Tensor; 3],
     hist_match: bool,
-    report: &mut impl FnMut(Phase),
+    report: &mut impl FnMut(Phase) -> Result<()>,
 ) -> Result<(Tensor, Tensor)> {
     let b = sampler.backend;
     let x0 = b.normalize(&b.upload(flair)?).context("FLAIR")?;

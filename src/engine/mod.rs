@@ -76,6 +76,34 @@ pub enum Device {
     Cuda,
 }
 
+/// A command-line choice (`--device`, `--precision`) named `what`, by its name.
+fn choice<T: clap::ValueEnum>(s: &str, what: &str) -> Result<T> {
+    T::from_str(s, true).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|v| v.get_name().to_string())
+            .collect();
+        anyhow::anyhow!("{what} {s:?}: expected one of {}", names.join(", "))
+    })
+}
+
+/// `"auto"`, `"cpu"` or `"cuda"`, as `--device` takes them.
+impl std::str::FromStr for Device {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        choice(s, "device")
+    }
+}
+
+/// `"fp32"`, `"bf16"` or `"fp16"`, as `--precision` takes them.
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        choice(s, "precision")
+    }
+}
+
 /// Where a network's weights come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Weights {

@@ -120,7 +120,12 @@ macro_rules! kernels {
 /// The table as data, for the test that holds it to the `.cu` parameter lists: (launcher,
 /// whether a family, module, [(parameter, Rust type)]).
 #[cfg(test)]
-type TableEntry = (&'static str, bool, &'static str, &'static [(&'static str, &'static str)]);
+type TableEntry = (
+    &'static str,
+    bool,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
 
 macro_rules! kernel_table {
     ($($name:ident $([$kernel:ident])? in $module:literal: ($($param:ident: $ty:ty),* $(,)?);)*) => {
@@ -274,7 +279,10 @@ mod tests {
     fn rust_type(c: &str) -> String {
         let c = c.replace("__restrict__", "");
         let words: Vec<&str> = c.split_whitespace().collect();
-        let c = words.join(" ").replace(" *", "*");
+        let c = words
+            .join(" ")
+            .replace(" *", "*")
+            .replace("unsigned int", "unsigned");
         let elem = |t: &str| match t {
             "float" => "f32",
             "double" => "f64",
@@ -301,7 +309,10 @@ mod tests {
         list.split(',')
             .map(|p| {
                 let p = p.trim();
-                let at = p.rfind(|ch: char| !(ch.is_alphanumeric() || ch == '_')).unwrap() + 1;
+                let at = p
+                    .rfind(|ch: char| !(ch.is_alphanumeric() || ch == '_'))
+                    .unwrap()
+                    + 1;
                 (p[at..].to_string(), rust_type(&p[..at]))
             })
             .collect()
@@ -327,7 +338,10 @@ mod tests {
             let name = head.split_whitespace().last().unwrap().to_string();
             let list = params(&body[1..body.find(')').unwrap()]);
             let define = src[..at].rfind("#define ").map(|d| &src[d + 8..at]);
-            match define.and_then(|d| d.split_once('(')).filter(|(m, _)| !m.contains('\n')) {
+            match define
+                .and_then(|d| d.split_once('('))
+                .filter(|(m, _)| !m.contains('\n'))
+            {
                 Some((mac, _)) if name == "NAME" => {
                     for (use_at, _) in src.match_indices(&format!("{mac}(")) {
                         let arg = &src[use_at + mac.len() + 1..];
@@ -351,10 +365,17 @@ mod tests {
         let mut modules: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".cu").map(String::from))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".cu")
+                    .map(String::from)
+            })
             .collect();
         modules.sort();
-        let table = |m: &str| TABLE.iter().filter(move |e| e.2 == m);
+        fn table(m: &str) -> impl Iterator<Item = &'static super::TableEntry> + '_ {
+            TABLE.iter().filter(move |e| e.2 == m)
+        }
         let as_strings = |ps: &[(&str, &str)]| -> Vec<(String, String)> {
             ps.iter()
                 .map(|(n, t)| (n.to_string(), t.replace(' ', "")))
@@ -366,9 +387,7 @@ mod tests {
             let found = kernels(&src);
             assert!(!found.is_empty(), "{m}.cu: no kernels found");
             for (kernel, ps) in &found {
-                let fits = table(m).any(|e| {
-                    (e.0 == kernel || e.1) && as_strings(e.3) == *ps
-                });
+                let fits = table(m).any(|e| (e.0 == kernel || e.1) && as_strings(e.3) == *ps);
                 assert!(
                     fits,
                     "{m}.cu: kernel {kernel}{ps:?} has no entry in the launch table with its parameters"
@@ -376,7 +395,11 @@ mod tests {
                 covered += 1;
             }
             for e in table(m).filter(|e| !e.1) {
-                assert!(found.contains_key(e.0), "launch table: no kernel {} in {m}.cu", e.0);
+                assert!(
+                    found.contains_key(e.0),
+                    "launch table: no kernel {} in {m}.cu",
+                    e.0
+                );
             }
             for e in table(m).filter(|e| e.1) {
                 assert!(
