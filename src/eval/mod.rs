@@ -20,7 +20,7 @@
 //! ones is refused.
 //!
 //! Beyond one engine: [`run`] spreads batches over several engines (one worker thread each,
-//! [`sampling`]), and a [`Shard`] of a job runs only the cases the shard owns, with its own
+//! sampling.rs), and a [`Shard`] of a job runs only the cases the shard owns, with its own
 //! ledger under `out/shards/`; [`merge`] turns the finished shards into the slices.csv and
 //! metrics.json one process would have written, and [`status`] says how far each got.
 

@@ -151,7 +151,7 @@ impl Worker<'_, '_> {
     /// Samples batches on `engine` until there are none left or some worker failed.
     fn run(self, engine: &mut Engine) -> Result<()> {
         let engine: &Engine = engine;
-        while !self.failed.load(Ordering::Relaxed) {
+        loop {
             let next = self
                 .jobs
                 .lock()
@@ -160,13 +160,15 @@ impl Worker<'_, '_> {
             let Ok(batch) = next else {
                 return Ok(());
             };
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             let done = self.one(engine, &batch);
             if done.is_err() {
                 self.failed.store(true, Ordering::Relaxed);
                 return done;
             }
         }
-        Ok(())
     }
 
     fn one(&self, engine: &Engine, batch: &[Slice]) -> Result<()> {
