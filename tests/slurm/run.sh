@@ -128,7 +128,9 @@ for _ in $(seq 240); do
 done
 [ -z "$(squeue -h -j "$array,$merge")" ] || fail "jobs still queued after 120 s: $(squeue)"
 echo "array and merge done in $((SECONDS - start))s"
-cat "$tmp/out/logs/merge-$merge.log"
+merge_log="$tmp/out/logs/merge-$merge.log"
+[ -e "$merge_log" ] || fail "the merge job did not run: a task of the array failed"
+cat "$merge_log"
 
 for name in slices.csv metrics.json; do
     [ -e "$tmp/out/$name" ] || fail "the merge wrote no $name"
