@@ -1,6 +1,6 @@
 //! `fcd eval` end to end on small PNG and NIfTI datasets made here, with the small fixture
 //! model: outputs, bad cases reported, metrics equal to `metrics::evaluate` on the saved maps,
-//! and resumption.
+//! resumption, and the same files from shards merged and from several workers.
 
 mod common;
 
@@ -14,8 +14,17 @@ use std::process::{Command, Output};
 const SIZE: usize = 32;
 
 fn fcd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fcd"))
-        .args(args)
+    fcd_env(args, &[])
+}
+
+/// `fcd` with these environment variables, and none of Slurm's (the tests may run in a job).
+fn fcd_env(args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fcd"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SLURM_")) {
+        cmd.env_remove(k);
+    }
+    cmd.args(args)
+        .envs(vars.iter().copied())
         .output()
         .expect("run fcd")
 }
@@ -44,6 +53,10 @@ fn assert_ok(o: &Output) {
 
 /// `fcd eval` on the fixture model with `--steps 2` on the CPU, plus `extra`.
 fn eval(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    eval_env(data, out, extra, &[])
+}
+
+fn eval_env(data: &Path, out: &Path, extra: &[&str], vars: &[(&str, &str)]) -> Output {
     let (cfg, unet, cls) = (
         fixture("config_small.yaml"),
         fixture("unet.pt"),
@@ -63,11 +76,12 @@ fn eval(data: &Path, out: &Path, extra: &[&str]) -> Output {
         s(out),
         "--steps",
         "2",
-        "--device",
-        "cpu",
     ];
+    if !extra.contains(&"--devices") {
+        args.extend(["--device", "cpu"]);
+    }
     args.extend_from_slice(extra);
-    fcd(&args)
+    fcd_env(&args, vars)
 }
 
 /// A skull-stripped-looking FLAIR: texture inside a disc, a bright blob at `lesion`.
@@ -748,4 +762,153 @@ fn detect_and_eval_agree_on_a_subject() {
         .unwrap();
     let masks: Vec<Vec<bool>> = mask.chunks(SIZE * SIZE).map(<[bool]>::to_vec).collect();
     assert_metrics_match(&eval_out, &ids, &masks);
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The files that must not depend on how a run was split.
+fn assert_same_results(a: &Path, b: &Path) {
+    for name in ["slices.csv", "metrics.json"] {
+        assert_eq!(read(&a.join(name)), read(&b.join(name)), "{name}");
+    }
+}
+
+/// Issue 13: three shards, one of them picked by Slurm's array variables, merge to the files
+/// of one process; status and merge follow the shards' progress; a shard reruns only its
+/// missing slices.
+#[test]
+fn eval_shards_merge_to_the_one_process_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    png_dataset(&data);
+    let single = tmp.path().join("single");
+    assert_ok(&eval(&data, &single, &[]));
+
+    let out = tmp.path().join("sharded");
+    let status = || fcd(&["eval", "--status", s(&out)]);
+    let merge = || fcd(&["eval", "--merge", s(&out)]);
+    let r = status();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("no shard folders"), "{}", stderr(&r));
+
+    assert_ok(&eval(&data, &out, &["--shard", "0/3"]));
+    let r = status();
+    assert_ok(&r);
+    let text = stdout(&r);
+    assert!(text.contains("shard 1/3: 0/"), "{text}");
+    assert!(text.contains("not started"), "{text}");
+    assert!(text.contains("1 of 3 shards complete"), "{text}");
+    let r = merge();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        stderr(&r).contains("shard 1/3 has not started"),
+        "{}",
+        stderr(&r)
+    );
+
+    // --array=1-3: task 3 runs shard 2/3.
+    let array = [
+        ("SLURM_ARRAY_TASK_ID", "3"),
+        ("SLURM_ARRAY_TASK_MIN", "1"),
+        ("SLURM_ARRAY_TASK_COUNT", "3"),
+    ];
+    let r = eval_env(&data, &out, &[], &array);
+    assert_ok(&r);
+    assert!(stdout(&r).starts_with("shard 2/3: "), "{}", stdout(&r));
+    assert!(out.join("shards/2-of-3/records.jsonl").exists());
+    assert_ok(&eval(&data, &out, &["--shard", "1/3", "--batch", "1"]));
+
+    let r = status();
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("3 of 3 shards complete"),
+        "{}",
+        stdout(&r)
+    );
+    let per_shard: Vec<(usize, usize, usize)> = fcd::eval::status(&out)
+        .unwrap()
+        .iter()
+        .map(|st| {
+            assert!(st.complete && st.done == st.expected, "{st:?}");
+            (st.done, st.expected, st.bad_cases.len())
+        })
+        .collect();
+    let total = per_shard
+        .iter()
+        .fold((0, 0, 0), |t, p| (t.0 + p.0, t.1 + p.1, t.2 + p.2));
+    assert_eq!(total, (4, 4, 3), "{per_shard:?}");
+
+    let r = merge();
+    assert_ok(&r);
+    assert_same_results(&single, &out);
+
+    // A shard that lost a record reruns that slice alone; until then it is not complete.
+    let (k, records) = (0..3)
+        .map(|k| (k, out.join(format!("shards/{k}-of-3/records.jsonl"))))
+        .find(|(_, p)| !read(p).is_empty())
+        .unwrap();
+    let kept: Vec<String> = lines(&records).into_iter().skip(1).collect();
+    std::fs::write(
+        &records,
+        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    std::fs::remove_file(out.join(format!("shards/{k}-of-3/metrics.json"))).unwrap();
+    let r = merge();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        stderr(&r).contains(&format!("shard {k}/3 has {} of", kept.len())),
+        "{}",
+        stderr(&r)
+    );
+    let r = eval(&data, &out, &["--shard", &format!("{k}/3")]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains(&format!(
+            "evaluated 1 slices ({} recorded earlier)",
+            kept.len()
+        )),
+        "{}",
+        stdout(&r)
+    );
+    assert_ok(&merge());
+    assert_same_results(&single, &out);
+
+    // A merge never overwrites a one-process run.
+    let r = fcd(&["eval", "--merge", s(&single)]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("one-process run"), "{}", stderr(&r));
+}
+
+/// Issue 13: the multi-device scheduler, exercised with two CPU workers: the same files as
+/// one worker, whichever worker ran which batch.
+#[test]
+fn two_cpu_workers_give_the_one_worker_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    png_dataset(&data);
+    let one = tmp.path().join("one");
+    assert_ok(&eval(&data, &one, &["--batch", "1"]));
+    let two = tmp.path().join("two");
+    let r = eval(&data, &two, &["--devices", "cpu,cpu", "--batch", "1"]);
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 4 slices (0 recorded earlier), 3 bad cases skipped"),
+        "{}",
+        stdout(&r)
+    );
+    assert_same_results(&one, &two);
+    let sorted = |p: &Path| {
+        let mut l = lines(&p.join("records.jsonl"));
+        l.sort();
+        l
+    };
+    assert_eq!(sorted(&one), sorted(&two));
+    assert_eq!(json(&two.join("run.json"))["device"], "cpu, cpu");
+
+    let r = eval(&data, &tmp.path().join("mixed"), &["--devices", "cpu,0"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("not a mix"), "{}", stderr(&r));
 }

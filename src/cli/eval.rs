@@ -1,24 +1,40 @@
-//! `fcd eval`: a dataset in, per-slice results and the set's metrics (SPEC 8) out.
+//! `fcd eval`: a dataset in, per-slice results and the set's metrics (SPEC 8) out; also a
+//! shard of it, the merge of the shards, and their status.
 
-use crate::engine::Device;
-use crate::eval::{self, Job, Settings};
+use crate::engine::{self, Device, Engine};
+use crate::eval::{self, Job, Settings, Shard};
+use crate::metrics::Evaluation;
 use crate::precision::Precision;
 use crate::slices::SliceRange;
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 #[derive(Args)]
 pub struct EvalArgs {
+    // Absent with --merge and --status, which are exclusive and so waive required arguments.
     #[command(flatten)]
-    model: super::ModelArgs,
+    model: Option<super::ModelArgs>,
     /// Dataset: one folder per slice (*T1w*.png, *FLAIR*.png, optional *roi*.png) or
     /// sub-*/anat/ with *T1w.nii.gz, *FLAIR.nii.gz and optional *FLAIR_roi.nii.gz.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required = true)]
+    data: Option<PathBuf>,
     /// Output directory: slices.csv, metrics.json, records.jsonl (resumable), run.json.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// Run shard K (0-based) of N: only the cases whose id hashes to K (FNV-1a mod N), with
+    /// the results in OUT/shards/K-of-N. Default inside a Slurm job array: the array task's
+    /// shard.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<Shard>,
+    /// Merge the finished shards of the sharded evaluation in DIR into DIR/slices.csv and
+    /// DIR/metrics.json.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    merge: Option<PathBuf>,
+    /// Say how far each shard of the sharded evaluation in DIR got.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    status: Option<PathBuf>,
     /// Noise level N (default: the config's noise_level).
     #[arg(long)]
     steps: Option<usize>,
@@ -46,6 +62,10 @@ pub struct EvalArgs {
     no_hist_match: bool,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// One sampling worker per entry: `all` (every GPU), GPU ordinals (`0,1,3`), or `cpu`
+    /// repeated (`cpu,cpu`: two CPU workers). Results do not depend on it.
+    #[arg(long, value_name = "LIST", conflicts_with = "device")]
+    devices: Option<Devices>,
     /// Arithmetic of the networks: fp32 (the parity mode), or bf16 / fp16 on
     /// tensor cores (GPU only).
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
@@ -58,10 +78,83 @@ pub struct EvalArgs {
     save_maps: bool,
 }
 
+/// `--devices`: where the sampling workers run. CPU and GPU workers are not mixed: their
+/// results differ in the last bits, and a run's results must not depend on its workers.
+#[derive(Clone, Debug, PartialEq)]
+enum Devices {
+    AllGpus,
+    Gpus(Vec<usize>),
+    Cpus(usize),
+}
+
+impl FromStr for Devices {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Devices> {
+        if s == "all" {
+            return Ok(Devices::AllGpus);
+        }
+        let entries: Vec<&str> = s.split(',').map(str::trim).collect();
+        if entries.iter().all(|e| *e == "cpu") {
+            return Ok(Devices::Cpus(entries.len()));
+        }
+        entries
+            .iter()
+            .map(|e| e.parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map(Devices::Gpus)
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{s:?}: expected all, GPU ordinals (0,1) or cpu entries (cpu,cpu), not a mix"
+                )
+            })
+    }
+}
+
+impl Devices {
+    /// One (device, GPU ordinal) per worker.
+    fn workers(&self) -> Result<Vec<(Device, usize)>> {
+        Ok(match self {
+            Devices::AllGpus => {
+                let n = engine::gpu_count().context("--devices all")?;
+                ensure!(n > 0, "--devices all: the CUDA driver reports no devices");
+                (0..n).map(|i| (Device::Cuda, i)).collect()
+            }
+            Devices::Gpus(ordinals) => ordinals.iter().map(|&i| (Device::Cuda, i)).collect(),
+            Devices::Cpus(n) => vec![(Device::Cpu, 0); *n],
+        })
+    }
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
-    let engine = args.model.engine(args.device, args.precision).build()?;
-    let (steps, guidance) = engine.resolve(args.steps, args.guidance)?;
-    let threshold = args.threshold.unwrap_or(engine.config().defaults.threshold);
+    if let Some(dir) = &args.status {
+        return status(dir);
+    }
+    if let Some(dir) = &args.merge {
+        let merged = eval::merge(dir)?;
+        println!(
+            "merged the shards of {}: {} bad cases",
+            dir.display(),
+            merged.bad_cases.len()
+        );
+        summary(&merged.evaluation);
+        println!("wrote {}", dir.join(eval::METRICS_FILE).display());
+        return Ok(());
+    }
+    let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
+        bail!("fcd eval needs --config, --unet, --data and --out (or --merge / --status)");
+    };
+    let workers = match &args.devices {
+        Some(list) => list.workers()?,
+        None => vec![(args.device, 0)],
+    };
+    let mut engines = workers
+        .into_iter()
+        .map(|(device, gpu)| model.engine(device, args.precision).gpu(gpu).build())
+        .collect::<Result<Vec<Engine>>>()?;
+    let config = engines[0].config();
+    let (steps, guidance) = engines[0].resolve(args.steps, args.guidance)?;
+    let threshold = args.threshold.unwrap_or(config.defaults.threshold);
     ensure!(
         (0.0..=1.0).contains(&threshold),
         "--threshold {threshold} must be in [0, 1] (anomaly maps are)"
@@ -71,9 +164,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "--radius {} must be a finite number >= 0",
         args.radius
     );
+    let shard = match args.shard {
+        Some(shard) => Some(shard),
+        None => Shard::from_slurm(|name| std::env::var(name).ok())?,
+    };
     let job = Job {
-        data: &args.data,
-        out: &args.out,
+        data,
+        out,
         settings: Settings {
             steps,
             guidance,
@@ -86,16 +183,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
         },
         restart: args.restart,
         save_maps: args.save_maps,
+        shard,
     };
-    let report = eval::run(&engine, &job)?;
-    let e = &report.evaluation;
-    let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
+    let report = eval::run(&mut engines, &job)?;
+    if let Some(shard) = shard {
+        print!("shard {shard}: ");
+    }
     println!(
         "evaluated {} slices ({} recorded earlier), {} bad cases skipped",
         report.evaluated,
         report.earlier,
         report.bad_cases.len()
     );
+    summary(&report.evaluation);
+    println!("wrote {}", job.dir().join(eval::METRICS_FILE).display());
+    Ok(())
+}
+
+fn summary(e: &Evaluation) {
+    let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
     println!(
         "{} slices, {} with a lesion: R@1 {}, R@5 {}, R@10 {}, Dice@{} {}, best Dice {} at {}",
         e.n_slices,
@@ -108,6 +214,36 @@ pub fn run(args: EvalArgs) -> Result<()> {
         show(e.dice_best),
         show(e.best_threshold),
     );
-    println!("wrote {}", args.out.join(eval::METRICS_FILE).display());
+}
+
+/// One line per shard, then a total.
+fn status(dir: &Path) -> Result<()> {
+    let shards = eval::status(dir)?;
+    for s in &shards {
+        let state = if s.complete {
+            "complete"
+        } else if s.started {
+            "incomplete (running, or stopped: rerun it)"
+        } else {
+            "not started"
+        };
+        println!(
+            "shard {}: {}/{} slices, {} bad cases, {state}",
+            s.shard,
+            s.done,
+            s.expected,
+            s.bad_cases.len()
+        );
+    }
+    let complete = shards.iter().filter(|s| s.complete).count();
+    println!(
+        "{complete} of {} shards complete{}",
+        shards.len(),
+        if complete == shards.len() {
+            format!(": merge with fcd eval --merge {}", dir.display())
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }

@@ -120,6 +120,7 @@ pub struct EngineBuilder {
     unet: Option<Weights>,
     classifier: Option<Weights>,
     device: Device,
+    gpu: usize,
     precision: Precision,
 }
 
@@ -150,6 +151,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Which GPU (CUDA ordinal, default 0) `Device::Cuda` and `Device::Auto` use: one engine per
+    /// GPU spreads work over a node's devices.
+    pub fn gpu(mut self, ordinal: usize) -> Self {
+        self.gpu = ordinal;
+        self
+    }
+
     /// `fp32` (the default, the parity mode), or `bf16` / `fp16` on a GPU's tensor cores.
     pub fn precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
@@ -173,11 +181,12 @@ impl EngineBuilder {
             (&cfg.unet, NetKind::Unet, &unet),
             (&cfg.classifier, NetKind::Classifier, &classifier),
         ];
-        let (nets, device) = match pick(self.device, self.precision)? {
+        let (nets, device) = match pick(self.device, self.gpu, self.precision)? {
             Picked::Cpu => (Nets::Cpu(Box::new(Loaded::new(Cpu, weights)?)), None),
             Picked::Cuda(g) => {
                 let name = g.gpu().name().to_string();
-                (Nets::Cuda(Box::new(Loaded::new(*g, weights)?)), Some(name))
+                let gpu = (self.gpu, name);
+                (Nets::Cuda(Box::new(Loaded::new(*g, weights)?)), Some(gpu))
             }
         };
         Ok(Engine {
@@ -199,8 +208,8 @@ pub struct Engine {
     unet: Weights,
     classifier: Weights,
     precision: Precision,
-    /// The GPU's name, `None` on the CPU.
-    gpu: Option<String>,
+    /// The GPU's ordinal and name, `None` on the CPU.
+    gpu: Option<(usize, String)>,
     nets: Nets,
 }
 
@@ -218,6 +227,7 @@ impl Engine {
             unet: None,
             classifier: None,
             device: Device::Auto,
+            gpu: 0,
             precision: Precision::Fp32,
         }
     }
@@ -248,14 +258,14 @@ impl Engine {
     pub fn device(&self) -> String {
         match &self.gpu {
             None => "cpu".to_string(),
-            Some(name) if self.precision == Precision::Fp32 => format!("cuda:0 ({name})"),
-            Some(name) => format!("cuda:0 ({name}), precision {}", self.precision),
+            Some((i, name)) if self.precision == Precision::Fp32 => format!("cuda:{i} ({name})"),
+            Some((i, name)) => format!("cuda:{i} ({name}), precision {}", self.precision),
         }
     }
 
     /// The GPU's name, `None` on the CPU.
     pub fn gpu(&self) -> Option<&str> {
-        self.gpu.as_deref()
+        self.gpu.as_ref().map(|(_, name)| name.as_str())
     }
 
     /// The slices one sampler run should take: on a GPU as many as fit 80% of its free
@@ -360,6 +370,15 @@ fn default_classifier(cfg: &Config, config_file: &Path) -> Result<PathBuf> {
     }
 }
 
+/// How many GPUs the driver reports; an error saying why when none is usable.
+pub fn gpu_count() -> Result<usize> {
+    if let Some(reason) = cuda::unavailable_reason() {
+        bail!("no GPU is usable: {reason}");
+    }
+    let count = cuda::CudaContext::device_count().context("counting CUDA devices")?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
 enum Picked {
     Cpu,
     Cuda(Box<Cuda>),
@@ -368,10 +387,10 @@ enum Picked {
 /// The backend `device` selects: the GPU for `Cuda` (an error saying why when none is
 /// usable), the CPU for `Cpu`, and for `Auto` the GPU when one is usable. The CPU is the
 /// float32 reference: other precisions need the GPU.
-fn pick(device: Device, precision: Precision) -> Result<Picked> {
+fn pick(device: Device, ordinal: usize, precision: Precision) -> Result<Picked> {
     let gpu = |why: &str| -> Result<Picked> {
         Ok(Picked::Cuda(Box::new(
-            Cuda::with_precision(0, precision).context(why.to_string())?,
+            Cuda::with_precision(ordinal, precision).context(why.to_string())?,
         )))
     };
     let cpu = || {

@@ -1,5 +1,7 @@
 //! What makes an evaluation resumable: run.json pins the inputs and settings the records
 //! depend on, records.jsonl holds one line per finished slice, and slices.csv follows it.
+//! metrics.json exists only while the results are final: a run removes it when it starts and
+//! writes it when it finishes, so a shard's metrics.json says that the shard is done.
 
 use super::rows::{csv_text, Fnv1a, Row};
 use super::{Job, ModelFiles, MAPS_DIR, METRICS_FILE, RECORDS_FILE, RUN_FILE, SLICES_FILE};
@@ -63,27 +65,33 @@ pub(super) fn run_key(files: &ModelFiles, job: &Job) -> Result<Value> {
     Ok(serde_json::from_str(&key.to_string())?)
 }
 
-/// Records of an earlier run in `out`: checks its run.json against `key` and reads
-/// records.jsonl. Returns the rows and the length of the file's complete lines (a run killed
-/// while appending can leave a partial last line, which is dropped).
-pub(super) fn earlier_records(out: &Path, key: &Value) -> Result<(Vec<Row>, Option<u64>)> {
-    let run_path = out.join(RUN_FILE);
-    let rec_path = out.join(RECORDS_FILE);
+/// The key in the run.json of `dir`, `None` when no run started there.
+pub(super) fn recorded_key(dir: &Path) -> Result<Option<Value>> {
+    let run_path = dir.join(RUN_FILE);
     if !run_path.exists() {
-        ensure!(
-            !rec_path.exists(),
-            "{} exists but {} does not: use a new --out or --restart",
-            rec_path.display(),
-            run_path.display()
-        );
-        return Ok((Vec::new(), None));
+        return Ok(None);
     }
     let text =
         fs::read_to_string(&run_path).with_context(|| format!("reading {}", run_path.display()))?;
     let run: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not JSON (use --restart)", run_path.display()))?;
-    let old = &run["key"];
-    if old != key {
+    Ok(Some(run["key"].clone()))
+}
+
+/// Records of an earlier run in `out`: checks its run.json against `key` and reads
+/// records.jsonl ([`read_records`]).
+pub(super) fn earlier_records(out: &Path, key: &Value) -> Result<(Vec<Row>, Option<u64>)> {
+    let Some(old) = recorded_key(out)? else {
+        let rec_path = out.join(RECORDS_FILE);
+        ensure!(
+            !rec_path.exists(),
+            "{} exists but {} does not: use a new --out or --restart",
+            rec_path.display(),
+            out.join(RUN_FILE).display()
+        );
+        return Ok((Vec::new(), None));
+    };
+    if &old != key {
         let differ: Vec<String> = key
             .as_object()
             .into_iter()
@@ -102,6 +110,13 @@ pub(super) fn earlier_records(out: &Path, key: &Value) -> Result<(Vec<Row>, Opti
             differ.join(", ")
         );
     }
+    read_records(out)
+}
+
+/// The rows of records.jsonl in `dir` (none when it is absent) and, when a run killed while
+/// appending left a partial last line, the length of the complete lines to cut the file to.
+pub(super) fn read_records(dir: &Path) -> Result<(Vec<Row>, Option<u64>)> {
+    let rec_path = dir.join(RECORDS_FILE);
     if !rec_path.exists() {
         return Ok((Vec::new(), None));
     }
@@ -130,15 +145,43 @@ pub(super) fn earlier_records(out: &Path, key: &Value) -> Result<(Vec<Row>, Opti
     Ok((rows, truncate))
 }
 
+/// The bad cases in the metrics.json of `dir`; `None` when the run there has not finished.
+pub(super) fn finished_bad_cases(dir: &Path) -> Result<Option<Vec<Problem>>> {
+    let path = dir.join(METRICS_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let metrics: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let listed = metrics["bad_cases"]
+        .as_array()
+        .with_context(|| format!("{}: no bad_cases list", path.display()))?;
+    listed
+        .iter()
+        .map(|p| match (p["id"].as_str(), p["reason"].as_str()) {
+            (Some(id), Some(reason)) => Ok(Problem {
+                id: id.to_string(),
+                reason: reason.to_string(),
+            }),
+            _ => bail!("{}: a bad case without id or reason", path.display()),
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+fn remove_if_present(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", p.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn remove_outputs(out: &Path) -> Result<()> {
     for name in [RUN_FILE, RECORDS_FILE, SLICES_FILE, METRICS_FILE] {
-        let p = out.join(name);
-        match fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("removing {}", p.display()))
-            }
-            _ => {}
-        }
+        remove_if_present(&out.join(name))?;
     }
     let maps = out.join(MAPS_DIR);
     if maps.is_dir() {
@@ -157,20 +200,22 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    /// Starts the ledger of `job.out`: discards earlier results on `--restart`, writes
-    /// run.json, drops a partial last record line (`truncate`), rewrites slices.csv from the
-    /// `rows` kept, and makes the maps folder when maps are saved.
+    /// Starts the ledger in `out` (the job's [`Job::dir`]): discards earlier results on
+    /// `--restart`, removes metrics.json, writes run.json, drops a partial last record line
+    /// (`truncate`), rewrites slices.csv from the `rows` kept, and makes the maps folder when
+    /// maps are saved.
     pub(super) fn start<'a>(
         job: &Job,
+        out: &Path,
         run_json: &Value,
         truncate: Option<u64>,
         rows: impl Iterator<Item = &'a Row>,
     ) -> Result<Sink> {
-        let out = job.out;
         fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         if job.restart {
             remove_outputs(out)?;
         }
+        remove_if_present(&out.join(METRICS_FILE))?;
         write_atomic(
             &out.join(RUN_FILE),
             serde_json::to_string_pretty(run_json)?.as_bytes(),

@@ -18,24 +18,32 @@
 //! gives on the anomaly maps. `run.json` pins the inputs (content hashes of the config and
 //! checkpoints, the dataset path) and settings that records depend on; a rerun with different
 //! ones is refused.
+//!
+//! Beyond one engine: [`run`] spreads batches over several engines (one worker thread each,
+//! sampling.rs), and a [`Shard`] of a job runs only the cases the shard owns, with its own
+//! ledger under `out/shards/`; [`merge`] turns the finished shards into the slices.csv and
+//! metrics.json one process would have written, and [`status`] says how far each got.
 
 mod ledger;
+mod merge;
 pub mod rows;
+mod sampling;
+mod shard;
 
-use crate::engine::{seeded_noise, DetectOptions, Engine, Weights};
-use crate::inputs::{self, Prepared};
+pub use merge::{merge, status, Merged, ShardStatus};
+pub use shard::{Shard, SHARDS_DIR};
+
+use crate::engine::{Engine, Weights};
 use crate::io::dataset::{self, Case, Problem};
 use crate::metrics::{self, Evaluation};
 use crate::precision::Precision;
 use crate::slices::SliceRange;
-use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use ledger::{abs, Sink};
-use rows::{case_slice_ids, slice_id, slice_seed, Row};
+use rows::{case_slice_ids, Row};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Output file names inside the output directory.
 pub const RUN_FILE: &str = "run.json";
@@ -76,6 +84,18 @@ pub struct Job<'a> {
     pub restart: bool,
     /// Also write each slice's anomaly map to `out/maps/<id>.npy`.
     pub save_maps: bool,
+    /// Run only this shard's cases, with the ledger in `out/shards/K-of-N`.
+    pub shard: Option<Shard>,
+}
+
+impl Job<'_> {
+    /// The folder of this job's ledger and results.
+    pub fn dir(&self) -> PathBuf {
+        match self.shard {
+            Some(shard) => shard.dir(self.out),
+            None => self.out.to_path_buf(),
+        }
+    }
 }
 
 /// What a run did.
@@ -114,89 +134,59 @@ impl<'a> ModelFiles<'a> {
     }
 }
 
-/// One slice ready for the sampler: raw values at network size and its mask.
-struct Slice {
-    id: String,
-    flair: Vec<f32>,
-    t1: Vec<f32>,
-    mask: Vec<bool>,
-}
-
-/// The slices of `case` that `wanted` selects; every slice of the case is checked so that a
-/// case is good or bad as a whole.
-fn prepare(
-    case: &Case,
-    size: usize,
-    range: SliceRange,
-    wanted: impl Fn(&str) -> bool,
-) -> Result<Vec<Slice>> {
-    let p: Prepared = inputs::read(&case.flair, &case.t1, case.roi.as_deref(), range, size)?;
-    let hw = size * size;
-    let ids: Vec<String> = match p.origin {
-        inputs::Origin::Volume { range, .. } => (range.first..=range.last)
-            .map(|z| slice_id(&case.id, z))
-            .collect(),
-        _ => vec![case.id.clone()],
-    };
-    Ok(ids
-        .into_iter()
-        .enumerate()
-        .filter(|(_, id)| wanted(id))
-        .map(|(i, id)| {
-            let part = i * hw..(i + 1) * hw;
-            Slice {
-                id,
-                flair: p.flair.data[part.clone()].to_vec(),
-                t1: p.t1.data[part.clone()].to_vec(),
-                mask: match &p.mask {
-                    Some(m) => m[part].to_vec(),
-                    None => vec![false; hw],
-                },
-            }
-        })
-        .collect())
-}
-
-/// Runs the evaluation on `engine` and writes its outputs.
-pub fn run(engine: &Engine, job: &Job) -> Result<Report> {
+/// Runs the evaluation on `engines` (one worker each; they must all hold the same model) and
+/// writes its outputs.
+pub fn run(engines: &mut [Engine], job: &Job) -> Result<Report> {
     let s = &job.settings;
-    let files = ModelFiles::of(engine)?;
-    let ds = dataset::discover(job.data)?;
+    let files = ModelFiles::of(engines.first().context("an evaluation needs an engine")?)?;
+    let size = files.image_size;
+    let mut ds = dataset::discover(job.data)?;
+    if let Some(shard) = job.shard {
+        ds.cases.retain(|c| shard.owns(&c.id));
+        ds.problems.retain(|p| shard.owns(&p.id));
+    }
+    let dir = job.dir();
     let key = ledger::run_key(&files, job)?;
-    let (mut rows, truncate) = earlier_rows(job, &ds.cases, &key)?;
+    let (mut rows, truncate) = earlier_rows(job, &dir, &ds.cases, &key)?;
     let earlier = rows.len();
     let batch = match s.batch {
         Some(0) => bail!("--batch must be at least 1"),
         Some(b) => b,
-        None => engine.auto_batch()?.unwrap_or(DEFAULT_BATCH),
+        None => engines
+            .iter()
+            .map(Engine::auto_batch)
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(DEFAULT_BATCH),
     };
-    let run_json = json!({
+    let devices: Vec<String> = engines.iter().map(Engine::device).collect();
+    let mut run_json = json!({
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "key": key,
         "paths": {
             "config": abs(files.config), "unet": abs(files.unet),
             "classifier": abs(files.classifier), "data": abs(job.data),
         },
-        "device": engine.device(),
+        "device": devices.join(", "),
         "batch": batch,
     });
-    let mut sink = Sink::start(job, &run_json, truncate, rows.values())?;
-    let mut bad: Vec<Problem> = ds.problems.clone();
+    if let Some(shard) = job.shard {
+        run_json["shard"] = json!(shard.to_string());
+    }
+    let mut sink = Sink::start(job, &dir, &run_json, truncate, rows.values())?;
     for p in &ds.problems {
         eprintln!("skipped {}: {}", p.id, p.reason);
     }
-    let mut runner = Runner {
-        engine,
-        settings: s,
-        size: files.image_size,
-        sink: &mut sink,
-        evaluated: 0,
-    };
-    runner.all_cases(&ds.cases, batch, &mut rows, &mut bad)?;
-    let evaluated = runner.evaluated;
+    let sampled = sampling::sample(engines, s, size, batch, &ds.cases, &rows, &mut sink)?;
+    let evaluated = sampled.rows.len();
+    rows.extend(sampled.rows.into_iter().map(|r| (r.id.clone(), r)));
+    let mut bad = ds.problems;
+    bad.extend(sampled.bad);
     bad.sort_by(|a, b| a.id.cmp(&b.id));
     let evaluation = metrics::summarize(rows.values().map(|r| &r.counts), s.threshold, s.radius);
-    ledger::finish(job.out, rows.values(), &evaluation, &bad)?;
+    ledger::finish(&dir, rows.values(), &evaluation, &bad)?;
     Ok(Report {
         evaluated,
         earlier,
@@ -209,17 +199,15 @@ pub fn run(engine: &Engine, job: &Job) -> Result<Report> {
 /// records.jsonl to.
 fn earlier_rows(
     job: &Job,
+    dir: &Path,
     cases: &[Case],
     key: &serde_json::Value,
 ) -> Result<(BTreeMap<String, Row>, Option<u64>)> {
     if job.restart {
         return Ok((BTreeMap::new(), None));
     }
-    let (old_rows, truncate) = ledger::earlier_records(job.out, key)?;
-    let expected: BTreeSet<String> = cases
-        .iter()
-        .flat_map(|c| case_slice_ids(c, job.settings.slices))
-        .collect();
+    let (old_rows, truncate) = ledger::earlier_records(dir, key)?;
+    let expected = expected_ids(cases, job.settings.slices);
     let (kept, stale): (Vec<Row>, Vec<Row>) =
         old_rows.into_iter().partition(|r| expected.contains(&r.id));
     if !stale.is_empty() {
@@ -235,126 +223,10 @@ fn earlier_rows(
     ))
 }
 
-/// The sampling part of a run: slices in batches through the engine, rows to the ledger.
-struct Runner<'a> {
-    engine: &'a Engine,
-    settings: &'a Settings,
-    size: usize,
-    sink: &'a mut Sink,
-    evaluated: usize,
-}
-
-impl Runner<'_> {
-    /// Evaluates every slice of `cases` not in `rows` yet, `batch` at a time; a case that
-    /// cannot be prepared joins `bad`.
-    fn all_cases(
-        &mut self,
-        cases: &[Case],
-        batch: usize,
-        rows: &mut BTreeMap<String, Row>,
-        bad: &mut Vec<Problem>,
-    ) -> Result<()> {
-        let s = self.settings;
-        let todo: usize = cases
-            .iter()
-            .flat_map(|c| case_slice_ids(c, s.slices))
-            .filter(|id| !rows.contains_key(id))
-            .count();
-        let bar = ProgressBar::new(todo as u64);
-        bar.set_style(ProgressStyle::with_template(
-            "[{bar:40}] {pos}/{len} slices, {elapsed} (eta {eta})",
-        )?);
-        let mut pending: Vec<Slice> = Vec::new();
-        for case in cases {
-            let ids = case_slice_ids(case, s.slices);
-            let missing = ids.iter().filter(|id| !rows.contains_key(*id)).count();
-            if missing == 0 {
-                continue;
-            }
-            match prepare(case, self.size, s.slices, |id| !rows.contains_key(id)) {
-                Ok(slices) => pending.extend(slices),
-                Err(e) => {
-                    let reason = format!("{e:#}");
-                    bar.suspend(|| eprintln!("skipped {}: {reason}", case.id));
-                    bar.set_length(bar.length().unwrap_or(0).saturating_sub(missing as u64));
-                    bad.push(Problem {
-                        id: case.id.clone(),
-                        reason,
-                    });
-                }
-            }
-            while pending.len() >= batch {
-                let rest = pending.split_off(batch);
-                self.flush(&std::mem::replace(&mut pending, rest), rows, &bar)?;
-            }
-        }
-        if !pending.is_empty() {
-            self.flush(&pending, rows, &bar)?;
-        }
-        bar.finish_and_clear();
-        Ok(())
-    }
-
-    fn flush(
-        &mut self,
-        batch: &[Slice],
-        rows: &mut BTreeMap<String, Row>,
-        bar: &ProgressBar,
-    ) -> Result<()> {
-        let size = self.size;
-        let (new, maps) = run_batch(self.engine, self.settings, size, batch)?;
-        let maps: Vec<&[f32]> = maps.chunks_exact(size * size).collect();
-        self.sink.append(&new, &maps, size)?;
-        bar.inc(batch.len() as u64);
-        self.evaluated += batch.len();
-        rows.extend(new.into_iter().map(|r| (r.id.clone(), r)));
-        Ok(())
-    }
-}
-
-/// Samples one batch; returns its rows and its anomaly maps (`[B, size, size]`).
-fn run_batch(
-    engine: &Engine,
-    s: &Settings,
-    size: usize,
-    batch: &[Slice],
-) -> Result<(Vec<Row>, Vec<f32>)> {
-    let shape = vec![batch.len(), size, size, 1];
-    let gather = |f: fn(&Slice) -> &[f32]| batch.iter().flat_map(f).copied().collect();
-    let noise: Vec<f32> = batch
+/// The slice ids of `cases` when every case is good.
+fn expected_ids(cases: &[Case], range: SliceRange) -> BTreeSet<String> {
+    cases
         .iter()
-        .flat_map(|p| seeded_noise(&[1, size, size, 1], slice_seed(s.seed, &p.id)).data)
-        .collect();
-    let prepared = Prepared {
-        origin: inputs::Origin::Slices,
-        flair: Tensor::new(shape.clone(), gather(|p| &p.flair))?,
-        t1: Tensor::new(shape.clone(), gather(|p| &p.t1))?,
-        mask: None,
-    };
-    let det = engine
-        .detect_prepared(
-            &prepared,
-            DetectOptions {
-                steps: Some(s.steps),
-                guidance: Some(s.guidance),
-                noise: Some(Tensor::new(shape, noise)?),
-                hist_match: s.hist_match,
-                batch: Some(batch.len()),
-                ..Default::default()
-            },
-        )
-        .with_context(|| {
-            format!(
-                "sampling slices {}..{}",
-                batch[0].id,
-                batch[batch.len() - 1].id
-            )
-        })?;
-    let maps = det.anomaly.data;
-    let rows = batch
-        .iter()
-        .zip(maps.chunks_exact(size * size))
-        .map(|(p, a)| Row::new(&p.id, a, &p.mask, size, s.threshold, s.radius))
-        .collect();
-    Ok((rows, maps))
+        .flat_map(|c| case_slice_ids(c, range))
+        .collect()
 }
