@@ -118,6 +118,12 @@ impl Global {
     }
 }
 
+/// Tuples are the only values that nest by ownership (containers nest through arena indices),
+/// so bounding their depth bounds every recursion over values, Drop included: a hostile pickle
+/// of 200,000 nested tuples would otherwise overflow the stack. torch.save nests tuples at most
+/// a few deep.
+pub const MAX_TUPLE_DEPTH: u16 = 256;
+
 /// A pickled value. Mutable containers live in [`Pickle`]'s arena and are referred to by index,
 /// so that memo references see later appends, and copies stay cheap.
 #[derive(Clone, Debug)]
@@ -128,7 +134,11 @@ pub enum Value {
     Float(f64),
     Str(Rc<str>),
     Bytes(Rc<[u8]>),
-    Tuple(Rc<[Value]>),
+    /// `depth` counts the tuples nested here, this one included (see [`MAX_TUPLE_DEPTH`]).
+    Tuple {
+        items: Rc<[Value]>,
+        depth: u16,
+    },
     List(usize),
     Dict(usize),
     Set(usize),
@@ -147,7 +157,7 @@ impl Value {
             Value::Float(_) => "a float",
             Value::Str(_) => "a string",
             Value::Bytes(_) => "a bytes object",
-            Value::Tuple(_) => "a tuple",
+            Value::Tuple { .. } => "a tuple",
             Value::List(_) => "a list",
             Value::Dict(_) => "a dict",
             Value::Set(_) => "a set",
@@ -474,16 +484,16 @@ impl Machine<'_> {
                 let v = self.bytes(n)?;
                 self.stack.push(v);
             }
-            b')' => self.stack.push(Value::Tuple(Rc::from(Vec::new()))),
+            b')' => self.stack.push(tuple(Vec::new())?),
             b't' => {
                 let items = self.pop_mark()?;
-                self.stack.push(Value::Tuple(Rc::from(items)));
+                self.stack.push(tuple(items)?);
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 ensure!(self.stack.len() >= n, "the stack is too short");
                 let items = self.stack.split_off(self.stack.len() - n);
-                self.stack.push(Value::Tuple(Rc::from(items)));
+                self.stack.push(tuple(items)?);
             }
             b']' => {
                 let i = self.new_object(Object::List(Vec::new()));
@@ -602,7 +612,7 @@ impl Machine<'_> {
         let Value::Global(g) = callable else {
             bail!("calls {}, which is not callable", callable.kind());
         };
-        let Value::Tuple(args) = args else {
+        let Value::Tuple { items: args, .. } = args else {
             bail!("call arguments are {}, not a tuple", args.kind());
         };
         Ok(match (*g, &args[..]) {
@@ -643,9 +653,29 @@ impl Machine<'_> {
     }
 }
 
+/// A tuple of `items`, refused when it would nest deeper than [`MAX_TUPLE_DEPTH`].
+fn tuple(items: Vec<Value>) -> Result<Value> {
+    let inner = items
+        .iter()
+        .map(|v| match v {
+            Value::Tuple { depth, .. } => *depth,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        inner < MAX_TUPLE_DEPTH,
+        "tuples nest deeper than {MAX_TUPLE_DEPTH} levels (a hostile pickle?)"
+    );
+    Ok(Value::Tuple {
+        items: Rc::from(items),
+        depth: inner + 1,
+    })
+}
+
 /// `persistent_load(('storage', storage_type, key, location, numel))`, as torch.save writes it.
 fn persistent_load(pid: &Value) -> Result<StorageRef> {
-    let Value::Tuple(t) = pid else {
+    let Value::Tuple { items: t, .. } = pid else {
         bail!("persistent id is {}, not a tuple", pid.kind());
     };
     match &t[..] {
@@ -691,7 +721,7 @@ fn rebuild_tensor(
 }
 
 fn dims(v: &Value, what: &str) -> Result<Vec<usize>> {
-    let Value::Tuple(t) = v else {
+    let Value::Tuple { items: t, .. } = v else {
         bail!("tensor {what} is {}, not a tuple", v.kind());
     };
     t.iter()
@@ -814,6 +844,15 @@ mod tests {
         p.push(b'.');
         let e = parse(&p).unwrap_err();
         assert!(format!("{e:#}").contains("decompression bomb"), "{e:#}");
+    }
+
+    #[test]
+    fn deep_tuples_are_refused() {
+        let mut p = b"\x80\x02)".to_vec();
+        p.extend(std::iter::repeat_n(0x85, 200_000));
+        p.push(b'.');
+        let e = parse(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("nest deeper than 256"), "{e:#}");
     }
 
     #[test]
