@@ -48,6 +48,7 @@ pub fn load_with_dtypes(path: &Path) -> Result<Loaded> {
 
 fn read_any(path: &Path) -> Result<Loaded> {
     let mut file = File::open(path).context("cannot open")?;
+    let file_len = regular_file_len(&file)?;
     let mut head = Vec::with_capacity(LEGACY_MAGIC.len());
     (&mut file)
         .take(LEGACY_MAGIC.len() as u64)
@@ -60,15 +61,49 @@ fn read_any(path: &Path) -> Result<Loaded> {
     if head.starts_with(LEGACY_MAGIC) {
         bail!("legacy (PyTorch < 1.6) torch.save format is not supported; re-save it with a current PyTorch");
     }
-    drop(file);
-    let bytes = std::fs::read(path).context("cannot read")?;
+    // Only a plausible safetensors header earns reading the whole file.
+    ensure!(
+        looks_like_safetensors(&head, file_len),
+        "not a torch.save zip archive nor a safetensors file"
+    );
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(file_len as usize)
+        .map_err(|_| anyhow!("cannot allocate {file_len} bytes to read it"))?;
+    file.rewind().context("cannot read")?;
+    // The length was checked: a file that grows meanwhile is not read past it.
+    file.take(file_len)
+        .read_to_end(&mut bytes)
+        .context("cannot read")?;
     read_safetensors(&bytes)
+}
+
+/// The length of a regular file; devices and pipes (`/dev/zero`) have no length to bound
+/// the reads by, so they are refused.
+fn regular_file_len(file: &File) -> Result<u64> {
+    let meta = file.metadata().context("cannot read")?;
+    ensure!(meta.is_file(), "not a regular file");
+    Ok(meta.len())
+}
+
+/// Weights are float32, float16, bfloat16 (or float64, rounded): an integer or bool storage is
+/// a buffer or a different file, not weights to run on.
+fn check_weight_dtype(name: &str, dtype: StorageDtype) -> Result<()> {
+    use StorageDtype as D;
+    ensure!(
+        matches!(dtype, D::F32 | D::F16 | D::BF16 | D::F64),
+        "tensor `{name}` has dtype {}; weights must be float32, float16 or bfloat16",
+        dtype.name()
+    );
+    Ok(())
 }
 
 fn read_safetensors(bytes: &[u8]) -> Result<Loaded> {
     let st = match safetensors::SafeTensors::deserialize(bytes) {
         Ok(st) => st,
-        Err(e) if looks_like_safetensors(bytes) => bail!("invalid safetensors file: {e}"),
+        Err(e) if looks_like_safetensors(bytes, bytes.len() as u64) => {
+            bail!("invalid safetensors file: {e}")
+        }
         Err(_) => bail!("not a torch.save zip archive nor a safetensors file"),
     };
     let mut out = Loaded {
@@ -90,6 +125,7 @@ fn read_safetensors(bytes: &[u8]) -> Result<Loaded> {
             D::BOOL => StorageDtype::Bool,
             other => bail!("tensor `{name}` has unsupported dtype {other:?}"),
         };
+        check_weight_dtype(&name, dtype)?;
         let shape = view.shape().to_vec();
         let count = element_count(&shape).with_context(|| format!("tensor `{name}`"))?;
         let mut data = alloc(count).with_context(|| format!("tensor `{name}`"))?;
@@ -111,12 +147,13 @@ fn read_safetensors(bytes: &[u8]) -> Result<Loaded> {
 
 /// A header length that fits the file and a JSON object after it: then a deserialisation
 /// error is worth reporting as such.
-fn looks_like_safetensors(bytes: &[u8]) -> bool {
-    let Some(len) = bytes.get(..8) else {
+/// `head` is the start of a file of `file_len` bytes.
+fn looks_like_safetensors(head: &[u8], file_len: u64) -> bool {
+    let Some(len) = head.get(..8) else {
         return false;
     };
     let n = u64::from_le_bytes(len.try_into().unwrap_or_default());
-    bytes.get(8) == Some(&b'{') && n <= (bytes.len() - 8) as u64
+    head.get(8) == Some(&b'{') && n <= file_len.saturating_sub(8)
 }
 
 fn read_torch(file: File) -> Result<Loaded> {
@@ -146,6 +183,7 @@ fn read_torch(file: File) -> Result<Loaded> {
     let wanted = select_tensors(&pickle)?;
     let mut total = 0u64;
     for (name, t) in &wanted {
+        check_weight_dtype(name, t.storage.dtype)?;
         let count = element_count(&t.shape).with_context(|| format!("tensor `{name}`"))?;
         total = total.saturating_add(count as u64);
     }
@@ -168,6 +206,8 @@ fn read_torch(file: File) -> Result<Loaded> {
     };
     for (key, tensors) in by_storage {
         let entry = format!("{prefix}data/{key}");
+        check_storage_fits(&mut zip, &entry, &tensors[0].1.storage)
+            .with_context(|| format!("storage of tensor `{}`", tensors[0].0))?;
         let bytes = read_entry(&mut zip, &entry, file_len)
             .with_context(|| format!("storage of tensor `{}`", tensors[0].0))?;
         for (name, t) in tensors {
@@ -221,6 +261,26 @@ fn read_entry<R: Read + Seek>(
         .read_to_end(&mut buf)
         .with_context(|| format!("cannot read `{name}` (truncated or corrupt archive)"))?;
     Ok(buf)
+}
+
+/// Refuses a storage whose declared size exceeds its archive entry before the entry is read.
+fn check_storage_fits<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    entry: &str,
+    storage: &pickle::StorageRef,
+) -> Result<()> {
+    let Ok(file) = zip.by_name(entry) else {
+        bail!("`{entry}` is missing from the archive");
+    };
+    let size = file.size();
+    let needed = storage.numel.checked_mul(storage.dtype.size() as u64);
+    ensure!(
+        needed.is_some_and(|n| n <= size),
+        "storage `{entry}` holds {size} bytes, the pickle declares {} {} elements",
+        storage.numel,
+        storage.dtype.name()
+    );
+    Ok(())
 }
 
 /// The `(name, tensor)` pairs the checkpoint's state dict holds.
