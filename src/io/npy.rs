@@ -1,7 +1,7 @@
 //! NumPy `.npy` input and output.
 
 use super::atomic::write_atomic;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use std::fs::File;
 use std::io::BufReader;
@@ -98,14 +98,27 @@ enum Values {
 
 fn read_values(path: &Path) -> Result<(Vec<usize>, Values)> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let npy = NpyFile::new(BufReader::new(file))
-        .with_context(|| format!("{}: not a readable .npy file", path.display()))?;
+    let file_len = file
+        .metadata()
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .ok_or_else(|| anyhow!("{}: not a regular file", path.display()))?;
+    let npy = NpyFile::new(BufReader::new(file)).map_err(|e| {
+        anyhow!(
+            "{}: not a readable .npy file: {}",
+            path.display(),
+            one_line(&e.to_string())
+        )
+    })?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let order = npy.order();
     let ts = match npy.dtype() {
         DType::Plain(ts) => ts,
         other => bail!("{}: dtype {} is not numeric", path.display(), other.descr()),
     };
+    check_fits(&shape, ts.size_field() as u64, file_len)
+        .with_context(|| path.display().to_string())?;
     let dtype = ts.to_string();
     let context = || format!("reading {} data of {}", dtype, path.display());
     let widen = |v: Vec<f64>| Values::Other(dtype.clone(), v);
@@ -137,6 +150,24 @@ fn read_values(path: &Path) -> Result<(Vec<usize>, Values)> {
         (Order::Fortran, Values::Other(d, v)) => Values::Other(d, fortran_to_c(&v, &shape)),
     };
     Ok((shape, values))
+}
+
+/// The header's shape and dtype must fit the file before their data is allocated: a header
+/// may claim gigabytes that are not there.
+fn check_fits(shape: &[usize], elem_size: u64, file_len: u64) -> Result<()> {
+    let bytes = shape
+        .iter()
+        .try_fold(elem_size, |acc, &d| acc.checked_mul(d as u64));
+    ensure!(
+        bytes.is_some_and(|b| b <= file_len),
+        "the header's shape {shape:?} of {elem_size}-byte elements needs more bytes than the file's {file_len}"
+    );
+    Ok(())
+}
+
+/// npyz reports header errors over several lines; the CLI prints one.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn convert<T>(

@@ -2,21 +2,32 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use image::{DynamicImage, ImageReader};
+use anyhow::{anyhow, bail, Result};
+use image::{DynamicImage, ImageReader, Limits};
+
+/// The largest PNG side read, in pixels. Decoding is refused from the header alone beyond
+/// it: a few hundred kilobytes of PNG can otherwise claim gigabytes of pixels.
+pub const MAX_PNG_SIDE: u32 = 8192;
+
+/// What the decoder may allocate: an 8192 x 8192 RGBA image of 16-bit channels, with room.
+const MAX_PNG_ALLOC: u64 = 1 << 30;
 
 /// Reads a PNG as one grey value per pixel: `(h, w, values)`, row-major.
 ///
 /// 8- and 16-bit grey (with or without alpha) keep their stored values (0..=255 or 0..=65535,
 /// no rescaling); RGB(A) becomes luma `0.299 R + 0.587 G + 0.114 B` on the same scale. Alpha is
-/// ignored.
+/// ignored. Images wider or taller than [`MAX_PNG_SIDE`] are refused before decoding.
 pub fn read_gray(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
-    let img = ImageReader::open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?
+    // The image crate's errors repeat their cause in their source chain: print Display once.
+    let fail = |what: &str, e: &dyn std::fmt::Display| anyhow!("{}: {what}: {e}", path.display());
+    let mut reader = ImageReader::open(path)
+        .map_err(|e| fail("cannot open", &e))?
         .with_guessed_format()
-        .with_context(|| format!("{}: cannot read", path.display()))?
+        .map_err(|e| fail("cannot read", &e))?;
+    reader.limits(png_limits());
+    let img = reader
         .decode()
-        .with_context(|| format!("{}: not a readable PNG image", path.display()))?;
+        .map_err(|e| fail("not a readable PNG image", &e))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let luma = |p: &[f32]| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
     let values: Vec<f32> = match img {
@@ -37,6 +48,14 @@ pub fn read_gray(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
         ),
     };
     Ok((h, w, values))
+}
+
+fn png_limits() -> Limits {
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_PNG_SIDE);
+    limits.max_image_height = Some(MAX_PNG_SIDE);
+    limits.max_alloc = Some(MAX_PNG_ALLOC);
+    limits
 }
 
 fn rgb_luma<T: Copy + Into<f32>>(
