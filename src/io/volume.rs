@@ -1,18 +1,22 @@
 //! NIfTI-1 volumes in and out (.nii and .nii.gz).
 //!
-//! Reading goes through the `nifti` crate for the header and the raw voxel
-//! bytes; the conversion to f32 and the voxel-to-world affine are done here so
-//! that the rules are explicit (and so the crate's ndarray / nalgebra features
-//! are not needed). Writing builds the 348-byte NIfTI-1 header by hand because
+//! Reading parses the header with the `nifti` crate and reads the voxel bytes
+//! here, from `vox_offset`, bounded by the file and [`MAX_VOXELS`], and (for
+//! .nii.gz) inflating to the end so that the gzip checksum is verified; the
+//! conversion to f32 and the voxel-to-world affine are done here so that the
+//! rules are explicit (and so the crate's ndarray / nalgebra features are not
+//! needed). Writing builds the 348-byte NIfTI-1 header by hand because
 //! a [`Volume`] carries its affine, not the header it was read from.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use nifti::{Endianness, NiftiHeader, NiftiObject, NiftiType, ReaderOptions};
+use nifti::{Endianness, NiftiHeader, NiftiType};
 
 /// A 3-D scalar volume on a voxel grid with its voxel-to-world (mm) affine.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,41 +33,134 @@ pub struct Volume {
     pub path: PathBuf,
 }
 
+/// The most voxels a volume may have (2^31, 8 GiB as f32). A header alone may claim any
+/// size; this and the file's length bound what is allocated before any voxel is read.
+pub const MAX_VOXELS: u64 = 1 << 31;
+
+/// Bytes of a NIfTI-1 header, and where a single-file (.nii) volume's data may start at the
+/// earliest: after the header and the 4-byte extension flag.
+const HEADER_LEN: usize = 348;
+const MIN_VOX_OFFSET: u64 = 352;
+
 /// Reads a 3-D NIfTI-1 volume (.nii or .nii.gz) of any real scalar datatype as f32.
 ///
 /// Trailing singleton dimensions (e.g. a 4-D file with `dim[4] == 1`) are accepted as 3-D;
-/// anything else that is not 3-D is an error listing the file's dims. A `scl_slope` of 0
-/// means "not scaled" (the NIfTI-1 rule). See [`Volume::affine`] for where the affine comes from.
+/// anything else that is not 3-D is an error listing the file's dims. The voxels are read
+/// from `vox_offset`; a .nii.gz is decompressed to its end, so a bad checksum or a truncated
+/// stream is an error. A `scl_slope` of 0 means "not scaled" (the NIfTI-1 rule). See
+/// [`Volume::affine`] for where the affine comes from. Errors are one line naming the file.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    let header = NiftiHeader::from_file(path)
-        .with_context(|| format!("{}: not a readable NIfTI-1 file", path.display()))?;
-    let dims = spatial_dims(&header).with_context(|| path.display().to_string())?;
-    let object = ReaderOptions::new()
-        .read_file(path)
-        .with_context(|| format!("{}: cannot read the NIfTI-1 volume", path.display()))?;
-    let raw = object.volume().raw_data();
-    let n = dims[0] * dims[1] * dims[2];
+    read_nifti(path).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+}
+
+fn read_nifti(path: &Path) -> Result<Volume> {
+    let file = File::open(path).context("cannot open")?;
+    let meta = file.metadata().context("cannot open")?;
+    ensure!(meta.is_file(), "not a regular file");
+    let gz = path.extension().is_some_and(|e| e == "gz");
+    let mut src: Box<dyn Read> = if gz {
+        Box::new(GzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    let mut head = [0u8; HEADER_LEN];
+    src.read_exact(&mut head)
+        .map_err(|e| stream_error(e, "its 348-byte header", gz))?;
+    let header = NiftiHeader::from_reader(&head[..])
+        .map_err(|_| anyhow!("not a NIfTI-1 file (no valid 348-byte header)"))?;
+    ensure!(
+        &header.magic == b"n+1\0",
+        "not a single-file NIfTI-1 volume (magic {:?}; .hdr/.img pairs are not read)",
+        String::from_utf8_lossy(&header.magic).trim_end_matches('\0')
+    );
+    let dims = spatial_dims(&header)?;
     let datatype = header
         .data_type()
-        .with_context(|| format!("{}: unknown datatype {}", path.display(), header.datatype))?;
-    let (slope, inter) = (header.scl_slope as f64, header.scl_inter as f64);
-    // NIfTI-1: a zero (or non-finite) slope means the stored values are used as they are.
-    let scaled = slope != 0.0 && slope.is_finite() && (slope != 1.0 || inter != 0.0);
-    let inter = if inter.is_finite() { inter } else { 0.0 };
-    let data = decode(raw, datatype, header.endianness, n, |v| {
-        if scaled {
-            (slope * v + inter) as f32
-        } else {
-            v as f32
-        }
-    })
-    .with_context(|| path.display().to_string())?;
+        .map_err(|_| anyhow!("unknown datatype {}", header.datatype))?;
+    let size = type_size(datatype)?;
+    let n = dims.iter().map(|&d| d as u64).product::<u64>();
+    ensure!(
+        n <= MAX_VOXELS,
+        "dims {dims:?} make {n} voxels, more than the {MAX_VOXELS} read"
+    );
+    let bytes = n * size as u64;
+    let offset = vox_offset(&header)?;
+    if !gz {
+        ensure!(
+            offset.saturating_add(bytes) <= meta.len(),
+            "vox_offset {offset} plus {bytes} bytes of {datatype:?} voxels for dims {dims:?} exceed the file's {} bytes",
+            meta.len()
+        );
+    }
+    let raw = read_voxels(&mut src, offset, bytes, gz)?;
+    if gz {
+        // Reading to the end is what makes flate2 check the CRC32 and length trailer.
+        io::copy(&mut src, &mut io::sink()).map_err(|e| stream_error(e, "the rest", gz))?;
+    }
+    let (slope, inter) = scaling(&header);
+    let data = decode(&raw, (datatype, size), header.endianness, |v| {
+        (slope * v + inter) as f32
+    });
     Ok(Volume {
         dims,
         data,
         affine: header_affine(&header),
         path: path.to_path_buf(),
     })
+}
+
+/// `vox_offset` as a byte position: a whole number from 352 on (a float in the header, so
+/// negative, fractional, NaN and infinite values have to be refused).
+fn vox_offset(header: &NiftiHeader) -> Result<u64> {
+    let v = header.vox_offset;
+    ensure!(
+        v.is_finite() && v.fract() == 0.0 && v >= MIN_VOX_OFFSET as f32,
+        "vox_offset {v} is not a whole number of bytes from {MIN_VOX_OFFSET} on"
+    );
+    Ok(v as u64)
+}
+
+/// Skips from the end of the header to `offset`, then reads `bytes` bytes of voxels.
+fn read_voxels(src: &mut dyn Read, offset: u64, bytes: u64, gz: bool) -> Result<Vec<u8>> {
+    let gap = offset - HEADER_LEN as u64;
+    let skipped = io::copy(&mut src.take(gap), &mut io::sink())
+        .map_err(|e| stream_error(e, "the bytes before vox_offset", gz))?;
+    ensure!(skipped == gap, "the data ends before vox_offset {offset}");
+    let mut raw = Vec::new();
+    // A .nii's length was checked against `bytes`; a .nii.gz's data grows as it is inflated.
+    if !gz {
+        raw.try_reserve_exact(bytes as usize)
+            .map_err(|_| anyhow!("cannot allocate {bytes} bytes of voxel data"))?;
+    }
+    src.take(bytes)
+        .read_to_end(&mut raw)
+        .map_err(|e| stream_error(e, "the voxel data", gz))?;
+    ensure!(
+        raw.len() as u64 == bytes,
+        "{} bytes of voxel data from vox_offset {offset}, expected {bytes} (truncated?)",
+        raw.len()
+    );
+    Ok(raw)
+}
+
+/// An I/O error as a sentence: flate2's and std's messages, not their debug structures.
+fn stream_error(e: io::Error, what: &str, gz: bool) -> anyhow::Error {
+    let kind = if gz { "gzip stream" } else { "file" };
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => anyhow!("the {kind} ends inside {what} (truncated?)"),
+        _ if gz => anyhow!("corrupt gzip stream in {what}: {e}"),
+        _ => anyhow!("cannot read {what}: {e}"),
+    }
+}
+
+/// `(slope, inter)` to apply. NIfTI-1: a zero (or non-finite) slope means the stored values
+/// are used as they are, intercept included.
+fn scaling(header: &NiftiHeader) -> (f64, f64) {
+    let (slope, inter) = (header.scl_slope as f64, header.scl_inter as f64);
+    if slope == 0.0 || !slope.is_finite() {
+        return (1.0, 0.0);
+    }
+    (slope, if inter.is_finite() { inter } else { 0.0 })
 }
 
 /// Checks that two volumes share a voxel grid: equal dims and every affine entry within 1e-4 mm.
@@ -182,26 +279,26 @@ fn spatial_dims(header: &NiftiHeader) -> Result<[usize; 3]> {
     Ok([listed[0] as usize, listed[1] as usize, listed[2] as usize])
 }
 
-/// Stored values in file order, each widened to f64 and passed through `convert`.
-fn decode(
-    raw: &[u8],
-    ty: NiftiType,
-    endian: Endianness,
-    n: usize,
-    convert: impl Fn(f64) -> f32,
-) -> Result<Vec<f32>> {
-    let size = match ty {
+fn type_size(ty: NiftiType) -> Result<usize> {
+    Ok(match ty {
         NiftiType::Uint8 | NiftiType::Int8 => 1,
         NiftiType::Int16 | NiftiType::Uint16 => 2,
         NiftiType::Int32 | NiftiType::Uint32 | NiftiType::Float32 => 4,
         NiftiType::Int64 | NiftiType::Uint64 | NiftiType::Float64 => 8,
         _ => bail!("datatype {ty:?} is not a supported real scalar type"),
-    };
-    if raw.len() < n * size {
-        bail!("{} bytes of voxel data, expected {}", raw.len(), n * size);
-    }
+    })
+}
+
+/// Stored values in file order, each widened to f64 and passed through `convert`; `size` is
+/// `ty`'s, from [`type_size`].
+fn decode(
+    raw: &[u8],
+    (ty, size): (NiftiType, usize),
+    endian: Endianness,
+    convert: impl Fn(f64) -> f32,
+) -> Vec<f32> {
     let big = endian == Endianness::Big;
-    let values = raw[..n * size].chunks_exact(size).map(|c| {
+    let values = raw.chunks_exact(size).map(|c| {
         let mut b = [0u8; 8];
         b[..size].copy_from_slice(c);
         if big {
@@ -220,7 +317,7 @@ fn decode(
             _ => f64::from_le_bytes(b),
         }
     });
-    Ok(values.map(convert).collect())
+    values.map(convert).collect()
 }
 
 fn header_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
