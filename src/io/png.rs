@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use image::{DynamicImage, ImageReader, Limits};
 
 /// The largest PNG side read, in pixels. Decoding is refused from the header alone beyond
@@ -20,10 +20,23 @@ const MAX_PNG_ALLOC: u64 = 1 << 30;
 pub fn read_gray(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     // The image crate's errors repeat their cause in their source chain: print Display once.
     let fail = |what: &str, e: &dyn std::fmt::Display| anyhow!("{}: {what}: {e}", path.display());
-    let mut reader = ImageReader::open(path)
-        .map_err(|e| fail("cannot open", &e))?
-        .with_guessed_format()
-        .map_err(|e| fail("cannot read", &e))?;
+    let open = || -> Result<ImageReader<_>> {
+        ImageReader::open(path)
+            .map_err(|e| fail("cannot open", &e))?
+            .with_guessed_format()
+            .map_err(|e| fail("cannot read", &e))
+    };
+    // The header alone says the size: refuse a huge image before decoding anything.
+    let (w, h) = open()?
+        .into_dimensions()
+        .map_err(|e| fail("not a readable PNG image", &e))?;
+    ensure!(
+        w <= MAX_PNG_SIDE && h <= MAX_PNG_SIDE,
+        "{}: {w} x {h} pixels, more than the {MAX_PNG_SIDE} x {MAX_PNG_SIDE} read",
+        path.display()
+    );
+    let mut reader = open()?;
+    // A backstop for decoders whose header check misses some allocation.
     reader.limits(png_limits());
     let img = reader
         .decode()

@@ -58,11 +58,22 @@ fn read_nifti(path: &Path) -> Result<Volume> {
     let meta = file.metadata().context("cannot open")?;
     ensure!(meta.is_file(), "not a regular file");
     let gz = path.extension().is_some_and(|e| e == "gz");
-    let mut src: Box<dyn Read> = if gz {
-        Box::new(GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
-    };
+    if !gz {
+        return read_stream(&mut BufReader::new(file), Some(meta.len()), path);
+    }
+    let mut src = GzDecoder::new(BufReader::new(file));
+    let read = read_stream(&mut src, None, path);
+    // Reading to the end is what makes flate2 check the CRC32 and length trailer. A corrupt
+    // stream also explains whatever went wrong before it (garbage in the header, say).
+    io::copy(&mut src, &mut io::sink())
+        .map_err(|e| stream_error(e, "its checksum trailer", true))?;
+    read
+}
+
+/// Reads header and voxels from `src`, the plain file of `file_len` bytes or (`None`) the
+/// inflated .nii.gz stream, of which it reads only what the header needs.
+fn read_stream(src: &mut dyn Read, file_len: Option<u64>, path: &Path) -> Result<Volume> {
+    let gz = file_len.is_none();
     let mut head = [0u8; HEADER_LEN];
     src.read_exact(&mut head)
         .map_err(|e| stream_error(e, "its 348-byte header", gz))?;
@@ -85,18 +96,13 @@ fn read_nifti(path: &Path) -> Result<Volume> {
     );
     let bytes = n * size as u64;
     let offset = vox_offset(&header)?;
-    if !gz {
+    if let Some(len) = file_len {
         ensure!(
-            offset.saturating_add(bytes) <= meta.len(),
-            "vox_offset {offset} plus {bytes} bytes of {datatype:?} voxels for dims {dims:?} exceed the file's {} bytes",
-            meta.len()
+            offset.saturating_add(bytes) <= len,
+            "vox_offset {offset} plus {bytes} bytes of {datatype:?} voxels for dims {dims:?} exceed the file's {len} bytes"
         );
     }
-    let raw = read_voxels(&mut src, offset, bytes, gz)?;
-    if gz {
-        // Reading to the end is what makes flate2 check the CRC32 and length trailer.
-        io::copy(&mut src, &mut io::sink()).map_err(|e| stream_error(e, "the rest", gz))?;
-    }
+    let raw = read_voxels(src, offset, bytes, gz)?;
     let (slope, inter) = scaling(&header);
     let data = decode(&raw, (datatype, size), header.endianness, |v| {
         (slope * v + inter) as f32
@@ -147,8 +153,8 @@ fn read_voxels(src: &mut dyn Read, offset: u64, bytes: u64, gz: bool) -> Result<
 fn stream_error(e: io::Error, what: &str, gz: bool) -> anyhow::Error {
     let kind = if gz { "gzip stream" } else { "file" };
     match e.kind() {
-        io::ErrorKind::UnexpectedEof => anyhow!("the {kind} ends inside {what} (truncated?)"),
-        _ if gz => anyhow!("corrupt gzip stream in {what}: {e}"),
+        io::ErrorKind::UnexpectedEof => anyhow!("the {kind} is truncated (in {what})"),
+        _ if gz => anyhow!("the gzip stream is corrupt (in {what}): {e}"),
         _ => anyhow!("cannot read {what}: {e}"),
     }
 }
