@@ -174,6 +174,28 @@ fn storage_larger_than_its_entry_is_refused() {
     );
 }
 
+/// A stored entry whose headers declare 1 GiB over its 8 real bytes.
+#[test]
+fn storage_entry_declaring_more_than_it_holds_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut archive = zip_of(&[
+        ("m/data.pkl", &tensor_pickle("FloatStorage", 1 << 28)),
+        ("m/data/0", &[0u8; 8]),
+    ]);
+    for (sig, at) in [(b"PK\x03\x04", 22), (b"PK\x01\x02", 24)] {
+        let name_at = |i: usize| if sig[3] == 4 { i + 30 } else { i + 46 };
+        let starts: Vec<usize> = (0..archive.len() - 4)
+            .filter(|&i| &archive[i..i + 4] == sig)
+            .filter(|&i| archive[name_at(i)..].starts_with(b"m/data/0"))
+            .collect();
+        assert_eq!(starts.len(), 1);
+        archive[starts[0] + at..starts[0] + at + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    }
+    let p = write(dir.path(), "lies.pt", &archive);
+    let e = checkpoint::load(&p).unwrap_err();
+    assert_sentence(e, "lies.pt", "holds 8 bytes");
+}
+
 #[test]
 fn devices_are_refused_as_checkpoints() {
     let e = checkpoint::load(Path::new("/dev/zero")).unwrap_err();

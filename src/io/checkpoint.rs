@@ -272,7 +272,12 @@ fn check_storage_fits<R: Read + Seek>(
     let Ok(file) = zip.by_name(entry) else {
         bail!("`{entry}` is missing from the archive");
     };
-    let size = file.size();
+    // A stored entry (what torch.save writes) holds its compressed size, whatever its header
+    // declares as the uncompressed one.
+    let size = match file.compression() {
+        zip::CompressionMethod::Stored => file.size().min(file.compressed_size()),
+        _ => file.size(),
+    };
     let needed = storage.numel.checked_mul(storage.dtype.size() as u64);
     ensure!(
         needed.is_some_and(|n| n <= size),
