@@ -27,6 +27,10 @@ fn fcd(args: &[&str]) -> Output {
 
 /// `fcd detect` on the fixture model, with any of its files replaced.
 fn detect(unet: &Path, flair: &Path, out: &Path) -> Output {
+    detect_with(unet, flair, &fixture("t1_raw.npy"), out)
+}
+
+fn detect_with(unet: &Path, flair: &Path, t1: &Path, out: &Path) -> Output {
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let args = [
         "detect".into(),
@@ -39,7 +43,7 @@ fn detect(unet: &Path, flair: &Path, out: &Path) -> Output {
         "--flair".into(),
         s(flair),
         "--t1".into(),
-        s(&fixture("t1_raw.npy")),
+        s(t1),
         "--out".into(),
         s(out),
         "--steps".into(),
@@ -298,6 +302,8 @@ fn png_claiming(w: u32, h: u32, idat: &[u8]) -> Vec<u8> {
 fn huge_png_is_refused_from_its_header() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "huge.png", &png_claiming(23000, 23000, &[]));
+    let out = detect_with(&fixture("unet.pt"), &p, &p, &dir.path().join("out"));
+    assert_cli_error(&out, "huge.png", "more than the 8192 x 8192 read");
     let start = std::time::Instant::now();
     let e = png::read_gray(&p).unwrap_err();
     assert!(start.elapsed().as_secs() < 2, "{:?}", start.elapsed());
@@ -425,6 +431,9 @@ fn nifti_gzip_is_verified_to_its_end() {
     }
     let p = write(dir.path(), "good.nii.gz", &good);
     assert_eq!(volume::read_volume(&p).unwrap().data, ramp(64));
+    let bad = dir.path().join("crc.nii.gz");
+    let out = detect_with(&fixture("unet.pt"), &bad, &bad, &dir.path().join("out"));
+    assert_cli_error(&out, "crc.nii.gz", "gzip stream is corrupt");
 }
 
 #[test]
