@@ -282,3 +282,62 @@ fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(target: &Path, files: &[&str]) -> Staged {
+        let mut s = Staged::new(target).unwrap();
+        for f in files {
+            s.write(f, f.as_bytes()).unwrap();
+        }
+        s
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_blocked_destination_moves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("o");
+        fs::create_dir_all(out.join("z")).unwrap();
+        let e = staged(&out, &["a", "z"]).commit().unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        assert_eq!(names(&out), ["z"]);
+        assert_eq!(names(tmp.path()), ["o"], "the staging folder is gone");
+    }
+
+    #[test]
+    fn a_file_in_place_of_a_folder_moves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("o");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join("overlays"), b"x").unwrap();
+        let e = staged(&out, &["a", "overlays/s.png"])
+            .commit()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+        assert_eq!(names(&out), ["overlays"]);
+    }
+
+    #[test]
+    fn files_of_the_same_name_are_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("o");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join("a"), b"old").unwrap();
+        staged(&out, &["a", "b/c"]).commit().unwrap();
+        assert_eq!(fs::read(out.join("a")).unwrap(), b"a");
+        assert_eq!(fs::read(out.join("b/c")).unwrap(), b"b/c");
+        assert_eq!(names(tmp.path()), ["o"]);
+    }
+}
