@@ -381,11 +381,28 @@ impl Config {
 
     /// The classifier of a classifier training config (`model.params`).
     pub fn load_classifier(file: &Path) -> Result<NetConfig> {
-        let v = read_yaml(file)?;
-        let c = net(&v, file, &["model", "params"])?;
-        c.validate(&format!("{}: model", file.display()))?;
-        Ok(c)
+        classifier_config(&read_yaml(file)?, file)
     }
+
+    /// One network of either layout: the UNet or the classifier of a diffusion config, or
+    /// the classifier of a classifier training config. The layout is told by its keys, so
+    /// an error is the one of the layout the file has.
+    pub fn load_net(file: &Path, unet: bool) -> Result<NetConfig> {
+        let v = read_yaml(file)?;
+        let diffusion = get(&v, &["model", "params", "unet_config"]).is_some()
+            || get(&v, &["model", "params", "classifier_config"]).is_some();
+        if unet || diffusion {
+            let c = Self::from_value(&v, file)?;
+            return Ok(if unet { c.unet } else { c.classifier });
+        }
+        classifier_config(&v, file)
+    }
+}
+
+fn classifier_config(v: &serde_yaml::Value, file: &Path) -> Result<NetConfig> {
+    let c = net(v, file, &["model", "params"])?;
+    c.validate(&format!("{}: model", file.display()))?;
+    Ok(c)
 }
 
 fn schedule(v: &serde_yaml::Value, file: &Path) -> Result<Schedule> {

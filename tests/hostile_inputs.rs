@@ -211,6 +211,23 @@ fn inspect_refuses_too_many_levels() {
     assert!(err.contains(names[0]), "{err}");
 }
 
+/// `inspect` reports the bad value of the config's classifier, not a layout it guessed.
+#[test]
+fn inspect_names_a_bad_classifier_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_with(tmp.path(), "num_head_channels: 32", "num_head_channels: 0");
+    let cls = fixture("classifier.pt");
+    let r = fcd(&[
+        "inspect",
+        s(&cls),
+        "--config",
+        s(&cfg),
+        "--net",
+        "classifier",
+    ]);
+    assert_one_line_error(&r, &[s(&cfg), "classifier_config.num_head_channels: 0"]);
+}
+
 /// A deep YAML nest is refused before the parser sees it, in well under a second.
 #[test]
 fn deeply_nested_or_huge_yaml_is_refused_fast() {
