@@ -162,7 +162,9 @@ pub fn from_slices(
         t1.shape[0]
     );
     for (t, name) in [(&flair, flair_name), (&t1, t1_name)] {
-        post::normalize_batch(&t.data, size * size).with_context(|| name.to_string())?;
+        for (i, sl) in t.data.chunks(size * size).enumerate() {
+            normalisable(sl).with_context(|| format!("{name}: slice {i}"))?;
+        }
     }
     Ok(Prepared {
         origin: Origin::Slices,
@@ -222,7 +224,7 @@ pub fn from_volumes(
     let td = slices::to_network(t1, range, size)?;
     for (data, vol) in [(&fd, &flair), (&td, t1)] {
         for (i, sl) in data.chunks(size * size).enumerate() {
-            post::normalize_slice(sl).with_context(|| {
+            normalisable(sl).with_context(|| {
                 format!("{}: axial slice {}", vol.path.display(), range.first + i)
             })?;
         }
@@ -276,7 +278,7 @@ fn read_png(flair: &Path, t1: &Path, mask: Option<&Path>, size: usize) -> Result
     };
     let (fd, td) = (fit(fd, h, w, size), fit(td, h, w, size));
     for (data, path) in [(&fd, flair), (&td, t1)] {
-        post::normalize_slice(data).with_context(|| path.display().to_string())?;
+        normalisable(data).with_context(|| path.display().to_string())?;
     }
     let shape = vec![1, size, size, 1];
     Ok(Prepared {
@@ -288,6 +290,21 @@ fn read_png(flair: &Path, t1: &Path, mask: Option<&Path>, size: usize) -> Result
         t1: Tensor::new(shape, td)?,
         mask,
     })
+}
+
+/// Checks that a slice normalises to finite values: finite, not constant, and with a range
+/// (max - min) that float32 can hold (values of +-3e38 overflow it to infinity).
+fn normalisable(slice: &[f32]) -> Result<()> {
+    let n = post::normalize_slice(slice)?;
+    if n.iter().any(|v| !v.is_finite()) {
+        let (lo, hi) = slice
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                (l.min(v), h.max(v))
+            });
+        bail!("values from {lo} to {hi}: the range overflows float32, cannot normalise");
+    }
+    Ok(())
 }
 
 /// `h x w` values at `size x size` (unchanged when they are that size already).

@@ -2,8 +2,15 @@ use clap::Parser;
 
 fn main() {
     let cli = fcd::cli::Cli::parse();
-    if let Err(e) = fcd::cli::run(cli) {
+    fcd::io::atomic::install_signal_handlers();
+    let result = fcd::cli::run(cli).and_then(|()| fcd::io::atomic::interrupted());
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // A stopped run exits as the signal would have made it.
+        let code = match e.downcast_ref::<fcd::io::atomic::Interrupted>() {
+            Some(i) => 128 + i.signal,
+            None => 1,
+        };
+        std::process::exit(code);
     }
 }

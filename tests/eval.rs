@@ -520,10 +520,16 @@ fn eval_nifti_subjects_over_a_slice_range() {
         stdout(&r)
     );
 
-    // A range outside the volumes makes every subject bad, each reported.
+    // A range outside the volumes makes every subject bad, each reported, and the run a
+    // failure (exit 1) whose metrics.json still lists them.
     let out2 = tmp.path().join("out2");
     let r = eval(&data, &out2, &["--slices", "10:12"]);
-    assert_ok(&r);
+    assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+    let last = stderr(&r).lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with("error: ") && last.contains("every case was skipped (3 bad cases"),
+        "{last}"
+    );
     let m = json(&out2.join("metrics.json"));
     assert_eq!(m["n_slices"], 0);
     assert_eq!(m["n_bad_cases"], 3);

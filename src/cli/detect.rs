@@ -45,8 +45,8 @@ pub struct DetectArgs {
     /// Noise level N: inversion steps and guided steps (default: the config's noise_level).
     #[arg(long)]
     steps: Option<usize>,
-    /// Classifier guidance scale s (default: the config's guide_w).
-    #[arg(long)]
+    /// Classifier guidance scale s (default: the config's guide_w); may be negative.
+    #[arg(long, allow_negative_numbers = true)]
     guidance: Option<f64>,
     /// Skip histogram matching (the released code's default).
     #[arg(long)]
@@ -103,7 +103,8 @@ pub fn run(args: DetectArgs) -> Result<()> {
             Phase::Guided => "guided",
         });
         bar.set_position(p.done as u64);
-        Ok(())
+        // A SIGINT / SIGTERM stops the run here, and unwinding removes the staging folder.
+        crate::io::atomic::interrupted()
     };
     let t_sample = Instant::now();
     let det = engine.detect_prepared(

@@ -39,7 +39,7 @@ pub struct EvalArgs {
     #[arg(long)]
     steps: Option<usize>,
     /// Classifier guidance scale s (default: the config's guide_w).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     guidance: Option<f64>,
     /// Dice threshold on the anomaly maps (default: the config's th).
     #[arg(long)]

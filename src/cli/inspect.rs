@@ -34,12 +34,7 @@ pub fn run(file: &Path, config: Option<&Path>, which: Option<Which>) -> Result<(
             Which::Classifier
         }
     });
-    let cfg: NetConfig = match (Config::load(config), which) {
-        (Ok(c), Which::Unet) => c.unet,
-        (Ok(c), Which::Classifier) => c.classifier,
-        (Err(_), Which::Classifier) => Config::load_classifier(config)?,
-        (Err(e), Which::Unet) => return Err(e),
-    };
+    let cfg: NetConfig = Config::load_net(config, which == Which::Unet)?;
     let kind = if which == Which::Unet {
         NetKind::Unet
     } else {

@@ -3,7 +3,7 @@
 
 use super::Loaded;
 use crate::backend::Backend;
-use crate::config::Config;
+use crate::config::{Config, MAX_GUIDANCE};
 use crate::ddim::alphas_cumprod;
 use crate::inputs::{self, Prepared};
 use crate::metrics;
@@ -122,16 +122,28 @@ pub(super) fn resolve(
     steps: Option<usize>,
     guidance: Option<f64>,
 ) -> Result<(usize, f64)> {
-    let steps = steps.unwrap_or(cfg.defaults.noise_level);
-    let guidance = guidance.unwrap_or(cfg.defaults.guidance);
+    // Name where a bad value came from: the flag, or the config (checked at load).
+    let (steps, steps_from) = match steps {
+        Some(s) => (s, "--steps"),
+        None => (cfg.defaults.noise_level, "the config's noise_level"),
+    };
+    let (guidance, guidance_from) = match guidance {
+        Some(g) => (g, "--guidance"),
+        None => (cfg.defaults.guidance, "the config's guide_w"),
+    };
     ensure!(
         (1..=cfg.schedule.timesteps).contains(&steps),
-        "--steps {steps} must be in 1..={} (the config's timesteps)",
+        "{steps_from} {steps} must be in 1..={} (the config's timesteps)",
         cfg.schedule.timesteps
     );
     ensure!(
         guidance.is_finite(),
-        "--guidance {guidance} is not a finite number"
+        "{guidance_from} {guidance} is not a finite number"
+    );
+    ensure!(
+        guidance.abs() <= MAX_GUIDANCE,
+        "{guidance_from} {guidance} is outside -{MAX_GUIDANCE}..={MAX_GUIDANCE} (the guided \
+         step would overflow float32 and the sampler's clipping would hide it)"
     );
     Ok((steps, guidance))
 }
@@ -267,7 +279,26 @@ fn sample<B: Backend>(
     let noise = b.upload(noise)?;
     let xhat = sampler.run(&x0, &cond, &noise, |phase, _| report(phase))?;
     let a = b.anomaly(&x0, &xhat, hist_match)?;
-    Ok((b.download(&xhat)?, b.download(&a)?))
+    let (xhat, a) = (b.download(&xhat)?, b.download(&a)?);
+    // A NaN would otherwise pass as a result: NaN-blind maxima make the maps look normal.
+    let g = sampler.guidance;
+    all_finite(
+        &xhat,
+        &format!("the guided sampler (guidance {g}, weights or inputs out of range?)"),
+    )?;
+    all_finite(&a, "the anomaly maps")?;
+    Ok((xhat, a))
+}
+
+fn all_finite(t: &Tensor, stage: &str) -> Result<()> {
+    match t.data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => anyhow::bail!(
+            "{stage} produced a non-finite value ({} at index {i} of shape {:?})",
+            t.data[i],
+            t.shape
+        ),
+    }
 }
 
 /// The strongest peaks of every slice of `anomaly` (`size x size` maps).
@@ -296,6 +327,18 @@ mod tests {
     use super::*;
     use crate::model::NetKind;
     use std::path::Path;
+
+    #[test]
+    fn non_finite_results_name_the_stage() {
+        let t = Tensor::new(vec![1, 2], vec![0.5, f32::NAN]).unwrap();
+        let e = all_finite(&t, "the anomaly maps").unwrap_err().to_string();
+        assert!(
+            e.starts_with("the anomaly maps produced a non-finite value (NaN at index 1"),
+            "{e}"
+        );
+        let ok = Tensor::new(vec![2], vec![0.5, -1.0]).unwrap();
+        assert!(all_finite(&ok, "x").is_ok());
+    }
 
     #[test]
     fn auto_batch_of_the_paper_model() {

@@ -187,6 +187,16 @@ pub fn run(engines: &mut [Engine], job: &Job) -> Result<Report> {
     bad.sort_by(|a, b| a.id.cmp(&b.id));
     let evaluation = metrics::summarize(rows.values().map(|r| &r.counts), s.threshold, s.radius);
     ledger::finish(&dir, rows.values(), &evaluation, &bad)?;
+    // metrics.json records the bad cases, but metrics of no slice are no result. A shard
+    // may own only bad cases: the merge reports on the whole run.
+    if rows.is_empty() && job.shard.is_none() {
+        bail!(
+            "{}: every case was skipped ({} bad cases, listed in {}); nothing was evaluated",
+            job.data.display(),
+            bad.len(),
+            dir.join(METRICS_FILE).display()
+        );
+    }
     Ok(Report {
         evaluated,
         earlier,

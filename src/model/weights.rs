@@ -116,6 +116,7 @@ pub fn bind<B: Backend>(
             shown.join("; ")
         );
     }
+    check_finite(tensors, what)?;
     let mut convs = HashMap::new();
     let mut vecs = HashMap::new();
     for (k, shape) in spec.expected_tensors() {
@@ -150,4 +151,20 @@ pub fn bind<B: Backend>(
         }
     }
     Ok(Bound { convs, vecs })
+}
+
+/// A NaN or infinite weight makes every output NaN, which later stages cannot tell from
+/// a result; refuse it at load, naming the tensor. Values near float32's limit overflow
+/// on the first product and are left to the sampler's own check.
+fn check_finite(tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
+    for (k, t) in tensors {
+        if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{what}: tensor `{k}` (shape {:?}) has a non-finite value {} at index {i}",
+                t.shape,
+                t.data[i]
+            );
+        }
+    }
+    Ok(())
 }
