@@ -343,6 +343,16 @@ fn negative_guidance_is_a_number_not_a_flag() {
     assert_eq!(summary["settings"]["guidance"], -5.0);
 }
 
+/// Found by the fuzz suite: the engine's own check said "a batch" without the flag.
+#[test]
+fn zero_batch_names_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let r = detect(&fixture("config_small.yaml"), &out, &["--batch", "0"]);
+    assert_one_line_error(&r, &["--batch"]);
+    assert_nothing_written(&out);
+}
+
 /// A destination that cannot be replaced fails the run before any output moves.
 #[test]
 fn a_blocked_output_moves_nothing() {

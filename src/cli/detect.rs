@@ -65,6 +65,8 @@ pub struct DetectArgs {
 
 pub fn run(args: DetectArgs) -> Result<()> {
     let t_start = Instant::now();
+    // Named here, as the flag it is; the engine's own check cannot know where 0 came from.
+    anyhow::ensure!(args.batch != Some(0), "--batch must be at least 1");
     // The inputs are checked before the networks load: a bad file fails in milliseconds.
     let size = Config::load(&args.model.config)?.unet.image_size;
     let inputs = inputs::read(
