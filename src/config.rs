@@ -244,11 +244,26 @@ fn f64_at(v: &serde_yaml::Value, file: &Path, path: &[&str], default: f64) -> Re
         None => Ok(default),
         Some(x) => x.as_f64().with_context(|| {
             format!(
-                "{}: {}: {x:?} is not a number",
+                "{}: {}: {} is not a number",
                 file.display(),
-                path.join(".")
+                path.join("."),
+                describe(x)
             )
         }),
+    }
+}
+
+/// A value as the config's author wrote it, not as serde_yaml's debug structures.
+fn describe(x: &serde_yaml::Value) -> String {
+    use serde_yaml::Value;
+    match x {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(_) => "a list".into(),
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Tagged(t) => format!("a value tagged {}", t.tag),
     }
 }
 

@@ -343,6 +343,27 @@ fn negative_guidance_is_a_number_not_a_flag() {
     assert_eq!(summary["settings"]["guidance"], -5.0);
 }
 
+/// Found by the fuzz suite: a mistyped value was shown as serde_yaml's debug structure.
+#[test]
+fn mistyped_value_is_shown_as_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (to, shown) in [
+        ("guide_w: { a: 1 }", "a mapping"),
+        ("guide_w: [ 1 ]", "a list"),
+        ("guide_w: abc", "\"abc\""),
+    ] {
+        let p = config_with(tmp.path(), "guide_w: 5", to);
+        let e = format!("{:#}", fcd::config::Config::load(&p).unwrap_err());
+        assert!(
+            e.contains(&format!("guide_w: {shown} is not a number")),
+            "{e}"
+        );
+        for debug in ["Mapping", "Sequence", "String("] {
+            assert!(!e.contains(debug), "debug structure in: {e}");
+        }
+    }
+}
+
 /// Found by the fuzz suite: the engine's own check said "a batch" without the flag.
 #[test]
 fn zero_batch_names_the_flag() {
