@@ -19,7 +19,13 @@ const MAX_PNG_ALLOC: u64 = 1 << 30;
 /// ignored. Images wider or taller than [`MAX_PNG_SIDE`] are refused before decoding.
 pub fn read_gray(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     // The image crate's errors repeat their cause in their source chain: print Display once.
-    let fail = |what: &str, e: &dyn std::fmt::Display| anyhow!("{}: {what}: {e}", path.display());
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        anyhow!(
+            "{}: {what}: {}",
+            path.display(),
+            plain_chunk_names(&e.to_string())
+        )
+    };
     let open = || -> Result<ImageReader<_>> {
         ImageReader::open(path)
             .map_err(|e| fail("cannot open", &e))?
@@ -63,6 +69,26 @@ pub fn read_gray(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     Ok((h, w, values))
 }
 
+/// The png crate names a chunk by its Debug form (`ChunkType { type: IHDR, critical: true,
+/// ... }`); a reader of the error wants only `IHDR`.
+fn plain_chunk_names(text: &str) -> String {
+    const DEBUG: &str = "ChunkType { type: ";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(DEBUG) {
+        out.push_str(&rest[..at]);
+        let body = &rest[at + DEBUG.len()..];
+        let Some(end) = body.find('}') else {
+            rest = body;
+            break;
+        };
+        out.push_str(body.split(',').next().unwrap_or("").trim());
+        rest = &body[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn png_limits() -> Limits {
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_PNG_SIDE);
@@ -79,4 +105,18 @@ fn rgb_luma<T: Copy + Into<f32>>(
     raw.chunks_exact(channels)
         .map(|p| luma(&[p[0].into(), p[1].into(), p[2].into()]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunk_types_are_named_plainly() {
+        let debug = "CRC error: expected 0x1 have 0x2 while decoding ChunkType { type: IHDR, \
+                     critical: true, private: false, reserved: false, safecopy: false } chunk.";
+        assert_eq!(
+            super::plain_chunk_names(debug),
+            "CRC error: expected 0x1 have 0x2 while decoding IHDR chunk."
+        );
+        assert_eq!(super::plain_chunk_names("no chunk"), "no chunk");
+    }
 }
