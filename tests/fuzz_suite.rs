@@ -969,6 +969,7 @@ enum Failure {
     Budget,
     MultiLine,
     Unnamed,
+    DebugForm,
     Leftover,
     BadSuccess,
     Control,
@@ -993,7 +994,20 @@ fn fail(kind: Failure, text: String) -> Verdict {
     }
 }
 
-/// The error is one line naming one of `names`.
+/// Rust debug structures, which a reader of an error should never have to decode.
+const DEBUG_FORMS: &[&str] = &[
+    "Custom {",
+    "kind:",
+    "Io(",
+    "Error {",
+    "ChunkType {",
+    "Mapping {",
+    "String(\"",
+    "Number(",
+    "Sequence [",
+];
+
+/// The error is one line naming one of `names`, in words rather than debug structures.
 fn judge_message(msg: &str, names: &[String]) -> Option<(Failure, String)> {
     let msg = msg.trim_end();
     if std::env::var_os("FCD_FUZZ_SHOW").is_some() {
@@ -1001,6 +1015,9 @@ fn judge_message(msg: &str, names: &[String]) -> Option<(Failure, String)> {
     }
     if msg.lines().count() != 1 {
         return Some((Failure::MultiLine, msg.to_owned()));
+    }
+    if let Some(d) = DEBUG_FORMS.iter().find(|d| msg.contains(*d)) {
+        return Some((Failure::DebugForm, format!("`{d}` in: {msg}")));
     }
     if !names.iter().any(|n| msg.contains(n.as_str())) {
         return Some((Failure::Unnamed, format!("{msg} (wanted one of {names:?})")));
@@ -1217,13 +1234,14 @@ fn peak_child_rss_mib() -> f64 {
     u.ru_maxrss as f64 / 1024.0
 }
 
-const COLUMNS: [Failure; 9] = [
+const COLUMNS: [Failure; 10] = [
     Failure::Panic,
     Failure::Signal,
     Failure::TimeOut,
     Failure::Budget,
     Failure::MultiLine,
     Failure::Unnamed,
+    Failure::DebugForm,
     Failure::Leftover,
     Failure::BadSuccess,
     Failure::Control,
