@@ -825,7 +825,8 @@ fn library_cases(g: &mut Gen, b: &Bases, out: &mut Vec<Case>) {
     }
 }
 
-fn binary_file_cases(g: &mut Gen, b: &Bases, out: &mut Vec<Case>) {
+/// `shared` holds the unmutated T1 files the binary cases pair with a mutated FLAIR.
+fn binary_file_cases(g: &mut Gen, b: &Bases, shared: &Path, out: &mut Vec<Case>) {
     let cfg = s(fixture("config_small.yaml"));
     let flair = s(fixture("flair_raw.npy"));
     let t1 = s(fixture("t1_raw.npy"));
@@ -853,8 +854,7 @@ fn binary_file_cases(g: &mut Gen, b: &Bases, out: &mut Vec<Case>) {
         let run = Run::Bin(detect_args(&cfg, "{file}", &t1));
         out.push(file_case("bin npy", format!("bn{i}.npy"), bytes, run));
     }
-    let t1_dir = std::env::temp_dir().join(format!("fcd-fuzz-t1-{}", std::process::id()));
-    std::fs::create_dir_all(&t1_dir).unwrap();
+    let t1_dir = shared;
     let t1_nii = t1_dir.join("t1.nii");
     std::fs::write(&t1_nii, &b.nifti).unwrap();
     let t1_png = t1_dir.join("t1.png");
@@ -979,12 +979,12 @@ fn set_flag(args: &mut Vec<String>, flag: &str, value: &str, twice: bool) {
     }
 }
 
-fn generate(seed: u64) -> Vec<Case> {
+fn generate(seed: u64, shared: &Path) -> Vec<Case> {
     let mut g = Gen(ChaCha8Rng::seed_from_u64(seed));
     let bases = Bases::load();
     let mut cases = Vec::new();
     library_cases(&mut g, &bases, &mut cases);
-    binary_file_cases(&mut g, &bases, &mut cases);
+    binary_file_cases(&mut g, &bases, shared, &mut cases);
     command_line_cases(&mut g, &mut cases);
     cases
 }
@@ -1316,7 +1316,8 @@ fn fuzz_suite() {
         .map(|v| v.parse().expect("FCD_FUZZ_SEED: a u64"))
         .unwrap_or(DEFAULT_SEED);
     let t = Instant::now();
-    let mut cases = generate(seed);
+    let shared = tempfile::tempdir().unwrap();
+    let mut cases = generate(seed, shared.path());
     // FCD_FUZZ_ONLY=<category> narrows a replay to one category (the count check still holds).
     if let Ok(only) = std::env::var("FCD_FUZZ_ONLY") {
         cases.retain(|c| c.category == only);
