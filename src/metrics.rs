@@ -208,10 +208,10 @@ pub fn evaluate(
         .zip(masks)
         .map(|(a, m)| slice_record(a, m, h, w, threshold, radius))
         .collect();
-    let counts: Vec<SliceCounts> = maps
+    let counts: Vec<SliceCounts> = records
         .iter()
-        .zip(masks)
-        .map(|(a, m)| SliceCounts::new(a, m, h, w, threshold, radius))
+        .zip(maps.iter().zip(masks))
+        .map(|(rec, (a, m))| SliceCounts::from_record(rec.clone(), a, m, threshold))
         .collect();
     let eval = summarize(counts.iter(), threshold, radius);
     (eval, records)
@@ -244,7 +244,16 @@ pub struct SliceCounts {
 impl SliceCounts {
     /// Evaluates one `h x w` anomaly map against its mask.
     pub fn new(a: &[f32], mask: &[bool], h: usize, w: usize, threshold: f64, radius: f64) -> Self {
-        let rec = slice_record(a, mask, h, w, threshold, radius);
+        Self::from_record(
+            slice_record(a, mask, h, w, threshold, radius),
+            a,
+            mask,
+            threshold,
+        )
+    }
+
+    /// The counts of map `a` and its `mask`, whose record `rec` is at hand.
+    fn from_record(rec: SliceRecord, a: &[f32], mask: &[bool], threshold: f64) -> Self {
         let lesion = rec.lesion_pixels > 0;
         let (predicted, overlap) = counts(a, mask, threshold);
         let (predicted_at, overlap_at) = if lesion {

@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::engine::{DetectOptions, Detection, Device, Engine, Progress, VolumeDetection};
 use crate::inputs::{self, Origin, Prepared};
-use crate::io::volume;
+use crate::io::{absolute, volume};
 use crate::io::{atomic::Staged, npy};
 use crate::overlay;
 use crate::precision::Precision;
@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -130,15 +130,15 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let summary = json!({
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "inputs": {
-            "config": abs(&args.model.config), "unet": abs(&args.model.unet),
-            "classifier": abs(&classifier_file(&engine)),
-            "flair": abs(&args.flair), "t1": abs(&args.t1), "mask": args.mask.as_deref().map(abs),
+            "config": absolute(&args.model.config), "unet": absolute(&args.model.unet),
+            "classifier": absolute(&classifier_file(&engine)),
+            "flair": absolute(&args.flair), "t1": absolute(&args.t1), "mask": args.mask.as_deref().map(absolute),
             "slices": s, "height": size, "width": size,
             "slice_range": match &inputs.origin { Origin::Volume { range, .. } => Some(range.to_string()), _ => None },
         },
         "settings": {
             "steps": outputs.steps, "guidance": outputs.guidance, "hist_match": !args.no_hist_match,
-            "noise": match &args.init_noise { Some(p) => json!({"file": abs(p)}), None => json!({"seed": args.seed}) },
+            "noise": match &args.init_noise { Some(p) => json!({"file": absolute(p)}), None => json!({"seed": args.seed}) },
             "device": engine.device(), "threads": rayon::current_num_threads(), "batch": outputs.batch,
             "label": 0,
         },
@@ -252,11 +252,4 @@ fn classifier_file(engine: &Engine) -> std::path::PathBuf {
         crate::engine::Weights::File(p) => p.clone(),
         crate::engine::Weights::Random(_) => "random weights".into(),
     }
-}
-
-fn abs(p: &Path) -> String {
-    std::fs::canonicalize(p)
-        .unwrap_or_else(|_| p.to_path_buf())
-        .display()
-        .to_string()
 }

@@ -14,6 +14,7 @@ use anyhow::{ensure, Context, Result};
 use rand::rngs::ChaCha8Rng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use std::borrow::Cow;
 
 /// Per-call settings of [`super::Engine::detect`]. `Default` gives the config's noise level
 /// and guidance, seed 0, histogram matching, and the engine's batch.
@@ -219,26 +220,17 @@ pub(super) fn run<B: Backend>(
         steps,
         guidance: guidance as f32,
     };
-    let part = |t: &Tensor, start: usize, end: usize| -> Result<Tensor> {
-        let per: usize = t.shape[1..].iter().product();
-        let mut shape = t.shape.clone();
-        shape[0] = end - start;
-        Tensor::new(shape, t.data[start * per..end * per].to_vec())
-    };
     let (mut healthy, mut anomaly) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(batch) {
         let end = (start + batch).min(n);
         let whole = batch >= n;
-        let pick = |t: &Tensor| {
-            if whole {
-                Ok(t.clone())
-            } else {
-                part(t, start, end)
-            }
-        };
         let (x, a) = sample(
             &sampler,
-            [&pick(&inputs.flair)?, &pick(&inputs.t1)?, &pick(&noise)?],
+            [
+                &*slices_of(&inputs.flair, start, end)?,
+                &*slices_of(&inputs.t1, start, end)?,
+                &*slices_of(&noise, start, end)?,
+            ],
             hist_match,
             &mut report,
         )
@@ -263,6 +255,20 @@ pub(super) fn run<B: Backend>(
         guidance,
         batch,
     })
+}
+
+/// Slices `start..end` of `t` (`[S, ...]`), borrowed when that is all of them.
+fn slices_of(t: &Tensor, start: usize, end: usize) -> Result<Cow<'_, Tensor>> {
+    if start == 0 && end == t.shape[0] {
+        return Ok(Cow::Borrowed(t));
+    }
+    let per: usize = t.shape[1..].iter().product();
+    let mut shape = t.shape.clone();
+    shape[0] = end - start;
+    Ok(Cow::Owned(Tensor::new(
+        shape,
+        t.data[start * per..end * per].to_vec(),
+    )?))
 }
 
 /// One sampler run on `[flair, t1, noise]` (raw `[B,H,W,1]`), everything after the upload

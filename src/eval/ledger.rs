@@ -5,6 +5,7 @@
 
 use super::rows::{csv_text, Fnv1a, Row};
 use super::{Job, ModelFiles, MAPS_DIR, METRICS_FILE, RECORDS_FILE, RUN_FILE, SLICES_FILE};
+use crate::io::absolute;
 use crate::io::atomic::write_atomic;
 use crate::io::dataset::Problem;
 use crate::io::npy;
@@ -32,13 +33,6 @@ fn file_hash(path: &Path) -> Result<String> {
     Ok(format!("{:016x}", h.0))
 }
 
-pub(super) fn abs(p: &Path) -> String {
-    fs::canonicalize(p)
-        .unwrap_or_else(|_| p.to_path_buf())
-        .display()
-        .to_string()
-}
-
 /// The part of run.json a resumed run must match, passed through JSON text once so that it
 /// compares equal to the same key read back from the file.
 pub(super) fn run_key(files: &ModelFiles, job: &Job) -> Result<Value> {
@@ -47,7 +41,7 @@ pub(super) fn run_key(files: &ModelFiles, job: &Job) -> Result<Value> {
         "config_fnv1a": file_hash(files.config)?,
         "unet_fnv1a": file_hash(files.unet)?,
         "classifier_fnv1a": file_hash(files.classifier)?,
-        "data": abs(job.data),
+        "data": absolute(job.data),
         "image_size": files.image_size,
         "steps": s.steps,
         "guidance": s.guidance,

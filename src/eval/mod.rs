@@ -34,12 +34,13 @@ pub use merge::{merge, status, Merged, ShardStatus};
 pub use shard::{Shard, SHARDS_DIR};
 
 use crate::engine::{Engine, Weights};
+use crate::io::absolute;
 use crate::io::dataset::{self, Case, Problem};
 use crate::metrics::{self, Evaluation};
 use crate::precision::Precision;
 use crate::slices::SliceRange;
 use anyhow::{bail, Context, Result};
-use ledger::{abs, Sink};
+use ledger::Sink;
 use rows::{case_slice_ids, Row};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -166,8 +167,8 @@ pub fn run(engines: &mut [Engine], job: &Job) -> Result<Report> {
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "key": key,
         "paths": {
-            "config": abs(files.config), "unet": abs(files.unet),
-            "classifier": abs(files.classifier), "data": abs(job.data),
+            "config": absolute(files.config), "unet": absolute(files.unet),
+            "classifier": absolute(files.classifier), "data": absolute(job.data),
         },
         "device": devices.join(", "),
         "batch": batch,

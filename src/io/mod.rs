@@ -7,3 +7,11 @@ pub mod npy;
 pub mod pickle;
 pub mod png;
 pub mod volume;
+
+/// `p` made absolute (symlinks resolved) for summaries; as given when that fails.
+pub fn absolute(p: &std::path::Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
