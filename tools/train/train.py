@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Trains one network of the demo model on phantom subjects (tools/phantom), the way
+the published code trains them, and saves it in the published checkpoint format.
+
+    python3 tools/train/train.py --net unet --config weights/config.yaml \
+        --data DIR --steps 2400 --seed 1 --out weights/unet.pt
+    python3 tools/train/train.py --net classifier --config weights/config.yaml \
+        --data DIR [DIR2 ...] --steps 2400 --seed 2 --out weights/classifier.pt
+
+- UNet: epsilon prediction (MSE), input concat[x_t, T1], class-conditional on the
+  slice's lobe label, which is replaced by 0 with the config's `drop_prob` (0.3, as
+  published). Saved as {"state_dict": {"model." + key: tensor}}.
+- Classifier: cross-entropy of the lobe label on the noised FLAIR x_t alone.
+  Lesion and healthy slices are drawn half and half (lesion slices are rare), and
+  half of them are flipped left-right (the lobe classes are the same on both
+  sides): without both, the classifier learns the training subjects rather than
+  the lesions and its gradient, the guidance, points nowhere in particular.
+  Saved as {"state_dict": {key: tensor}}.
+- Timesteps t are drawn uniformly from 0 .. noise_level - 1: the sampler only ever
+  evaluates both networks there (SPEC 6), so a small model spends all of its
+  capacity on the part of the schedule it is used on.
+
+Deterministic for a given seed and thread count. Writes OUT, OUT's loss curve as
+OUT.loss.png and the per-step losses as OUT.loss.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import fcd_ref  # noqa: E402
+import slices  # noqa: E402
+
+
+def batches(data: dict, net: str, batch: int, rng: np.random.Generator):
+    label = data["label"]
+    lesion = np.flatnonzero(label > 0)
+    healthy = np.flatnonzero(label == 0)
+    while True:
+        if net == "classifier" and len(lesion):
+            half = batch // 2
+            idx = np.concatenate([rng.choice(lesion, half), rng.choice(healthy, batch - half)])
+        else:
+            idx = rng.integers(0, len(label), batch)
+        yield idx
+
+
+def plot(losses: list[float], path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = np.asarray(losses)
+    w = max(1, len(v) // 50)
+    smooth = np.convolve(v, np.ones(w) / w, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(v, lw=0.5, alpha=0.35, label="per step")
+    ax.plot(np.arange(len(smooth)) + w - 1, smooth, lw=1.5, label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--net", choices=["unet", "classifier"], required=True)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data", required=True, nargs="+",
+                    help="BIDS-like phantom folders (tools/phantom/make.py)")
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    cfg = fcd_ref.load_config(args.config)
+    mp = cfg["model"]["params"]
+    tp = cfg["trainer"]["params"]
+    noise_level = int(cfg["tester"]["params"]["noise_level"])
+    unet, cls = fcd_ref.build_from_config(cfg)
+    model = unet if args.net == "unet" else cls
+    side = int(mp["image_size"])
+    abar = fcd_ref.make_abar(int(mp["timesteps"]), float(mp["linear_start"]), float(mp["linear_end"]))
+
+    t0 = time.time()
+    parts = [slices.load(d, side) for d in args.data]
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    n_lesion = int((data["label"] > 0).sum())
+    print(f"{len(data['label'])} slices ({n_lesion} with lesion) from {args.data} "
+          f"in {time.time() - t0:.0f} s", flush=True)
+    flair = torch.from_numpy(data["flair"])[:, None]
+    t1 = torch.from_numpy(data["t1"])[:, None]
+    label = torch.from_numpy(data["label"])
+
+    params = sum(p.numel() for p in model.parameters())
+    lr = float(tp["lr"])
+    batch = int(tp["batch_size"])
+    drop = float(mp.get("drop_prob", 0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(100, args.steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    losses, accs = [], []
+    model.train()
+    start = time.time()
+    it = batches(data, args.net, batch, rng)
+    for step in range(args.steps):
+        idx = torch.from_numpy(next(it))
+        x0, y = flair[idx], label[idx]
+        t = torch.from_numpy(rng.integers(0, noise_level, len(idx)))
+        n = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * n
+        if args.net == "unet":
+            keep = torch.from_numpy(rng.random(len(idx)) >= drop)
+            eps = model(torch.cat([xt, t1[idx]], dim=1), t, torch.where(keep, y, torch.zeros_like(y)))
+            loss = F.mse_loss(eps, n)
+        else:
+            flip = torch.from_numpy(rng.random(len(idx)) < 0.5).view(-1, 1, 1, 1)
+            logits = model(torch.where(flip, xt.flip(-1), xt), t)
+            loss = F.cross_entropy(logits, y)
+            accs.append(float((logits.argmax(1) == y).float().mean()))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0 or step == args.steps - 1:
+            recent = np.mean(losses[-50:])
+            extra = f" acc {np.mean(accs[-50:]):.3f}" if accs else ""
+            print(f"step {step} loss {recent:.5f}{extra} ({time.time() - start:.0f} s)", flush=True)
+
+    wall = time.time() - start
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if args.net == "unet":
+        state = {"model." + k: v for k, v in state.items()}
+    torch.save({"state_dict": state}, out)
+    final = float(np.mean(losses[-100:]))
+    summary = {
+        "net": args.net, "parameters": params, "steps": args.steps, "batch": batch, "lr": lr,
+        "seed": args.seed, "threads": args.threads, "wall_s": round(wall, 1),
+        "slices": len(data["label"]), "lesion_slices": n_lesion,
+        "final_loss_mean_last_100": final, "losses": losses,
+    }
+    if accs:
+        summary["final_accuracy_mean_last_100"] = float(np.mean(accs[-100:]))
+    pathlib.Path(str(out) + ".loss.json").write_text(json.dumps(summary))
+    plot(losses, pathlib.Path(str(out) + ".loss.png"),
+         f"{args.net}: {params / 1e6:.2f} M parameters, batch {batch}")
+    print(f"saved {out}: {params} parameters, {args.steps} steps in {wall:.0f} s, "
+          f"final loss {final:.5f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
