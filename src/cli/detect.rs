@@ -1,7 +1,7 @@
 //! `fcd detect`: FLAIR + T1 slices in, pseudo-healthy FLAIR and anomaly maps out.
 
 use crate::config::Config;
-use crate::engine::{DetectOptions, Detection, Device, Engine, Progress, VolumeDetection};
+use crate::engine::{DetectOptions, Detection, Device, Progress, VolumeDetection, Weights};
 use crate::inputs::{self, Origin, Prepared};
 use crate::io::{absolute, volume};
 use crate::io::{atomic::Staged, npy};
@@ -83,7 +83,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         .transpose()?;
 
     let t_load = Instant::now();
-    let engine = args.model.engine(args.device, args.precision).build()?;
+    let engine = args.model.engine(args.device, args.precision)?.build()?;
     let load_s = t_load.elapsed().as_secs_f64();
 
     // Fail on an unwritable output before the long part, not after it.
@@ -130,8 +130,8 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let summary = json!({
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "inputs": {
-            "config": absolute(&args.model.config), "unet": absolute(&args.model.unet),
-            "classifier": absolute(&classifier_file(&engine)),
+            "config": absolute(&args.model.config), "unet": absolute(&file(engine.unet_weights())),
+            "classifier": absolute(&file(engine.classifier_weights())),
             "flair": absolute(&args.flair), "t1": absolute(&args.t1), "mask": args.mask.as_deref().map(absolute),
             "slices": s, "height": size, "width": size,
             "slice_range": match &inputs.origin { Origin::Volume { range, .. } => Some(range.to_string()), _ => None },
@@ -319,10 +319,10 @@ fn shown_slice(
     })
 }
 
-/// The classifier checkpoint the engine loaded.
-fn classifier_file(engine: &Engine) -> std::path::PathBuf {
-    match engine.classifier_weights() {
-        crate::engine::Weights::File(p) => p.clone(),
-        crate::engine::Weights::Random(_) => "random weights".into(),
+/// The checkpoint of weights the engine loaded.
+fn file(weights: &Weights) -> PathBuf {
+    match weights {
+        Weights::File(p) => p.clone(),
+        Weights::Random(_) => "random weights".into(),
     }
 }
