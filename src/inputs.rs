@@ -19,6 +19,7 @@
 
 use crate::io::volume::{self, Volume};
 use crate::io::{npy, png};
+use crate::metrics;
 use crate::post;
 use crate::slices::{self, SliceRange};
 use crate::tensor::Tensor;
@@ -46,16 +47,25 @@ impl Format {
     }
 }
 
-/// Where prepared slices came from: what results are mapped back onto.
+/// Where prepared slices came from: what results are mapped back onto, and what the
+/// overlays show at the input's resolution.
 #[derive(Clone, Debug)]
 pub enum Origin {
     /// `.npy` slices (or arrays) at the network's size.
     Slices,
-    /// One PNG slice of this size.
-    Png { height: usize, width: usize },
-    /// The axial slices `range` of volumes on the grid of `flair`.
+    /// One PNG slice of this size: the FLAIR's grey values and the lesion (`mask > 0`),
+    /// row-major.
+    Png {
+        height: usize,
+        width: usize,
+        flair: Vec<f32>,
+        lesion: Option<Vec<bool>>,
+    },
+    /// The axial slices `range` of volumes on the grid of `flair`, with the lesion
+    /// (`mask > 0`) on that grid, in the volume's voxel order.
     Volume {
         flair: Box<Volume>,
+        lesion: Option<Vec<bool>>,
         range: SliceRange,
     },
 }
@@ -204,20 +214,22 @@ pub fn from_volumes(
     size: usize,
 ) -> Result<Prepared> {
     volume::same_grid(&flair, t1)?;
-    let mask = match mask {
-        None => None,
+    let (lesion, mask) = match mask {
+        None => (None, None),
         Some(m) => {
             volume::same_grid(&flair, m)?;
+            let lesion = metrics::mask_from_f32(&m.data);
             ensure!(
-                m.data.iter().any(|&v| v > 0.0),
+                lesion.contains(&true),
                 "{}: empty mask, no voxel > 0 (a healthy subject has no mask)",
                 m.path.display()
             );
             let bin = Volume {
-                data: binarise(&m.data),
+                data: binarise(&lesion),
                 ..m.clone()
             };
-            Some(lesion(&slices::to_network(&bin, range, size)?))
+            let kept = kept(&slices::to_network(&bin, range, size)?);
+            (Some(lesion), Some(kept))
         }
     };
     let fd = slices::to_network(&flair, range, size)?;
@@ -233,6 +245,7 @@ pub fn from_volumes(
     Ok(Prepared {
         origin: Origin::Volume {
             flair: Box::new(flair),
+            lesion,
             range,
         },
         flair: Tensor::new(shape.clone(), fd)?,
@@ -250,8 +263,8 @@ fn read_png(flair: &Path, t1: &Path, mask: Option<&Path>, size: usize) -> Result
         flair.display(),
         t1.display()
     );
-    let mask = match mask {
-        None => None,
+    let (lesion, mask) = match mask {
+        None => (None, None),
         Some(path) => {
             let (mh, mw, roi) = png::read_gray(path)?;
             ensure!(
@@ -260,22 +273,24 @@ fn read_png(flair: &Path, t1: &Path, mask: Option<&Path>, size: usize) -> Result
                 path.display(),
                 flair.display()
             );
-            let pixels = roi.iter().filter(|&&v| v > 0.0).count();
+            let lesion = metrics::mask_from_f32(&roi);
+            let pixels = lesion.iter().filter(|&&l| l).count();
             ensure!(
                 pixels > 0,
                 "{}: empty mask, no pixel > 0 (a healthy subject has no mask)",
                 path.display()
             );
-            let m = lesion(&fit(binarise(&roi), h, w, size));
+            let m = kept(&fit(binarise(&lesion), h, w, size));
             ensure!(
                 m.contains(&true),
                 "{}: the lesion of {pixels} pixels vanishes when resized from {h} x {w} to \
                  {size} x {size}",
                 path.display()
             );
-            Some(m)
+            (Some(lesion), Some(m))
         }
     };
+    let raw = fd.clone();
     let (fd, td) = (fit(fd, h, w, size), fit(td, h, w, size));
     for (data, path) in [(&fd, flair), (&td, t1)] {
         normalisable(data).with_context(|| path.display().to_string())?;
@@ -285,6 +300,8 @@ fn read_png(flair: &Path, t1: &Path, mask: Option<&Path>, size: usize) -> Result
         origin: Origin::Png {
             height: h,
             width: w,
+            flair: raw,
+            lesion,
         },
         flair: Tensor::new(shape.clone(), fd)?,
         t1: Tensor::new(shape, td)?,
@@ -316,10 +333,12 @@ fn fit(v: Vec<f32>, h: usize, w: usize, size: usize) -> Vec<f32> {
     }
 }
 
-fn binarise(roi: &[f32]) -> Vec<f32> {
-    roi.iter().map(|&v| f32::from(u8::from(v > 0.0))).collect()
+/// The lesion as a 0/1 image, to resize like the slices.
+fn binarise(lesion: &[bool]) -> Vec<f32> {
+    lesion.iter().map(|&l| f32::from(u8::from(l))).collect()
 }
 
-fn lesion(resized: &[f32]) -> Vec<bool> {
+/// The lesion kept on the network's grid: the resized 0/1 image `>= 0.5`.
+fn kept(resized: &[f32]) -> Vec<bool> {
     resized.iter().map(|&v| v >= 0.5).collect()
 }

@@ -1,8 +1,11 @@
-//! PNG overlays: the anomaly map in a jet colour map over the FLAIR slice.
+//! Overlays: the anomaly map in a jet colour map over the FLAIR slice.
 
 use anyhow::{bail, Context, Result};
 use image::codecs::png::PngEncoder;
-use image::{ExtendedColorType, ImageEncoder};
+use image::{ExtendedColorType, ImageEncoder, RgbImage};
+
+/// Colour of the lesion mask's outline: pure green.
+pub const OUTLINE: [u8; 3] = [0, 255, 0];
 
 /// Maximum opacity of the colour map, reached at anomaly 1; the FLAIR stays visible under it.
 const MAX_ALPHA: f32 = 0.6;
@@ -17,19 +20,19 @@ pub fn jet(v: f32) -> [u8; 3] {
     [channel(3.0), channel(2.0), channel(1.0)]
 }
 
-/// RGB8 PNG bytes of an `h` x `w` overlay (row-major inputs).
+/// The `h` x `w` overlay of row-major inputs.
 ///
 /// Grey level = min-max normalised FLAIR * 255 (a constant or non-finite slice is black).
 /// Each pixel blends grey and `jet(anomaly)` with colour weight `clamp(anomaly, 0, 1) * 0.6`,
 /// so a zero anomaly leaves the FLAIR untouched. With a mask, its outline (mask pixels with a
-/// 4-neighbour outside the mask or outside the image) is drawn in pure green.
-pub fn overlay_png(
+/// 4-neighbour outside the mask or outside the image) is drawn in [`OUTLINE`].
+pub fn overlay(
     flair: &[f32],
     anomaly: &[f32],
     mask: Option<&[bool]>,
     h: usize,
     w: usize,
-) -> Result<Vec<u8>> {
+) -> Result<RgbImage> {
     let n = h * w;
     if h == 0 || w == 0 {
         bail!("overlay of an empty {h} x {w} image");
@@ -66,7 +69,7 @@ pub fn overlay_png(
         let outline = inside(r, c)
             && !(inside(r - 1, c) && inside(r + 1, c) && inside(r, c - 1) && inside(r, c + 1));
         if outline {
-            rgb.extend_from_slice(&[0, 255, 0]);
+            rgb.extend_from_slice(&OUTLINE);
             continue;
         }
         let g = grey(flair[i]);
@@ -80,9 +83,20 @@ pub fn overlay_png(
             rgb.push(((1.0 - a) * g + a * k as f32).round().clamp(0.0, 255.0) as u8);
         }
     }
+    RgbImage::from_raw(w as u32, h as u32, rgb)
+        .with_context(|| format!("an overlay of {h} x {w} pixels is too large"))
+}
+
+/// PNG bytes of an RGB image.
+pub fn png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut png = Vec::new();
     PngEncoder::new(&mut png)
-        .write_image(&rgb, w as u32, h as u32, ExtendedColorType::Rgb8)
-        .with_context(|| format!("encoding a {h} x {w} overlay PNG"))?;
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::Rgb8,
+        )
+        .with_context(|| format!("encoding a {} x {} PNG", img.height(), img.width()))?;
     Ok(png)
 }

@@ -1,10 +1,12 @@
 //! `fcd detect` on NIfTI volumes and PNG slices: outputs on the input's grid,
-//! overlays and peaks; bad input refused in one line with nothing written.
+//! overlays, montages and peaks; bad input refused in one line with nothing written.
 
 mod common;
 
 use common::fixture;
 use fcd::io::volume::{encode_like, read_volume, Volume};
+use fcd::montage::GAP;
+use fcd::overlay::OUTLINE;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -137,10 +139,32 @@ fn nifti_outputs_are_on_the_input_grid_with_overlays_and_peaks() {
         a.data.iter().all(|&x| (-1e-6..=1.0 + 1e-6).contains(&x)),
         "anomaly outside [0, 1]"
     );
+    // Overlays on the input's grid (x across, y down), the mask outlined where it lies there.
     for z in 3..=5 {
-        let png = image::open(out.join(format!("overlays/slice_{z:03}.png"))).unwrap();
-        assert_eq!((png.width(), png.height()), (32, 32));
+        let png = image::open(out.join(format!("overlays/slice_{z:03}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(png.dimensions(), (DIMS[0] as u32, DIMS[1] as u32));
+        assert_eq!(png.get_pixel(24, 12).0, OUTLINE, "slice {z}");
+        assert_eq!(png.get_pixel(27, 15).0, OUTLINE, "slice {z}");
+        assert_ne!(
+            png.get_pixel(25, 13).0,
+            OUTLINE,
+            "slice {z}: inside the lesion"
+        );
+        assert_ne!(
+            png.get_pixel(23, 13).0,
+            OUTLINE,
+            "slice {z}: outside the lesion"
+        );
     }
+    // Three slices, each with peaks and lesion: a 2 x 2 grid of tiles of the input's size.
+    let montage = image::open(out.join("montage.png")).unwrap();
+    let (w, h) = (DIMS[0] as u32, DIMS[1] as u32);
+    assert_eq!(
+        (montage.width(), montage.height()),
+        (2 * (w + GAP) + GAP, 2 * (h + GAP) + GAP)
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let peaks = summary["peaks"].as_array().unwrap();
@@ -178,6 +202,11 @@ fn nifti_outputs_are_on_the_input_grid_with_overlays_and_peaks() {
         }
     }
     assert_eq!(summary["inputs"]["slice_range"], "3:5");
+    let files = &summary["outputs"];
+    assert!(files["montage"]
+        .as_str()
+        .unwrap()
+        .starts_with("montage.png"));
 }
 
 #[test]
@@ -216,7 +245,17 @@ fn png_slices_give_npy_outputs_and_an_overlay() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let (shape, _) = fcd::io::npy::read_array(&out.join("anomaly.npy")).unwrap();
     assert_eq!(shape, [1, 32, 32]);
-    assert!(out.join("overlay.png").exists());
+    // The overlay at the PNG's size, the mask outlined where it lies there.
+    let overlay = image::open(out.join("overlay.png")).unwrap().to_rgb8();
+    assert_eq!(overlay.dimensions(), (48, 40));
+    assert_eq!(overlay.get_pixel(28, 15).0, OUTLINE);
+    assert_eq!(overlay.get_pixel(33, 19).0, OUTLINE);
+    assert_ne!(overlay.get_pixel(30, 17).0, OUTLINE);
+    let montage = image::open(out.join("montage.png")).unwrap();
+    assert_eq!(
+        (montage.width(), montage.height()),
+        (48 + 2 * GAP, 40 + 2 * GAP)
+    );
 }
 
 fn assert_fails(r: &Output, file: &str, reason: &str, dir: &Path) {

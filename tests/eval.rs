@@ -281,6 +281,7 @@ fn eval_png_dataset_reports_bad_cases_and_resumes() {
     assert_eq!(
         keys,
         [
+            "anomaly_map",
             "bad_cases",
             "best_threshold",
             "dice_at_threshold",
@@ -295,6 +296,7 @@ fn eval_png_dataset_reports_bad_cases_and_resumes() {
             "threshold"
         ]
     );
+    assert_eq!(m["anomaly_map"], "diffusion");
     assert_eq!(m["n_slices"], 4);
     assert_eq!(m["n_lesion_slices"], 3);
     assert_eq!(m["n_bad_cases"], 3);
@@ -390,6 +392,67 @@ fn eval_png_dataset_reports_bad_cases_and_resumes() {
     );
     assert_eq!(json(&out.join("metrics.json"))["threshold"], 0.5);
     assert!(!out.join("maps").exists());
+}
+
+#[test]
+fn the_flair_baseline_needs_no_checkpoints_and_recalls_the_brightest_lesion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    png_dataset(&data);
+    let out = tmp.path().join("out");
+    let cfg = fixture("config_small.yaml");
+    let args = [
+        "eval",
+        "--config",
+        s(&cfg),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+    ];
+
+    // The diffusion model, the default, needs its checkpoint.
+    let r = fcd(&args);
+    assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+    assert!(stderr(&r).contains("--unet"), "{}", stderr(&r));
+    assert!(!out.exists());
+
+    let r = fcd(&[&args[..], &["--anomaly-map", "flair", "--save-maps"]].concat());
+    assert_ok(&r);
+    assert!(
+        stdout(&r).contains("evaluated 4 slices (0 recorded earlier), 3 bad cases skipped"),
+        "{}",
+        stdout(&r)
+    );
+    let m = json(&out.join("metrics.json"));
+    assert_eq!(m["anomaly_map"], "flair");
+    assert_eq!(m["n_bad_cases"], 3);
+    // Each lesion is the brightest spot of its FLAIR: the first peak finds it.
+    assert_eq!(m["n_lesion_slices"], 3);
+    assert_eq!(m["r_at_1"], 1.0);
+    // The maps are the FLAIR term of the anomaly map, norm01 of the normalised slice (the
+    // PNGs hold the images rounded to 8 bits), scored like the model's maps.
+    let ids: Vec<String> = ["h01", "p01", "p02", "p03"].map(String::from).to_vec();
+    let mut masks = vec![vec![false; SIZE * SIZE]];
+    for (id, at) in LESIONS {
+        let png: Vec<f32> = flair_image(SIZE, SIZE, Some(at))
+            .iter()
+            .map(|v| v.round().clamp(0.0, 255.0))
+            .collect();
+        let want = fcd::post::norm01(&fcd::post::normalize_slice(&png).unwrap());
+        assert_eq!(read_map(&out, id), want, "{id}");
+        masks.push(roi_image(SIZE, SIZE, at).iter().map(|&v| v > 0.0).collect());
+    }
+    assert_metrics_match(&out, &ids, &masks);
+    let run = json(&out.join("run.json"));
+    assert_eq!(run["key"]["anomaly_map"], "flair");
+    assert!(run["paths"]["unet"].is_null(), "{run}");
+
+    // Its records are not the model's: resuming with the model is refused.
+    let unet = fixture("unet.pt");
+    let r = fcd(&[&args[..], &["--unet", s(&unet), "--device", "cpu"]].concat());
+    assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+    assert!(stderr(&r).contains("--restart"), "{}", stderr(&r));
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use fcd::io::png::read_gray;
 use fcd::io::volume::{encode_like, read_volume, same_grid, world, Volume};
-use fcd::overlay::{jet, overlay_png};
+use fcd::overlay::{self, jet};
 use fcd::slices::{axial, from_network, network_to_voxel, resize_bilinear, to_network, SliceRange};
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
@@ -492,6 +492,17 @@ fn jet_endpoints() {
     assert_eq!(jet(1.0), [128, 0, 0]);
     assert_eq!(jet(2.0), jet(1.0));
     assert_eq!(jet(f32::NAN), jet(0.0));
+}
+
+/// The overlay as PNG bytes, as `fcd detect` writes it.
+fn overlay_png(
+    flair: &[f32],
+    anomaly: &[f32],
+    mask: Option<&[bool]>,
+    h: usize,
+    w: usize,
+) -> anyhow::Result<Vec<u8>> {
+    overlay::png(&overlay::overlay(flair, anomaly, mask, h, w)?)
 }
 
 #[test]

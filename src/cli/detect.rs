@@ -1,14 +1,14 @@
 //! `fcd detect`: FLAIR + T1 slices in, pseudo-healthy FLAIR and anomaly maps out.
 
 use crate::config::Config;
-use crate::engine::{DetectOptions, Detection, Device, Engine, Progress, VolumeDetection};
+use crate::engine::{DetectOptions, Detection, Device, Progress, VolumeDetection, Weights};
 use crate::inputs::{self, Origin, Prepared};
 use crate::io::{absolute, volume};
 use crate::io::{atomic::Staged, npy};
-use crate::overlay;
 use crate::precision::Precision;
 use crate::sampler::Phase;
 use crate::slices::SliceRange;
+use crate::{montage, overlay, slices};
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -83,7 +83,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         .transpose()?;
 
     let t_load = Instant::now();
-    let engine = args.model.engine(args.device, args.precision).build()?;
+    let engine = args.model.engine(args.device, args.precision)?.build()?;
     let load_s = t_load.elapsed().as_secs_f64();
 
     // Fail on an unwritable output before the long part, not after it.
@@ -130,8 +130,8 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let summary = json!({
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "inputs": {
-            "config": absolute(&args.model.config), "unet": absolute(&args.model.unet),
-            "classifier": absolute(&classifier_file(&engine)),
+            "config": absolute(&args.model.config), "unet": absolute(&file(engine.unet_weights())),
+            "classifier": absolute(&file(engine.classifier_weights())),
             "flair": absolute(&args.flair), "t1": absolute(&args.t1), "mask": args.mask.as_deref().map(absolute),
             "slices": s, "height": size, "width": size,
             "slice_range": match &inputs.origin { Origin::Volume { range, .. } => Some(range.to_string()), _ => None },
@@ -168,27 +168,22 @@ struct Written {
     batch: usize,
 }
 
+/// The slices a montage may show and the peaks on their grid.
+type Shown = (Vec<montage::Slice>, Vec<montage::Peak>);
+
 /// Writes the maps in the input's form: volumes on its grid with an overlay per slice, or
-/// `.npy` arrays (with an overlay for a PNG slice).
+/// `.npy` arrays (with an overlay for a PNG slice); a montage for a volume or a PNG slice.
 fn write_maps(staged: &mut Staged, inputs: &Prepared, det: Detection) -> Result<Written> {
     let size = det.anomaly.shape[1];
-    let hw = size * size;
     let s = inputs.slices();
-    let overlay = |staged: &mut Staged, det: &Detection, name: &str, i: usize| -> Result<()> {
-        let mask = inputs.mask.as_ref().map(|m| &m[i * hw..(i + 1) * hw]);
-        let png = overlay::overlay_png(
-            &inputs.flair.data[i * hw..(i + 1) * hw],
-            &det.anomaly.data[i * hw..(i + 1) * hw],
-            mask,
-            size,
-            size,
-        )?;
-        staged.write(name, &png)
-    };
     let mut files = serde_json::Map::new();
     let (steps, guidance, batch) = (det.steps, det.guidance, det.batch);
-    let peaks = match &inputs.origin {
-        Origin::Volume { flair, range } => {
+    let (peaks, shown): (Vec<serde_json::Value>, Option<Shown>) = match &inputs.origin {
+        Origin::Volume {
+            flair,
+            lesion,
+            range,
+        } => {
             let vd = VolumeDetection::new(inputs, det)?;
             staged.write(
                 "anomaly.nii.gz",
@@ -198,23 +193,48 @@ fn write_maps(staged: &mut Staged, inputs: &Prepared, det: Detection) -> Result<
                 "pseudo_healthy.nii.gz",
                 &volume::encode_like(flair, &vd.pseudo_healthy.data)?,
             )?;
-            for i in 0..s {
-                let name = format!("overlays/slice_{:03}.png", range.first + i);
-                overlay(staged, &vd.network, &name, i)?;
+            let [nx, ny, _] = flair.dims;
+            let plane = nx * ny;
+            let mut shown = Vec::with_capacity(s);
+            for z in range.first..=range.last {
+                let lesion = lesion.as_ref().map(|l| &l[z * plane..(z + 1) * plane]);
+                let slice = shown_slice(
+                    &slices::axial(flair, z),
+                    &slices::axial(&vd.anomaly, z),
+                    lesion,
+                    (ny, nx),
+                    Some(z),
+                )?;
+                staged.write(
+                    &format!("overlays/slice_{z:03}.png"),
+                    &overlay::png(&slice.overlay)?,
+                )?;
+                shown.push(slice);
             }
+            let marks = vd
+                .peaks
+                .iter()
+                .map(|p| montage::Peak {
+                    slice: p.slice - range.first,
+                    x: p.voxel_x.round() as u32,
+                    y: p.voxel_y.round() as u32,
+                })
+                .collect();
             files.insert("anomaly".into(), json!("anomaly.nii.gz"));
             files.insert("pseudo_healthy".into(), json!("pseudo_healthy.nii.gz"));
             files.insert(
                 "overlays".into(),
-                json!("overlays/slice_ZZZ.png (network grid)"),
+                json!("overlays/slice_ZZZ.png (the input's grid)"),
             );
-            vd.peaks
+            let peaks = vd
+                .peaks
                 .iter()
                 .map(|p| {
                     json!({"slice": p.slice, "voxel_x": p.voxel_x, "voxel_y": p.voxel_y,
                            "world_mm": p.world_mm, "score": p.score})
                 })
-                .collect()
+                .collect();
+            (peaks, Some((shown, marks)))
         }
         Origin::Slices | Origin::Png { .. } => {
             staged.write(
@@ -227,16 +247,53 @@ fn write_maps(staged: &mut Staged, inputs: &Prepared, det: Detection) -> Result<
             )?;
             files.insert("pseudo_healthy".into(), json!("pseudo_healthy.npy"));
             files.insert("anomaly".into(), json!("anomaly.npy"));
-            if matches!(inputs.origin, Origin::Png { .. }) {
-                overlay(staged, &det, "overlay.png", 0)?;
-                files.insert("overlay".into(), json!("overlay.png"));
-            }
-            det.peaks
+            let shown = if let Origin::Png {
+                height,
+                width,
+                flair,
+                lesion,
+            } = &inputs.origin
+            {
+                let (h, w) = (*height, *width);
+                let anomaly = slices::resize_bilinear(&det.anomaly.data, size, size, h, w);
+                let slice = shown_slice(flair, &anomaly, lesion.as_deref(), (h, w), None)?;
+                staged.write("overlay.png", &overlay::png(&slice.overlay)?)?;
+                let marks = det
+                    .peaks
+                    .iter()
+                    .map(|p| {
+                        let (x, y) = slices::network_to_voxel(p.row, p.col, size, w, h);
+                        montage::Peak {
+                            slice: 0,
+                            x: x.round() as u32,
+                            y: y.round() as u32,
+                        }
+                    })
+                    .collect();
+                files.insert("overlay".into(), json!("overlay.png (the PNG's size)"));
+                Some((vec![slice], marks))
+            } else {
+                None
+            };
+            let peaks = det
+                .peaks
                 .iter()
                 .map(|p| json!({"slice": p.slice, "row": p.row, "col": p.col, "score": p.score}))
-                .collect()
+                .collect();
+            (peaks, shown)
         }
     };
+    if let Some((tiles, marks)) = shown {
+        let png = overlay::png(&montage::montage(&tiles, &marks)?)?;
+        staged.write("montage.png", &png)?;
+        files.insert(
+            "montage".into(),
+            json!(
+                "montage.png (overlays of the slices of the strongest peaks and the largest \
+                 lesions, the peaks numbered by their rank in peaks)"
+            ),
+        );
+    }
     Ok(Written {
         files,
         peaks,
@@ -246,10 +303,26 @@ fn write_maps(staged: &mut Staged, inputs: &Prepared, det: Detection) -> Result<
     })
 }
 
-/// The classifier checkpoint the engine loaded.
-fn classifier_file(engine: &Engine) -> std::path::PathBuf {
-    match engine.classifier_weights() {
-        crate::engine::Weights::File(p) => p.clone(),
-        crate::engine::Weights::Random(_) => "random weights".into(),
+/// One slice at the input's resolution (`(h, w)`, row-major) ready for the montage, its
+/// overlay made of the FLAIR, the anomaly map and the lesion on that grid.
+fn shown_slice(
+    flair: &[f32],
+    anomaly: &[f32],
+    lesion: Option<&[bool]>,
+    (h, w): (usize, usize),
+    label: Option<usize>,
+) -> Result<montage::Slice> {
+    Ok(montage::Slice {
+        overlay: overlay::overlay(flair, anomaly, lesion, h, w)?,
+        label,
+        lesion_pixels: lesion.map_or(0, |l| l.iter().filter(|&&v| v).count()),
+    })
+}
+
+/// The checkpoint of weights the engine loaded.
+fn file(weights: &Weights) -> PathBuf {
+    match weights {
+        Weights::File(p) => p.clone(),
+        Weights::Random(_) => "random weights".into(),
     }
 }

@@ -1,17 +1,20 @@
 //! `fcd eval`: a dataset in, per-slice results and the set's metrics (SPEC 8) out; also a
 //! shard of it, the merge of the shards, and their status.
 
-use crate::engine::{self, Device, Engine};
-use crate::eval::{self, Job, Settings, Shard};
+use crate::config::Config;
+use crate::engine::{self, Device};
+use crate::eval::{self, Job, Maps, Sampling, Settings, Shard};
 use crate::metrics::Evaluation;
 use crate::precision::Precision;
 use crate::slices::SliceRange;
 use anyhow::{bail, ensure, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 #[derive(Args)]
+// The FLAIR baseline runs no network: --unet is checked here for the diffusion model only.
+#[command(mut_arg("unet", |a| a.required(false)))]
 pub struct EvalArgs {
     // Absent with --merge and --status, which are exclusive and so waive required arguments.
     #[command(flatten)]
@@ -35,6 +38,11 @@ pub struct EvalArgs {
     /// Say how far each shard of the sharded evaluation in DIR got.
     #[arg(long, value_name = "DIR", exclusive = true)]
     status: Option<PathBuf>,
+    /// The anomaly maps evaluated: the guided diffusion model's, or the naive baseline's,
+    /// the FLAIR itself min-max normalised per slice on the network's grid (no checkpoints;
+    /// the sampler's flags are ignored).
+    #[arg(long, value_enum, default_value_t = AnomalyMap::Diffusion)]
+    anomaly_map: AnomalyMap,
     /// Noise level N (default: the config's noise_level).
     #[arg(long)]
     steps: Option<usize>,
@@ -76,6 +84,13 @@ pub struct EvalArgs {
     /// Also write each slice's anomaly map to OUT/maps/<id>.npy.
     #[arg(long)]
     save_maps: bool,
+}
+
+/// `--anomaly-map`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AnomalyMap {
+    Diffusion,
+    Flair,
 }
 
 /// `--devices`: where the sampling workers run. CPU and GPU workers are not mixed: their
@@ -142,23 +157,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
-        bail!("fcd eval needs --config, --unet, --data and --out (or --merge / --status)");
+        bail!("fcd eval needs --config, --data and --out (or --merge / --status)");
     };
-    let workers = match &args.devices {
-        Some(list) => list.workers()?,
-        None => vec![(args.device, 0)],
-    };
-    let mut engines = workers
-        .into_iter()
-        .map(|(device, gpu)| model.engine(device, args.precision).gpu(gpu).build())
-        .collect::<Result<Vec<Engine>>>()?;
-    let config = engines[0].config();
-    let (steps, guidance) = engines[0].resolve(args.steps, args.guidance)?;
-    let threshold = args.threshold.unwrap_or(config.defaults.threshold);
-    ensure!(
-        (0.0..=1.0).contains(&threshold),
-        "--threshold {threshold} must be in [0, 1] (anomaly maps are)"
-    );
     ensure!(
         args.radius.is_finite() && args.radius >= 0.0,
         "--radius {} must be a finite number >= 0",
@@ -168,16 +168,52 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(shard) => Some(shard),
         None => Shard::from_slurm(|name| std::env::var(name).ok())?,
     };
+    let mut engines = Vec::new();
+    let (maps, default_threshold) = match args.anomaly_map {
+        AnomalyMap::Diffusion => {
+            let workers = match &args.devices {
+                Some(list) => list.workers()?,
+                None => vec![(args.device, 0)],
+            };
+            for (device, gpu) in workers {
+                engines.push(model.engine(device, args.precision)?.gpu(gpu).build()?);
+            }
+            let threshold = engines[0].config().defaults.threshold;
+            let (steps, guidance) = engines[0].resolve(args.steps, args.guidance)?;
+            let sampling = Sampling {
+                steps,
+                guidance,
+                hist_match: !args.no_hist_match,
+                seed: args.seed,
+            };
+            (
+                Maps::Diffusion {
+                    engines: &mut engines,
+                    sampling,
+                },
+                threshold,
+            )
+        }
+        AnomalyMap::Flair => {
+            let config = Config::load(&model.config)?;
+            let maps = Maps::Flair {
+                config: &model.config,
+                image_size: config.unet.image_size,
+            };
+            (maps, config.defaults.threshold)
+        }
+    };
+    let threshold = args.threshold.unwrap_or(default_threshold);
+    ensure!(
+        (0.0..=1.0).contains(&threshold),
+        "--threshold {threshold} must be in [0, 1] (anomaly maps are)"
+    );
     let job = Job {
         data,
         out,
         settings: Settings {
-            steps,
-            guidance,
-            hist_match: !args.no_hist_match,
             threshold,
             radius: args.radius,
-            seed: args.seed,
             slices: args.slices,
             batch: args.batch,
         },
@@ -185,7 +221,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         save_maps: args.save_maps,
         shard,
     };
-    let report = eval::run(&mut engines, &job)?;
+    let report = eval::run(maps, &job)?;
     if let Some(shard) = shard {
         print!("shard {shard}: ");
     }

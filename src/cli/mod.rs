@@ -7,7 +7,7 @@ mod inspect;
 
 use crate::engine::{Device, Engine, EngineBuilder};
 use crate::precision::Precision;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -59,8 +59,9 @@ pub struct ModelArgs {
     #[arg(long)]
     config: PathBuf,
     /// UNet checkpoint (.pt or .safetensors).
-    #[arg(long)]
-    unet: PathBuf,
+    // Optional only where a command says so (`fcd eval --anomaly-map flair`).
+    #[arg(long, required = true)]
+    unet: Option<PathBuf>,
     /// Classifier checkpoint (default: the config's classifier ckpt_path).
     #[arg(long)]
     classifier: Option<PathBuf>,
@@ -68,14 +69,18 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// The engine these files describe, on `device` in `precision`.
-    fn engine(&self, device: Device, precision: Precision) -> EngineBuilder {
+    fn engine(&self, device: Device, precision: Precision) -> Result<EngineBuilder> {
+        let unet = self
+            .unet
+            .as_ref()
+            .context("--unet is needed to run the networks")?;
         let b = Engine::builder(&self.config)
-            .unet(&self.unet)
+            .unet(unet)
             .device(device)
             .precision(precision);
-        match &self.classifier {
+        Ok(match &self.classifier {
             Some(c) => b.classifier(c),
             None => b,
-        }
+        })
     }
 }

@@ -37,7 +37,7 @@ pub struct VolumeDetection {
 impl VolumeDetection {
     /// Maps `det` back onto the volume `inputs` came from.
     pub fn new(inputs: &Prepared, det: Detection) -> Result<VolumeDetection> {
-        let Origin::Volume { flair, range } = &inputs.origin else {
+        let Origin::Volume { flair, range, .. } = &inputs.origin else {
             bail!("internal: volume results asked for slices that did not come from a volume");
         };
         let range = *range;

@@ -4,7 +4,7 @@
 //! writes it when it finishes, so a shard's metrics.json says that the shard is done.
 
 use super::rows::{csv_text, Fnv1a, Row};
-use super::{Job, ModelFiles, MAPS_DIR, METRICS_FILE, RECORDS_FILE, RUN_FILE, SLICES_FILE};
+use super::{Job, Maps, ModelFiles, MAPS_DIR, METRICS_FILE, RECORDS_FILE, RUN_FILE, SLICES_FILE};
 use crate::io::absolute;
 use crate::io::atomic::write_atomic;
 use crate::io::dataset::Problem;
@@ -16,6 +16,10 @@ use serde_json::{json, Value};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+/// The `anomaly_map` of metrics.json: the guided model's maps, or the FLAIR baseline's.
+const DIFFUSION: &str = "diffusion";
+const FLAIR: &str = "flair";
 
 fn file_hash(path: &Path) -> Result<String> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -35,28 +39,40 @@ fn file_hash(path: &Path) -> Result<String> {
 
 /// The part of run.json a resumed run must match, passed through JSON text once so that it
 /// compares equal to the same key read back from the file.
-pub(super) fn run_key(files: &ModelFiles, job: &Job) -> Result<Value> {
+pub(super) fn run_key(maps: &Maps, job: &Job) -> Result<Value> {
     let s = &job.settings;
-    let key = json!({
-        "config_fnv1a": file_hash(files.config)?,
-        "unet_fnv1a": file_hash(files.unet)?,
-        "classifier_fnv1a": file_hash(files.classifier)?,
+    let (config, size) = maps.grid()?;
+    let mut key = json!({
         "data": absolute(job.data),
-        "image_size": files.image_size,
-        "steps": s.steps,
-        "guidance": s.guidance,
-        "hist_match": s.hist_match,
+        "image_size": size,
         "threshold": s.threshold,
         "radius": s.radius,
-        "seed": s.seed,
         "slices": format!("{}:{}", s.slices.first, s.slices.last),
     });
-    // fp32 runs keep the key they had before precisions existed.
-    let mut key = key;
-    if files.precision != Precision::Fp32 {
-        key["precision"] = json!(files.precision.label());
+    match maps {
+        Maps::Diffusion { engines, sampling } => {
+            let files = ModelFiles::of(engines)?;
+            key["config_fnv1a"] = json!(file_hash(config)?);
+            key["unet_fnv1a"] = json!(file_hash(files.unet)?);
+            key["classifier_fnv1a"] = json!(file_hash(files.classifier)?);
+            key["steps"] = json!(sampling.steps);
+            key["guidance"] = json!(sampling.guidance);
+            key["hist_match"] = json!(sampling.hist_match);
+            key["seed"] = json!(sampling.seed);
+            // fp32 runs keep the key they had before precisions existed.
+            if files.precision != Precision::Fp32 {
+                key["precision"] = json!(files.precision.label());
+            }
+        }
+        // Diffusion runs keep the key they had before the baseline existed.
+        Maps::Flair { .. } => key["anomaly_map"] = json!(FLAIR),
     }
     Ok(serde_json::from_str(&key.to_string())?)
+}
+
+/// What the anomaly maps of the run with this key were: [`FLAIR`] or [`DIFFUSION`].
+fn anomaly_map(key: &Value) -> &str {
+    key["anomaly_map"].as_str().unwrap_or(DIFFUSION)
 }
 
 /// The key in the run.json of `dir`, `None` when no run started there.
@@ -268,15 +284,18 @@ impl Sink {
     }
 }
 
-/// Rewrites slices.csv in id order and writes metrics.json with the bad cases.
+/// Rewrites slices.csv in id order and writes metrics.json with the bad cases and the
+/// anomaly maps of the run with `key`.
 pub(super) fn finish<'a>(
     out: &Path,
+    key: &Value,
     rows: impl Iterator<Item = &'a Row>,
     evaluation: &Evaluation,
     bad: &[Problem],
 ) -> Result<()> {
     write_atomic(&out.join(SLICES_FILE), csv_text(rows).as_bytes())?;
     let mut metrics = serde_json::to_value(evaluation)?;
+    metrics["anomaly_map"] = json!(anomaly_map(key));
     metrics["n_bad_cases"] = json!(bad.len());
     metrics["bad_cases"] = bad
         .iter()

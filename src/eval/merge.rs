@@ -201,7 +201,7 @@ pub fn merge(out: &Path) -> Result<Merged> {
     }
     bad_cases.sort_by(|a, b| a.id.cmp(&b.id));
     let evaluation = metrics::summarize(rows.values().map(|r| &r.counts), threshold, radius);
-    ledger::finish(out, rows.values(), &evaluation, &bad_cases)?;
+    ledger::finish(out, &key, rows.values(), &evaluation, &bad_cases)?;
     Ok(Merged {
         evaluation,
         bad_cases,

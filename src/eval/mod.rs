@@ -53,27 +53,59 @@ pub const SLICES_FILE: &str = "slices.csv";
 pub const METRICS_FILE: &str = "metrics.json";
 pub const MAPS_DIR: &str = "maps";
 
-/// What the results depend on, besides the inputs.
+/// What the results depend on, besides the inputs and the anomaly maps' source.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
+    /// Dice threshold on the anomaly map.
+    pub threshold: f64,
+    /// Peak suppression and recall radius in pixels.
+    pub radius: f64,
+    /// Axial slices of NIfTI cases.
+    pub slices: SliceRange,
+    /// Slices per batch (does not change results); None: the engines'
+    /// [`Engine::auto_batch`], or `DEFAULT_BATCH` where no backend has a memory budget.
+    pub batch: Option<usize>,
+}
+
+/// The guided sampler's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
     /// Noise level N.
     pub steps: usize,
     /// Classifier guidance scale s.
     pub guidance: f64,
     pub hist_match: bool,
-    /// Dice threshold on the anomaly map.
-    pub threshold: f64,
-    /// Peak suppression and recall radius in pixels.
-    pub radius: f64,
     pub seed: u64,
-    /// Axial slices of NIfTI cases.
-    pub slices: SliceRange,
-    /// Slices per call of the sampler (does not change results); None: the engine's
-    /// [`Engine::auto_batch`], or `DEFAULT_BATCH` where the backend has no memory budget.
-    pub batch: Option<usize>,
 }
 
-/// Slices per sampler call on a backend without a memory budget (the CPU).
+/// Where an evaluation's anomaly maps come from.
+pub enum Maps<'a> {
+    /// The classifier-guided diffusion model: one sampling worker per engine (they must all
+    /// hold the same model).
+    Diffusion {
+        engines: &'a mut [Engine],
+        sampling: Sampling,
+    },
+    /// The naive baseline: the FLAIR itself, `norm01(x0)` (the normalised slice min-max
+    /// scaled to [0, 1]) on the network's `image_size` grid; no network runs. `config` is
+    /// the config that size came from.
+    Flair { config: &'a Path, image_size: usize },
+}
+
+impl Maps<'_> {
+    /// The config and the side of the network's grid.
+    fn grid(&self) -> Result<(&Path, usize)> {
+        match self {
+            Maps::Diffusion { engines, .. } => {
+                let files = ModelFiles::of(engines)?;
+                Ok((files.config, files.image_size))
+            }
+            Maps::Flair { config, image_size } => Ok((config, *image_size)),
+        }
+    }
+}
+
+/// Slices per batch where no backend has a memory budget (the CPU, the FLAIR baseline).
 pub const DEFAULT_BATCH: usize = 8;
 
 /// One evaluation run.
@@ -102,7 +134,7 @@ impl Job<'_> {
 /// What a run did.
 #[derive(Clone, Debug)]
 pub struct Report {
-    /// Slices run through the sampler by this run.
+    /// Slices evaluated by this run.
     pub evaluated: usize,
     /// Slices whose records came from earlier runs.
     pub earlier: usize,
@@ -110,7 +142,7 @@ pub struct Report {
     pub evaluation: Evaluation,
 }
 
-/// The files an evaluation's results depend on.
+/// The files the diffusion model's results depend on.
 struct ModelFiles<'a> {
     config: &'a Path,
     unet: &'a Path,
@@ -120,7 +152,9 @@ struct ModelFiles<'a> {
 }
 
 impl<'a> ModelFiles<'a> {
-    fn of(engine: &'a Engine) -> Result<Self> {
+    /// The files of the model `engines` hold (the first engine's: they all hold one model).
+    fn of(engines: &'a [Engine]) -> Result<Self> {
+        let engine = engines.first().context("an evaluation needs an engine")?;
         let file = |w: &'a Weights| match w {
             Weights::File(p) => Ok(p.as_path()),
             Weights::Random(_) => bail!("an evaluation needs checkpoints, not random weights"),
@@ -135,25 +169,23 @@ impl<'a> ModelFiles<'a> {
     }
 }
 
-/// Runs the evaluation on `engines` (one worker each; they must all hold the same model) and
-/// writes its outputs.
-pub fn run(engines: &mut [Engine], job: &Job) -> Result<Report> {
+/// Runs the evaluation with anomaly maps from `maps` and writes its outputs.
+pub fn run(mut maps: Maps, job: &Job) -> Result<Report> {
     let s = &job.settings;
-    let files = ModelFiles::of(engines.first().context("an evaluation needs an engine")?)?;
-    let size = files.image_size;
+    let (config, size) = maps.grid()?;
     let mut ds = dataset::discover(job.data)?;
     if let Some(shard) = job.shard {
         ds.cases.retain(|c| shard.owns(&c.id));
         ds.problems.retain(|p| shard.owns(&p.id));
     }
     let dir = job.dir();
-    let key = ledger::run_key(&files, job)?;
+    let key = ledger::run_key(&maps, job)?;
     let (mut rows, truncate) = earlier_rows(job, &dir, &ds.cases, &key)?;
     let earlier = rows.len();
-    let batch = match s.batch {
-        Some(0) => bail!("--batch must be at least 1"),
-        Some(b) => b,
-        None => engines
+    let batch = match (s.batch, &maps) {
+        (Some(0), _) => bail!("--batch must be at least 1"),
+        (Some(b), _) => b,
+        (None, Maps::Diffusion { engines, .. }) => engines
             .iter()
             .map(Engine::auto_batch)
             .collect::<Result<Vec<_>>>()?
@@ -161,18 +193,27 @@ pub fn run(engines: &mut [Engine], job: &Job) -> Result<Report> {
             .flatten()
             .min()
             .unwrap_or(DEFAULT_BATCH),
+        (None, Maps::Flair { .. }) => DEFAULT_BATCH,
     };
-    let devices: Vec<String> = engines.iter().map(Engine::device).collect();
     let mut run_json = json!({
         "fcd_version": env!("CARGO_PKG_VERSION"),
         "key": key,
-        "paths": {
-            "config": absolute(files.config), "unet": absolute(files.unet),
-            "classifier": absolute(files.classifier), "data": absolute(job.data),
-        },
-        "device": devices.join(", "),
         "batch": batch,
     });
+    let mut paths = json!({"config": absolute(config), "data": absolute(job.data)});
+    let device = match &maps {
+        Maps::Diffusion { engines, .. } => {
+            let files = ModelFiles::of(engines)?;
+            paths["unet"] = json!(absolute(files.unet));
+            paths["classifier"] = json!(absolute(files.classifier));
+            let devices: Vec<String> = engines.iter().map(Engine::device).collect();
+            devices.join(", ")
+        }
+        // The baseline's few operations per slice run on the CPU.
+        Maps::Flair { .. } => "cpu".to_string(),
+    };
+    run_json["paths"] = paths;
+    run_json["device"] = json!(device);
     if let Some(shard) = job.shard {
         run_json["shard"] = json!(shard.to_string());
     }
@@ -180,14 +221,14 @@ pub fn run(engines: &mut [Engine], job: &Job) -> Result<Report> {
     for p in &ds.problems {
         eprintln!("skipped {}: {}", p.id, p.reason);
     }
-    let sampled = sampling::sample(engines, s, size, batch, &ds.cases, &rows, &mut sink)?;
+    let sampled = sampling::sample(&mut maps, s, size, batch, &ds.cases, &rows, &mut sink)?;
     let evaluated = sampled.rows.len();
     rows.extend(sampled.rows.into_iter().map(|r| (r.id.clone(), r)));
     let mut bad = ds.problems;
     bad.extend(sampled.bad);
     bad.sort_by(|a, b| a.id.cmp(&b.id));
     let evaluation = metrics::summarize(rows.values().map(|r| &r.counts), s.threshold, s.radius);
-    ledger::finish(&dir, rows.values(), &evaluation, &bad)?;
+    ledger::finish(&dir, &key, rows.values(), &evaluation, &bad)?;
     // metrics.json records the bad cases, but metrics of no slice are no result. A shard
     // may own only bad cases: the merge reports on the whole run.
     if rows.is_empty() && job.shard.is_none() {

@@ -1,15 +1,16 @@
 //! The sampling part of a run: the calling thread prepares the cases and cuts their slices
-//! into batches, and one worker thread per engine (a GPU each, or CPU workers) takes the next
-//! batch as it frees up and hands its rows to the ledger. Which worker ran a batch, and in
+//! into batches, and one worker thread per engine (a GPU each, or CPU workers; one for the
+//! FLAIR baseline) takes the next batch as it frees up and hands its rows to the ledger. Which worker ran a batch, and in
 //! which order batches finished, changes nothing in slices.csv or metrics.json: a slice's
 //! noise comes from its id, and both files are written in id order at the end.
 
 use super::ledger::Sink;
 use super::rows::{case_slice_ids, slice_id, slice_seed, Row};
-use super::Settings;
+use super::{Maps, Sampling, Settings};
 use crate::engine::{seeded_noise, DetectOptions, Engine};
 use crate::inputs::{self, Prepared};
 use crate::io::dataset::{Case, Problem};
+use crate::post;
 use crate::slices::SliceRange;
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
@@ -41,9 +42,10 @@ struct Collected<'a> {
     rows: Vec<Row>,
 }
 
-/// Evaluates every slice of `cases` not in `done`, `batch` at a time over `engines`.
+/// Evaluates every slice of `cases` not in `done`, `batch` at a time, with anomaly maps from
+/// `maps`.
 pub(super) fn sample(
-    engines: &mut [Engine],
+    maps: &mut Maps,
     s: &Settings,
     size: usize,
     batch: usize,
@@ -60,8 +62,18 @@ pub(super) fn sample(
     bar.set_style(ProgressStyle::with_template(
         "[{bar:40}] {pos}/{len} slices, {elapsed} (eta {eta})",
     )?);
+    let mappers: Vec<Mapper> = match maps {
+        Maps::Diffusion { engines, sampling } => {
+            let sampling: &Sampling = sampling;
+            engines
+                .iter_mut()
+                .map(|engine| Mapper::Diffusion(engine, sampling))
+                .collect()
+        }
+        Maps::Flair { .. } => vec![Mapper::Flair],
+    };
     // One batch waiting per worker keeps every worker fed while cases are read.
-    let (tx, rx) = sync_channel::<Vec<Slice>>(engines.len());
+    let (tx, rx) = sync_channel::<Vec<Slice>>(mappers.len());
     // The workers own the receiver: when the last one stops, sending fails and the producer
     // stops too.
     let rx = Arc::new(Mutex::new(rx));
@@ -72,9 +84,9 @@ pub(super) fn sample(
     let failed = AtomicBool::new(false);
     let mut bad = Vec::new();
     thread::scope(|scope| -> Result<()> {
-        let workers: Vec<_> = engines
-            .iter_mut()
-            .map(|engine| {
+        let workers: Vec<_> = mappers
+            .into_iter()
+            .map(|mapper| {
                 let worker = Worker {
                     settings: s,
                     size,
@@ -83,7 +95,7 @@ pub(super) fn sample(
                     failed: &failed,
                     bar: &bar,
                 };
-                scope.spawn(move || worker.run(engine))
+                scope.spawn(move || worker.run(mapper))
             })
             .collect();
         drop(rx);
@@ -148,9 +160,8 @@ struct Worker<'a, 'b> {
 }
 
 impl Worker<'_, '_> {
-    /// Samples batches on `engine` until there are none left or some worker failed.
-    fn run(self, engine: &mut Engine) -> Result<()> {
-        let engine: &Engine = engine;
+    /// Maps batches with `mapper` until there are none left or some worker failed.
+    fn run(self, mapper: Mapper) -> Result<()> {
         loop {
             let next = self
                 .jobs
@@ -163,7 +174,7 @@ impl Worker<'_, '_> {
             if self.failed.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let done = self.one(engine, &batch);
+            let done = self.one(&mapper, &batch);
             if done.is_err() {
                 self.failed.store(true, Ordering::Relaxed);
                 return done;
@@ -171,10 +182,15 @@ impl Worker<'_, '_> {
         }
     }
 
-    fn one(&self, engine: &Engine, batch: &[Slice]) -> Result<()> {
-        let size = self.size;
-        let (new, maps) = run_batch(engine, self.settings, size, batch)?;
+    fn one(&self, mapper: &Mapper, batch: &[Slice]) -> Result<()> {
+        let (size, s) = (self.size, self.settings);
+        let maps = mapper.maps(size, batch)?;
         let maps: Vec<&[f32]> = maps.chunks_exact(size * size).collect();
+        let new: Vec<Row> = batch
+            .iter()
+            .zip(&maps)
+            .map(|(p, a)| Row::new(&p.id, a, &p.mask, size, s.threshold, s.radius))
+            .collect();
         let mut c = self
             .collected
             .lock()
@@ -183,6 +199,28 @@ impl Worker<'_, '_> {
         c.rows.extend(new);
         self.bar.inc(batch.len() as u64);
         Ok(())
+    }
+}
+
+/// What turns a batch of slices into anomaly maps, one per worker.
+enum Mapper<'a> {
+    /// The guided sampler on an engine.
+    Diffusion(&'a mut Engine, &'a Sampling),
+    /// The FLAIR baseline.
+    Flair,
+}
+
+impl Mapper<'_> {
+    /// The anomaly maps of `batch`, `[B, size, size]`.
+    fn maps(&self, size: usize, batch: &[Slice]) -> Result<Vec<f32>> {
+        match self {
+            Mapper::Diffusion(engine, sampling) => sample_batch(engine, sampling, size, batch),
+            // norm01 of the normalised slice: the FLAIR term of the anomaly map (SPEC 7).
+            Mapper::Flair => batch.iter().try_fold(Vec::new(), |mut maps, p| {
+                maps.extend(post::norm01(&post::normalize_slice(&p.flair)?));
+                Ok(maps)
+            }),
+        }
     }
 }
 
@@ -221,13 +259,8 @@ fn prepare(
         .collect())
 }
 
-/// Samples one batch; returns its rows and its anomaly maps (`[B, size, size]`).
-fn run_batch(
-    engine: &Engine,
-    s: &Settings,
-    size: usize,
-    batch: &[Slice],
-) -> Result<(Vec<Row>, Vec<f32>)> {
+/// Samples one batch; returns its anomaly maps (`[B, size, size]`).
+fn sample_batch(engine: &Engine, s: &Sampling, size: usize, batch: &[Slice]) -> Result<Vec<f32>> {
     let shape = vec![batch.len(), size, size, 1];
     let gather = |f: fn(&Slice) -> &[f32]| batch.iter().flat_map(f).copied().collect();
     let noise: Vec<f32> = batch
@@ -259,11 +292,5 @@ fn run_batch(
                 batch[batch.len() - 1].id
             )
         })?;
-    let maps = det.anomaly.data;
-    let rows = batch
-        .iter()
-        .zip(maps.chunks_exact(size * size))
-        .map(|(p, a)| Row::new(&p.id, a, &p.mask, size, s.threshold, s.radius))
-        .collect();
-    Ok((rows, maps))
+    Ok(det.anomaly.data)
 }
