@@ -474,3 +474,22 @@ fn nifti_dims_beyond_the_data_are_refused_before_allocating() {
     let e = volume::read_volume(Path::new("/dev/zero")).unwrap_err();
     assert_sentence(e, "/dev/zero", "not a regular file");
 }
+
+/// Found by the `pickle` fuzz target: a global's name with a newline in it made the error two
+/// lines. Names from the file are shown with control characters escaped.
+#[test]
+fn names_with_newlines_are_shown_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkl = b"\x80\x04\x8c\x0bcollections\x8c\x0bOrder\ndDict\x93)R.";
+    let e = fcd::io::pickle::parse(pkl).unwrap_err();
+    assert_sentence(
+        e,
+        "STACK_GLOBAL",
+        r"`collections.Order\ndDict` is not allowed",
+    );
+    let p = write(dir.path(), "nl.pt", &zip_of(&[("a/data.pkl", pkl)]));
+    let e = checkpoint::load(&p).unwrap_err();
+    assert_sentence(e, "nl.pt", r"Order\ndDict");
+    let out = fcd(&["inspect", p.to_str().unwrap()]);
+    assert_cli_error(&out, "nl.pt", r"Order\ndDict");
+}

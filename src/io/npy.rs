@@ -4,7 +4,7 @@ use super::atomic::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 /// A stack of `b` slices of `h x w` pixels, row-major, as read from an `.npy` file.
@@ -21,7 +21,14 @@ pub struct Slices {
 /// Reads slices stored as (B, 1, H, W), (B, H, W) or (H, W), float32 or float64 (rounded to
 /// float32). Fortran-ordered arrays are reordered to row-major.
 pub fn read_slices(path: &Path) -> Result<Slices> {
-    let (shape, values) = read_values(path)?;
+    let (file, len) = open(path)?;
+    read_slices_from(BufReader::new(file), len, path)
+}
+
+/// [`read_slices`] on the `len` bytes of an `.npy` file that `src` reads; `path` names it in
+/// errors.
+pub fn read_slices_from(src: impl Read, len: u64, path: &Path) -> Result<Slices> {
+    let (shape, values) = read_values(src, len, path)?;
     let (b, h, w) = match shape[..] {
         [b, 1, h, w] => (b, h, w),
         [b, h, w] => (b, h, w),
@@ -57,7 +64,8 @@ pub fn read_slices(path: &Path) -> Result<Slices> {
 /// Reads any numeric (bool, integer or float) array as float64, in row-major order, with its
 /// shape. 64-bit integers beyond 2^53 lose precision.
 pub fn read_array(path: &Path) -> Result<(Vec<usize>, Vec<f64>)> {
-    let (shape, values) = read_values(path)?;
+    let (file, len) = open(path)?;
+    let (shape, values) = read_values(BufReader::new(file), len, path)?;
     let data = match values {
         Values::F32(v) => v.into_iter().map(f64::from).collect(),
         Values::F64(v) | Values::Other(_, v) => v,
@@ -96,15 +104,20 @@ enum Values {
     Other(String, Vec<f64>),
 }
 
-fn read_values(path: &Path) -> Result<(Vec<usize>, Values)> {
+/// The file at `path` and its length, which bounds what its header may claim.
+fn open(path: &Path) -> Result<(File, u64)> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let file_len = file
+    let len = file
         .metadata()
         .ok()
         .filter(|m| m.is_file())
         .map(|m| m.len())
         .ok_or_else(|| anyhow!("{}: not a regular file", path.display()))?;
-    let npy = NpyFile::new(BufReader::new(file)).map_err(|e| {
+    Ok((file, len))
+}
+
+fn read_values(src: impl Read, file_len: u64, path: &Path) -> Result<(Vec<usize>, Values)> {
+    let npy = NpyFile::new(src).map_err(|e| {
         anyhow!(
             "{}: not a readable .npy file: {}",
             path.display(),
