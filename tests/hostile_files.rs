@@ -493,3 +493,19 @@ fn names_with_newlines_are_shown_on_one_line() {
     let out = fcd(&["inspect", p.to_str().unwrap()]);
     assert_cli_error(&out, "nl.pt", r"Order\ndDict");
 }
+
+/// Found by the `npy` fuzz target: a 200-byte header nesting 66 `{` kept npyz's parser busy
+/// for hours (its time grows about threefold per level).
+#[test]
+fn deeply_nested_npy_header_is_refused_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let dict = format!(
+        "{{'descr':{} '<f4', 'fortran_order': False, 'shape': (2,), }}",
+        "{".repeat(66)
+    );
+    let p = write(dir.path(), "deep.npy", &npy_with_header(&dict, &[0; 8]));
+    let t = std::time::Instant::now();
+    let e = fcd::io::npy::read_slices(&p).unwrap_err();
+    assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());
+    assert_sentence(e, "deep.npy", "nests 68 levels of brackets, at most 8");
+}
