@@ -163,7 +163,11 @@ pub const MAX_WEIGHT: f32 = 1e6;
 /// makes every output NaN, and a huge one a meaningless result (see [`MAX_WEIGHT`]).
 fn check_values(tensors: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
     for (k, t) in tensors {
-        let Some(i) = t.data.iter().position(|v| !(v.abs() <= MAX_WEIGHT)) else {
+        let Some(i) = t
+            .data
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > MAX_WEIGHT)
+        else {
             continue;
         };
         let v = t.data[i];
