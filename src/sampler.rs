@@ -5,7 +5,7 @@
 use crate::backend::Backend;
 use crate::ddim::DdimCoefs;
 use crate::model::Net;
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// Everything a run needs besides the images.
 pub struct Sampler<'a, B: Backend> {
@@ -122,6 +122,7 @@ impl<B: Backend> Sampler<'_, B> {
         for (t, emb) in unet_embs.iter().enumerate() {
             b.copy_into(&mut slots.unet_emb, emb)?;
             self.unet_pass(&x, cond, &mut slots)?;
+            self.finite(&slots.eps, || format!("the UNet at inversion step {t}"))?;
             b.ddim_invert(&mut x, &slots.eps, DdimCoefs::inversion(&self.abar, t))?;
             progress(Phase::Inversion, t)?;
         }
@@ -129,12 +130,28 @@ impl<B: Backend> Sampler<'_, B> {
             b.copy_into(&mut slots.unet_emb, &unet_embs[t])?;
             b.copy_into(&mut slots.cls_emb, &cls_embs[t])?;
             self.unet_pass(&x, cond, &mut slots)?;
+            self.finite(&slots.eps, || format!("the UNet at guided step {t}"))?;
             b.ddim_denoise(&mut x, &slots.eps, DdimCoefs::denoising(&self.abar, t))?;
             self.classifier_pass(&x, &y, &mut slots)?;
+            self.finite(&slots.grad, || {
+                format!("the classifier gradient at guided step {t}")
+            })?;
             b.axpy(&mut x, self.guidance, &slots.grad)?;
+            self.finite(&x, || format!("the guided update at step {t}"))?;
             progress(Phase::Guided, t)?;
         }
         Ok(x)
+    }
+
+    /// The DDIM updates clip their prediction to [-1, 1], which turns an infinite noise
+    /// prediction into a plausible image: every network output, and the guided update (a
+    /// finite gradient times the guidance may overflow), is checked where that is free (see
+    /// `Backend::cheap_non_finite`). Finite inputs to an inversion step give a finite state.
+    fn finite(&self, t: &B::T, stage: impl FnOnce() -> String) -> Result<()> {
+        match self.backend.cheap_non_finite(t) {
+            None => Ok(()),
+            found => refuse_non_finite(found, self.backend.dims(t), &stage()),
+        }
     }
 
     /// `slots.eps = unet([x, cond], slots.unet_emb)`.
@@ -155,5 +172,16 @@ impl<B: Backend> Sampler<'_, B> {
             let (_, g) = self.classifier.classifier_grad_embedded(b, x, cls_emb, y)?;
             b.copy_into(grad, &g)
         })
+    }
+}
+
+/// An error naming `stage` when `found` holds the first non-finite value (index, value) of
+/// a tensor of `shape` that stage produced.
+pub fn refuse_non_finite(found: Option<(usize, f32)>, shape: &[usize], stage: &str) -> Result<()> {
+    match found {
+        None => Ok(()),
+        Some((i, v)) => {
+            bail!("{stage} produced a non-finite value ({v} at index {i} of shape {shape:?})")
+        }
     }
 }

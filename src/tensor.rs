@@ -35,6 +35,12 @@ impl Tensor {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
+
+    /// The first NaN or infinite value, with its index.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        let i = self.data.iter().position(|v| !v.is_finite())?;
+        Some((i, self.data[i]))
+    }
 }
 
 /// Relative L2 distance `|a - b| / |b|`, accumulated in float64.

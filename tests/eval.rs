@@ -981,3 +981,95 @@ fn two_cpu_workers_give_the_one_worker_results() {
     assert_eq!(r.status.code(), Some(2));
     assert!(stderr(&r).contains("not a mix"), "{}", stderr(&r));
 }
+
+/// The first temporary file of an atomic write under `dir` (maps/ included).
+fn temporary(dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries.filter_map(|e| e.ok()).find_map(|e| {
+        let path = e.path();
+        if e.file_name().to_string_lossy().contains(".tmp-") {
+            Some(path)
+        } else if path.is_dir() {
+            temporary(&path)
+        } else {
+            None
+        }
+    })
+}
+
+/// SIGINT while `fcd eval` writes a file stops the run (exit 130) without leaving the
+/// write's temporary file behind. To land the signal inside a write, the process is frozen
+/// (SIGSTOP) when a temporary file is seen, and signalled only if the file is still there.
+#[test]
+fn sigint_while_writing_leaves_no_temporary_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    // Each slice's map is one atomic write to catch.
+    for i in 0..60 {
+        let d = data.join(format!("s{i:02}"));
+        write_png(&d.join("T1w.png"), &t1_image(SIZE, SIZE));
+        write_png(&d.join("FLAIR.png"), &flair_image(SIZE, SIZE, None));
+    }
+    let out = tmp.path().join("out");
+    let (cfg, unet, cls) = (
+        fixture("config_small.yaml"),
+        fixture("unet.pt"),
+        fixture("classifier.pt"),
+    );
+    #[rustfmt::skip]
+    let args = [
+        "eval", "--config", s(&cfg), "--unet", s(&unet), "--classifier", s(&cls),
+        "--data", s(&data), "--out", s(&out), "--device", "cpu", "--steps", "1",
+        "--batch", "1", "--save-maps",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fcd"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let signal = |sig| assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill {sig}");
+    let start = std::time::Instant::now();
+    let mut caught = None;
+    while caught.is_none() && child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed().as_secs() < 120, "no write caught");
+        let Some(file) = temporary(&out) else {
+            continue;
+        };
+        signal(libc::SIGSTOP);
+        wait_stopped(pid);
+        if file.exists() {
+            signal(libc::SIGINT);
+            caught = Some(file);
+        }
+        signal(libc::SIGCONT);
+    }
+    let caught = caught.expect("the run ended before a write was caught");
+    let r = child.wait_with_output().unwrap();
+    assert_eq!(r.status.code(), Some(130), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("interrupted by signal 2"),
+        "{}",
+        stderr(&r)
+    );
+    assert!(!caught.exists(), "{} left behind", caught.display());
+    assert_eq!(temporary(&out), None);
+}
+
+/// Returns once every thread of process `pid` is stopped (SIGSTOP takes effect later than
+/// `kill` returns).
+fn wait_stopped(pid: libc::pid_t) {
+    let stopped = || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        tasks.filter_map(|t| t.ok()).all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(") ")
+                .is_none_or(|(_, rest)| rest.starts_with('T'))
+        })
+    };
+    while !stopped() {
+        std::thread::yield_now();
+    }
+}

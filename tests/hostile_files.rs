@@ -474,3 +474,38 @@ fn nifti_dims_beyond_the_data_are_refused_before_allocating() {
     let e = volume::read_volume(Path::new("/dev/zero")).unwrap_err();
     assert_sentence(e, "/dev/zero", "not a regular file");
 }
+
+/// Found by the `pickle` fuzz target: a global's name with a newline in it made the error two
+/// lines. Names from the file are shown with control characters escaped.
+#[test]
+fn names_with_newlines_are_shown_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkl = b"\x80\x04\x8c\x0bcollections\x8c\x0bOrder\ndDict\x93)R.";
+    let e = fcd::io::pickle::parse(pkl).unwrap_err();
+    assert_sentence(
+        e,
+        "STACK_GLOBAL",
+        r"`collections.Order\ndDict` is not allowed",
+    );
+    let p = write(dir.path(), "nl.pt", &zip_of(&[("a/data.pkl", pkl)]));
+    let e = checkpoint::load(&p).unwrap_err();
+    assert_sentence(e, "nl.pt", r"Order\ndDict");
+    let out = fcd(&["inspect", p.to_str().unwrap()]);
+    assert_cli_error(&out, "nl.pt", r"Order\ndDict");
+}
+
+/// Found by the `npy` fuzz target: a 200-byte header nesting 66 `{` kept npyz's parser busy
+/// for hours (its time grows about threefold per level).
+#[test]
+fn deeply_nested_npy_header_is_refused_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let dict = format!(
+        "{{'descr':{} '<f4', 'fortran_order': False, 'shape': (2,), }}",
+        "{".repeat(66)
+    );
+    let p = write(dir.path(), "deep.npy", &npy_with_header(&dict, &[0; 8]));
+    let t = std::time::Instant::now();
+    let e = fcd::io::npy::read_slices(&p).unwrap_err();
+    assert!(t.elapsed().as_secs() < 2, "took {:?}", t.elapsed());
+    assert_sentence(e, "deep.npy", "nests 68 levels of brackets, at most 8");
+}

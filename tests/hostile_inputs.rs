@@ -251,14 +251,21 @@ fn deeply_nested_or_huge_yaml_is_refused_fast() {
 
 /// The fixture UNet as a safetensors file with every value of `tensor` replaced by `value`.
 fn unet_with(dir: &Path, tensor: &str, value: f32) -> PathBuf {
+    unet_edited(dir, |tensors| {
+        // A training checkpoint may keep the UNet under `model.`.
+        let key = tensors
+            .keys()
+            .find(|k| k.ends_with(tensor))
+            .expect("tensor")
+            .clone();
+        tensors.get_mut(&key).unwrap().data.fill(value);
+    })
+}
+
+/// The fixture UNet, changed by `edit`, as a safetensors file in `dir`.
+fn unet_edited(dir: &Path, edit: impl FnOnce(&mut fcd::io::checkpoint::TensorMap)) -> PathBuf {
     let mut tensors = fcd::io::checkpoint::load(&fixture("unet.pt")).unwrap();
-    // A training checkpoint may keep the UNet under `model.`.
-    let key = tensors
-        .keys()
-        .find(|k| k.ends_with(tensor))
-        .expect("tensor")
-        .clone();
-    tensors.get_mut(&key).unwrap().data.fill(value);
+    edit(&mut tensors);
     let (mut header, mut data) = (serde_json::Map::new(), Vec::<u8>::new());
     for (name, t) in &tensors {
         let start = data.len();
@@ -293,6 +300,33 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
         assert_one_line_error(&r, &[s(&unet), "out.2.bias", "non-finite"]);
         assert_nothing_written(&out);
     }
+}
+
+/// A finite but huge weight made the noise prediction huge, which the DDIM update's
+/// clipping turned into a plausible image (exit 0); it is refused at load. Weights within
+/// the bound can still overflow the network: the first non-finite output is named.
+#[test]
+fn huge_finite_weights_give_no_result() {
+    let (tmp, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let big = unet_with(tmp.path(), "out.2.bias", 3e38);
+    let scaled = unet_edited(other.path(), |tensors| {
+        for t in tensors.values_mut() {
+            t.data.iter_mut().for_each(|v| *v *= 1e5);
+        }
+    });
+    let (cls, flair, t1) = (
+        fixture("classifier.pt"),
+        fixture("flair_raw.npy"),
+        fixture("t1_raw.npy"),
+    );
+    let cfg = fixture("config_small.yaml");
+    let out = tmp.path().join("o");
+    let r = detect_with(&cfg, &big, &cls, (&flair, &t1), &out, &[]);
+    assert_one_line_error(&r, &[s(&big), "out.2.bias", "3e38 beyond the 1e6"]);
+    assert_nothing_written(&out);
+    let r = detect_with(&cfg, &scaled, &cls, (&flair, &t1), &out, &[]);
+    assert_one_line_error(&r, &["the UNet at inversion step 0", "non-finite"]);
+    assert_nothing_written(&out);
 }
 
 /// A guidance that would overflow the guided step is refused, naming the flag.

@@ -216,6 +216,13 @@ pub trait Backend {
     }
     /// Forgets every recording `repeat` made.
     fn end_repeats(&self) {}
+    /// The first non-finite value of `t` (index, value), where finding it takes no copy off
+    /// the device (the CPU backend). A backend for which it would returns None: the sampler
+    /// then checks only its output, once downloaded.
+    fn cheap_non_finite(&self, t: &Self::T) -> Option<(usize, f32)> {
+        let _ = t;
+        None
+    }
     fn ddim_invert(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
     fn ddim_denoise(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
     /// `x += s * g`.

@@ -297,14 +297,7 @@ fn sample<B: Backend>(
 }
 
 fn all_finite(t: &Tensor, stage: &str) -> Result<()> {
-    match t.data.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => anyhow::bail!(
-            "{stage} produced a non-finite value ({} at index {i} of shape {:?})",
-            t.data[i],
-            t.shape
-        ),
-    }
+    crate::sampler::refuse_non_finite(t.first_non_finite(), &t.shape, stage)
 }
 
 /// The strongest peaks of every slice of `anomaly` (`size x size` maps).

@@ -16,7 +16,9 @@ fn unique_suffix() -> String {
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, synced to disk
-/// and then renamed over `path`, so readers never see a partial file.
+/// and then renamed over `path`, so readers never see a partial file. A SIGINT or SIGTERM
+/// meanwhile waits for the temporary to be gone (renamed, or removed when the signal came
+/// before the rename), then stops the run with [`Interrupted`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
@@ -27,20 +29,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         unique_suffix()
     ));
+    let live = Live::new();
     let written = (|| -> Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        interrupted()?;
         fs::rename(&tmp, path)?;
         Ok(())
     })();
     if let Err(e) = written {
         // Best effort: the temporary may not exist if creating it was what failed.
         let _ = fs::remove_file(&tmp);
+        drop(live);
+        interrupted()?;
         return Err(e.context(format!("writing {}", path.display())));
     }
     sync_dir(&dir);
-    Ok(())
+    drop(live);
+    interrupted()
 }
 
 /// Files of one run, written into a hidden staging directory next to the target directory and
@@ -51,6 +58,8 @@ pub struct Staged {
     target: PathBuf,
     staging: PathBuf,
     files: Vec<PathBuf>,
+    /// Dropped after `drop` has removed the staging directory.
+    _live: Live,
 }
 
 impl Staged {
@@ -61,21 +70,18 @@ impl Staged {
             .with_context(|| format!("{}: not a directory path", target.display()))?;
         let parent = parent_dir(target);
         fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-        // Counted before it exists, so that a signal never misses it.
-        LIVE.fetch_add(1, Ordering::SeqCst);
+        let live = Live::new();
         let staging = parent.join(format!(
             ".{}.staging-{}",
             name.to_string_lossy(),
             unique_suffix()
         ));
-        if let Err(e) = fs::create_dir(&staging) {
-            LIVE.fetch_sub(1, Ordering::SeqCst);
-            return Err(e).with_context(|| format!("creating {}", staging.display()));
-        }
+        fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
         Ok(Self {
             target: target.to_path_buf(),
             staging,
             files: Vec::new(),
+            _live: live,
         })
     }
 
@@ -205,7 +211,6 @@ impl Drop for Staged {
     fn drop(&mut self) {
         // Nothing useful can be done about a failure to clean up a hidden directory.
         let _ = fs::remove_dir_all(&self.staging);
-        LIVE.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -221,8 +226,27 @@ fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(missing)
 }
 
-/// Staging directories alive in this process; a signal with none alive exits at once.
+/// Staging directories and temporary files alive in this process; a signal with none alive
+/// exits at once.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one staging directory or temporary file in [`LIVE`] while it lives. Made before
+/// the thing exists, so that a signal never misses it, and dropped after it is gone.
+#[derive(Debug)]
+struct Live;
+
+impl Live {
+    fn new() -> Self {
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 /// The signal that asked this process to stop (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 

@@ -9,7 +9,7 @@ use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::Path;
 use std::rc::Rc;
 use zip::ZipArchive;
@@ -43,7 +43,19 @@ pub fn load(path: &Path) -> Result<TensorMap> {
 /// has that key, else the tensor entries of the top-level dict. Errors are one line that
 /// starts with the file name.
 pub fn load_with_dtypes(path: &Path) -> Result<Loaded> {
-    read_any(path).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+    read_any(path).map_err(|e| anyhow!("{}: {}", path.display(), super::one_line(&e)))
+}
+
+/// Like [`load_with_dtypes`], on the bytes of a checkpoint file already in memory. Errors
+/// are one line, without a file name.
+pub fn load_bytes(bytes: &[u8]) -> Result<Loaded> {
+    let len = bytes.len() as u64;
+    match format_of(bytes, len) {
+        Ok(Format::Torch) => read_torch(Cursor::new(bytes), len),
+        Ok(Format::Safetensors) => read_safetensors(bytes),
+        Err(e) => Err(e),
+    }
+    .map_err(|e| anyhow!(super::one_line(&e)))
 }
 
 fn read_any(path: &Path) -> Result<Loaded> {
@@ -54,28 +66,41 @@ fn read_any(path: &Path) -> Result<Loaded> {
         .take(LEGACY_MAGIC.len() as u64)
         .read_to_end(&mut head)
         .context("cannot read")?;
-    if head.starts_with(ZIP_MAGIC) {
-        file.rewind().context("cannot read")?;
-        return read_torch(file);
+    file.rewind().context("cannot read")?;
+    if format_of(&head, file_len)? == Format::Torch {
+        return read_torch(BufReader::new(file), file_len);
     }
-    if head.starts_with(LEGACY_MAGIC) {
-        bail!("legacy (PyTorch < 1.6) torch.save format is not supported; re-save it with a current PyTorch");
-    }
-    // Only a plausible safetensors header earns reading the whole file.
-    ensure!(
-        looks_like_safetensors(&head, file_len),
-        "not a torch.save zip archive nor a safetensors file"
-    );
     let mut bytes = Vec::new();
     bytes
         .try_reserve_exact(file_len as usize)
         .map_err(|_| anyhow!("cannot allocate {file_len} bytes to read it"))?;
-    file.rewind().context("cannot read")?;
     // The length was checked: a file that grows meanwhile is not read past it.
     file.take(file_len)
         .read_to_end(&mut bytes)
         .context("cannot read")?;
     read_safetensors(&bytes)
+}
+
+#[derive(Debug, PartialEq)]
+enum Format {
+    Torch,
+    Safetensors,
+}
+
+/// The format of a file of `file_len` bytes that starts with `head`. Only a plausible
+/// safetensors header earns reading the whole file.
+fn format_of(head: &[u8], file_len: u64) -> Result<Format> {
+    if head.starts_with(ZIP_MAGIC) {
+        return Ok(Format::Torch);
+    }
+    if head.starts_with(LEGACY_MAGIC) {
+        bail!("legacy (PyTorch < 1.6) torch.save format is not supported; re-save it with a current PyTorch");
+    }
+    ensure!(
+        looks_like_safetensors(head, file_len),
+        "not a torch.save zip archive nor a safetensors file"
+    );
+    Ok(Format::Safetensors)
 }
 
 /// The length of a regular file; devices and pipes (`/dev/zero`) have no length to bound
@@ -156,10 +181,10 @@ fn looks_like_safetensors(head: &[u8], file_len: u64) -> bool {
     head.get(8) == Some(&b'{') && n <= file_len.saturating_sub(8)
 }
 
-fn read_torch(file: File) -> Result<Loaded> {
-    let file_len = file.metadata().context("cannot read")?.len();
-    let mut zip = ZipArchive::new(BufReader::new(file))
-        .context("not a readable zip archive (truncated or corrupt)")?;
+/// A torch.save archive of `file_len` bytes read from `src`.
+fn read_torch(src: impl Read + Seek, file_len: u64) -> Result<Loaded> {
+    let mut zip =
+        ZipArchive::new(src).context("not a readable zip archive (truncated or corrupt)")?;
     let prefix = archive_prefix(&zip)?;
 
     let byteorder = format!("{prefix}byteorder");

@@ -15,3 +15,18 @@ pub fn absolute(p: &std::path::Path) -> String {
         .display()
         .to_string()
 }
+
+/// The error's chain as one line (`a: b: c`) with its control characters escaped (a newline
+/// as `\n`): errors quote names that files hold (a pickle global, a tensor name).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

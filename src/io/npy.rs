@@ -4,7 +4,7 @@ use super::atomic::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read};
 use std::path::Path;
 
 /// A stack of `b` slices of `h x w` pixels, row-major, as read from an `.npy` file.
@@ -21,7 +21,14 @@ pub struct Slices {
 /// Reads slices stored as (B, 1, H, W), (B, H, W) or (H, W), float32 or float64 (rounded to
 /// float32). Fortran-ordered arrays are reordered to row-major.
 pub fn read_slices(path: &Path) -> Result<Slices> {
-    let (shape, values) = read_values(path)?;
+    let (file, len) = open(path)?;
+    read_slices_from(BufReader::new(file), len, path)
+}
+
+/// [`read_slices`] on the `len` bytes of an `.npy` file that `src` reads; `path` names it in
+/// errors.
+pub fn read_slices_from(src: impl Read, len: u64, path: &Path) -> Result<Slices> {
+    let (shape, values) = read_values(src, len, path)?;
     let (b, h, w) = match shape[..] {
         [b, 1, h, w] => (b, h, w),
         [b, h, w] => (b, h, w),
@@ -57,7 +64,8 @@ pub fn read_slices(path: &Path) -> Result<Slices> {
 /// Reads any numeric (bool, integer or float) array as float64, in row-major order, with its
 /// shape. 64-bit integers beyond 2^53 lose precision.
 pub fn read_array(path: &Path) -> Result<(Vec<usize>, Vec<f64>)> {
-    let (shape, values) = read_values(path)?;
+    let (file, len) = open(path)?;
+    let (shape, values) = read_values(BufReader::new(file), len, path)?;
     let data = match values {
         Values::F32(v) => v.into_iter().map(f64::from).collect(),
         Values::F64(v) | Values::Other(_, v) => v,
@@ -96,15 +104,21 @@ enum Values {
     Other(String, Vec<f64>),
 }
 
-fn read_values(path: &Path) -> Result<(Vec<usize>, Values)> {
+/// The file at `path` and its length, which bounds what its header may claim.
+fn open(path: &Path) -> Result<(File, u64)> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let file_len = file
+    let len = file
         .metadata()
         .ok()
         .filter(|m| m.is_file())
         .map(|m| m.len())
         .ok_or_else(|| anyhow!("{}: not a regular file", path.display()))?;
-    let npy = NpyFile::new(BufReader::new(file)).map_err(|e| {
+    Ok((file, len))
+}
+
+fn read_values(mut src: impl Read, file_len: u64, path: &Path) -> Result<(Vec<usize>, Values)> {
+    let head = read_header(&mut src, file_len).with_context(|| path.display().to_string())?;
+    let npy = NpyFile::new(Cursor::new(head).chain(src)).map_err(|e| {
         anyhow!(
             "{}: not a readable .npy file: {}",
             path.display(),
@@ -150,6 +164,47 @@ fn read_values(path: &Path) -> Result<(Vec<usize>, Values)> {
         (Order::Fortran, Values::Other(d, v)) => Values::Other(d, fortran_to_c(&v, &shape)),
     };
     Ok((shape, values))
+}
+
+/// How deeply the header's dict may nest brackets. numpy writes 2 levels for a plain dtype
+/// and a few more for a structured one; npyz's parser takes time exponential in the depth
+/// (a 200-byte header of 66 `{` ran for hours, found by the `npy` fuzz target).
+const MAX_HEADER_NESTING: usize = 8;
+
+/// The start of an `.npy` stream up to the end of its header (as much as there is of it),
+/// to be parsed again by npyz; refused when the header nests too deeply.
+fn read_header(src: &mut impl Read, file_len: u64) -> Result<Vec<u8>> {
+    // Magic (6 bytes), version (2), then the header's length: 2 bytes in version 1, else 4.
+    let mut head = Vec::new();
+    src.take(10).read_to_end(&mut head).context("cannot read")?;
+    // Not an .npy file, or too short for one: npyz says what is wrong.
+    let len = match head[..] {
+        [0x93, b'N', b'U', b'M', b'P', b'Y', 1, _, a, b] => u64::from(u16::from_le_bytes([a, b])),
+        [0x93, b'N', b'U', b'M', b'P', b'Y', _, _, a, b] => {
+            let mut more = [0u8; 2];
+            src.read_exact(&mut more).context("cannot read")?;
+            head.extend(more);
+            u64::from(u32::from_le_bytes([a, b, more[0], more[1]]))
+        }
+        _ => return Ok(head),
+    };
+    src.take(len.min(file_len))
+        .read_to_end(&mut head)
+        .context("cannot read")?;
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for &c in &head {
+        match c {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        deepest = deepest.max(depth);
+    }
+    ensure!(
+        deepest <= MAX_HEADER_NESTING,
+        "the .npy header nests {deepest} levels of brackets, at most {MAX_HEADER_NESTING}"
+    );
+    Ok(head)
 }
 
 /// The header's shape and dtype must fit the file before their data is allocated: a header

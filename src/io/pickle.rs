@@ -213,7 +213,12 @@ impl Pickle {
 }
 
 /// Interprets a pickle (protocols 2 to 5, binary opcodes) without executing anything.
+/// Errors are one line: what the pickle names in them has its control characters escaped.
 pub fn parse(data: &[u8]) -> Result<Pickle> {
+    interpret(data).map_err(|e| anyhow!(super::one_line(&e)))
+}
+
+fn interpret(data: &[u8]) -> Result<Pickle> {
     let mut m = Machine {
         data,
         pos: 0,

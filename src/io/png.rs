@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Result};
-use image::{DynamicImage, ImageReader, Limits};
+use image::{ColorType, ImageDecoder, ImageReader, Limits};
 
 /// The largest PNG side read, in pixels. Decoding is refused from the header alone beyond
 /// it: a few hundred kilobytes of PNG can otherwise claim gigabytes of pixels.
@@ -26,47 +26,66 @@ pub fn read_gray(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
             plain_chunk_names(&e.to_string())
         )
     };
-    let open = || -> Result<ImageReader<_>> {
-        ImageReader::open(path)
-            .map_err(|e| fail("cannot open", &e))?
-            .with_guessed_format()
-            .map_err(|e| fail("cannot read", &e))
-    };
-    // The header alone says the size: refuse a huge image before decoding anything.
-    let (w, h) = open()?
-        .into_dimensions()
+    let mut decoder = ImageReader::open(path)
+        .map_err(|e| fail("cannot open", &e))?
+        .with_guessed_format()
+        .map_err(|e| fail("cannot read", &e))?
+        .into_decoder()
         .map_err(|e| fail("not a readable PNG image", &e))?;
+    // The header alone says the size: refuse a huge image before decoding anything.
+    let (w, h) = decoder.dimensions();
     ensure!(
         w <= MAX_PNG_SIDE && h <= MAX_PNG_SIDE,
         "{}: {w} x {h} pixels, more than the {MAX_PNG_SIDE} x {MAX_PNG_SIDE} read",
         path.display()
     );
-    let mut reader = open()?;
     // A backstop for decoders whose header check misses some allocation.
-    reader.limits(png_limits());
-    let img = reader
-        .decode()
+    decoder
+        .set_limits(png_limits())
         .map_err(|e| fail("not a readable PNG image", &e))?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let luma = |p: &[f32]| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
-    let values: Vec<f32> = match img {
-        DynamicImage::ImageLuma8(b) => b.into_raw().into_iter().map(f32::from).collect(),
-        DynamicImage::ImageLuma16(b) => b.into_raw().into_iter().map(f32::from).collect(),
-        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).map(|p| p[0] as f32).collect(),
-        DynamicImage::ImageLumaA16(b) => {
-            b.into_raw().chunks_exact(2).map(|p| p[0] as f32).collect()
-        }
-        DynamicImage::ImageRgb8(b) => rgb_luma(&b.into_raw(), 3, luma),
-        DynamicImage::ImageRgba8(b) => rgb_luma(&b.into_raw(), 4, luma),
-        DynamicImage::ImageRgb16(b) => rgb_luma(&b.into_raw(), 3, luma),
-        DynamicImage::ImageRgba16(b) => rgb_luma(&b.into_raw(), 4, luma),
-        other => bail!(
-            "{}: unsupported pixel format {:?}",
-            path.display(),
-            other.color()
-        ),
+    let color = decoder.color_type();
+    let Some(grey) = grey_of(color) else {
+        bail!("{}: unsupported pixel format {color:?}", path.display());
     };
-    Ok((h, w, values))
+    let pixels = w as usize * h as usize;
+    let stored = color.bytes_per_pixel() as usize;
+    // The pixels are decoded into the tail of the buffer the grey values fill from its
+    // head: pixel i's value never overwrites a byte of a pixel after it, and the decoded
+    // image and a float32 copy of it are not held side by side.
+    let mut values = vec![0f32; pixels.max((pixels * stored).div_ceil(4))];
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+    let from = bytes.len() - pixels * stored;
+    decoder
+        .read_image(&mut bytes[from..])
+        .map_err(|e| fail("not a readable PNG image", &e))?;
+    for i in 0..pixels {
+        let at = from + i * stored;
+        let v = grey(&bytes[at..at + stored]);
+        bytes[4 * i..4 * i + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    values.truncate(pixels);
+    values.shrink_to_fit();
+    Ok((h as usize, w as usize, values))
+}
+
+/// The grey value, as [`read_gray`] defines it, of one decoded pixel of `color` (channels
+/// in native byte order); None for a colour type it does not read.
+fn grey_of(color: ColorType) -> Option<fn(&[u8]) -> f32> {
+    fn c16(p: &[u8], k: usize) -> f32 {
+        f32::from(u16::from_ne_bytes([p[2 * k], p[2 * k + 1]]))
+    }
+    fn luma(r: f32, g: f32, b: f32) -> f32 {
+        0.299 * r + 0.587 * g + 0.114 * b
+    }
+    Some(match color {
+        ColorType::L8 | ColorType::La8 => |p| f32::from(p[0]),
+        ColorType::L16 | ColorType::La16 => |p| c16(p, 0),
+        ColorType::Rgb8 | ColorType::Rgba8 => {
+            |p| luma(f32::from(p[0]), f32::from(p[1]), f32::from(p[2]))
+        }
+        ColorType::Rgb16 | ColorType::Rgba16 => |p| luma(c16(p, 0), c16(p, 1), c16(p, 2)),
+        _ => return None,
+    })
 }
 
 /// The png crate names a chunk by its Debug form (`ChunkType { type: IHDR, critical: true,
@@ -95,16 +114,6 @@ fn png_limits() -> Limits {
     limits.max_image_height = Some(MAX_PNG_SIDE);
     limits.max_alloc = Some(MAX_PNG_ALLOC);
     limits
-}
-
-fn rgb_luma<T: Copy + Into<f32>>(
-    raw: &[T],
-    channels: usize,
-    luma: impl Fn(&[f32]) -> f32,
-) -> Vec<f32> {
-    raw.chunks_exact(channels)
-        .map(|p| luma(&[p[0].into(), p[1].into(), p[2].into()]))
-        .collect()
 }
 
 #[cfg(test)]

@@ -50,18 +50,25 @@ const MIN_VOX_OFFSET: u64 = 352;
 /// stream is an error. A `scl_slope` of 0 means "not scaled" (the NIfTI-1 rule). See
 /// [`Volume::affine`] for where the affine comes from. Errors are one line naming the file.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    read_nifti(path).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+    let opened = File::open(path).context("cannot open").and_then(|file| {
+        let meta = file.metadata().context("cannot open")?;
+        ensure!(meta.is_file(), "not a regular file");
+        Ok((file, meta.len()))
+    });
+    let gz = path.extension().is_some_and(|e| e == "gz");
+    opened
+        .and_then(|(file, len)| read_volume_from(BufReader::new(file), len, gz, path))
+        .map_err(|e| anyhow!("{}: {e:#}", path.display()))
 }
 
-fn read_nifti(path: &Path) -> Result<Volume> {
-    let file = File::open(path).context("cannot open")?;
-    let meta = file.metadata().context("cannot open")?;
-    ensure!(meta.is_file(), "not a regular file");
-    let gz = path.extension().is_some_and(|e| e == "gz");
+/// [`read_volume`] on a .nii file of `len` bytes (or, `gz`, a .nii.gz file, whose inflated
+/// length is not known ahead) that `src` reads; `path` is recorded in the volume. Errors are
+/// one line, without the file name.
+pub fn read_volume_from(mut src: impl Read, len: u64, gz: bool, path: &Path) -> Result<Volume> {
     if !gz {
-        return read_stream(&mut BufReader::new(file), Some(meta.len()), path);
+        return read_stream(&mut src, Some(len), path);
     }
-    let mut src = GzDecoder::new(BufReader::new(file));
+    let mut src = GzDecoder::new(src);
     let read = read_stream(&mut src, None, path);
     // Reading to the end is what makes flate2 check the CRC32 and length trailer. A corrupt
     // stream also explains whatever went wrong before it (garbage in the header, say).

@@ -343,6 +343,10 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn cheap_non_finite(&self, t: &Tensor) -> Option<(usize, f32)> {
+        t.first_non_finite()
+    }
+
     fn ddim_invert(&self, x: &mut Tensor, eps: &Tensor, c: DdimCoefs) -> Result<()> {
         shapes::same("ddim_invert", &x.shape, &eps.shape)?;
         ddim::invert_step(&mut x.data, &eps.data, c);
