@@ -47,7 +47,7 @@ pub fn rank_colour(rank: usize) -> [u8; 3] {
     RANK_COLOURS[rank.clamp(1, RANK_COLOURS.len()) - 1]
 }
 
-/// The slices a montage shows, in slice order: the [`LESION_TILES`] with the most lesion
+/// The slices a montage shows, in slice order: the `LESION_TILES` with the most lesion
 /// pixels, then those of the peaks by rank, then the rest of the lesion slices by size,
 /// [`MAX_TILES`] at most. `peaks` are slice indices in rank order.
 pub fn pick(peaks: &[usize], lesion_pixels: &[usize]) -> Vec<usize> {
