@@ -217,6 +217,20 @@ extern "C" __global__ void axpy(float* __restrict__ x, float s, const float* __r
     GRID_STRIDE(i, n) { x[i] = __fadd_rn(x[i], __fmul_rn(s, g[i])); }
 }
 
+// flag[0] = stage if flag[0] is still 0 and x holds a NaN or an infinity. The sampler
+// flags every network output this way and reads flag once per phase, rather than
+// copying each output off the device to look; stream order makes the kept stage the
+// first bad one. stage is an integer below 2^24, so exact as a float.
+extern "C" __global__ void flag_non_finite(const float* __restrict__ x, float* __restrict__ flag,
+                                           float stage, unsigned long long n) {
+    GRID_STRIDE(i, n) {
+        if (!isfinite(x[i])) {
+            atomicCAS(reinterpret_cast<unsigned*>(flag), 0u, __float_as_uint(stage));
+            return;
+        }
+    }
+}
+
 // out = a * x + b * y, each product rounded before the sum.
 extern "C" __global__ void axpby(float a, const float* __restrict__ x, float b,
                                  const float* __restrict__ y, float* __restrict__ out,

@@ -2,9 +2,11 @@
 //! noise the FLAIR to `abar[0]`, DDIM-invert for N steps, then N
 //! classifier-guided DDIM steps back.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, MAX_FLAG};
+use crate::config::MAX_TIMESTEPS;
 use crate::ddim::DdimCoefs;
 use crate::model::Net;
+use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
 /// Everything a run needs besides the images.
@@ -118,39 +120,41 @@ impl<B: Backend> Sampler<'_, B> {
             eps: b.duplicate(&x)?,
             grad: b.duplicate(&x)?,
         };
+        // The DDIM updates clip their prediction to [-1, 1], which turns an infinite noise
+        // prediction into a plausible image: every network output, and the guided update
+        // (a finite gradient times the guidance may overflow), is flagged, and the flag is
+        // read after each phase. Finite inputs to an inversion step give a finite state.
+        let mut flag = b.upload(&Tensor::zeros(&[1]))?;
         let _recordings = Recordings(b);
         for (t, emb) in unet_embs.iter().enumerate() {
             b.copy_into(&mut slots.unet_emb, emb)?;
             self.unet_pass(&x, cond, &mut slots)?;
-            self.finite(&slots.eps, || format!("the UNet at inversion step {t}"))?;
+            b.flag_non_finite(&slots.eps, &mut flag, Check::InversionUnet.stage(t))?;
             b.ddim_invert(&mut x, &slots.eps, DdimCoefs::inversion(&self.abar, t))?;
             progress(Phase::Inversion, t)?;
         }
+        self.refuse_flagged(&flag)?;
         for t in (0..self.steps).rev() {
             b.copy_into(&mut slots.unet_emb, &unet_embs[t])?;
             b.copy_into(&mut slots.cls_emb, &cls_embs[t])?;
             self.unet_pass(&x, cond, &mut slots)?;
-            self.finite(&slots.eps, || format!("the UNet at guided step {t}"))?;
+            b.flag_non_finite(&slots.eps, &mut flag, Check::GuidedUnet.stage(t))?;
             b.ddim_denoise(&mut x, &slots.eps, DdimCoefs::denoising(&self.abar, t))?;
             self.classifier_pass(&x, &y, &mut slots)?;
-            self.finite(&slots.grad, || {
-                format!("the classifier gradient at guided step {t}")
-            })?;
+            b.flag_non_finite(&slots.grad, &mut flag, Check::Gradient.stage(t))?;
             b.axpy(&mut x, self.guidance, &slots.grad)?;
-            self.finite(&x, || format!("the guided update at step {t}"))?;
+            b.flag_non_finite(&x, &mut flag, Check::GuidedUpdate.stage(t))?;
             progress(Phase::Guided, t)?;
         }
+        self.refuse_flagged(&flag)?;
         Ok(x)
     }
 
-    /// The DDIM updates clip their prediction to [-1, 1], which turns an infinite noise
-    /// prediction into a plausible image: every network output, and the guided update (a
-    /// finite gradient times the guidance may overflow), is checked where that is free (see
-    /// `Backend::cheap_non_finite`). Finite inputs to an inversion step give a finite state.
-    fn finite(&self, t: &B::T, stage: impl FnOnce() -> String) -> Result<()> {
-        match self.backend.cheap_non_finite(t) {
-            None => Ok(()),
-            found => refuse_non_finite(found, self.backend.dims(t), &stage()),
+    /// An error naming the first stage `flag` holds, if any.
+    fn refuse_flagged(&self, flag: &B::T) -> Result<()> {
+        match self.backend.download(flag)?.data[0] {
+            v if v == 0.0 => Ok(()),
+            v => bail!("{} produced a non-finite value", Check::describe(v as u32)),
         }
     }
 
@@ -175,6 +179,49 @@ impl<B: Backend> Sampler<'_, B> {
     }
 }
 
+/// What the sampler flags non-finite values of (`Backend::flag_non_finite`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Check {
+    InversionUnet,
+    GuidedUnet,
+    Gradient,
+    GuidedUpdate,
+}
+
+/// Stages of one check kind: more than any timestep the config allows.
+const STAGES_PER_CHECK: u32 = 1 << 17;
+const _: () = assert!(MAX_TIMESTEPS < STAGES_PER_CHECK as usize);
+const _: () = assert!(4 * STAGES_PER_CHECK <= MAX_FLAG);
+
+impl Check {
+    const ALL: [Check; 4] = [
+        Check::InversionUnet,
+        Check::GuidedUnet,
+        Check::Gradient,
+        Check::GuidedUpdate,
+    ];
+
+    /// The flag value of this check at timestep `t` (never 0).
+    fn stage(self, t: usize) -> u32 {
+        self as u32 * STAGES_PER_CHECK + t as u32 + 1
+    }
+
+    /// Words for a flag value `stage` made by [`Check::stage`].
+    fn describe(stage: u32) -> String {
+        let (kind, t) = (
+            (stage - 1) / STAGES_PER_CHECK,
+            (stage - 1) % STAGES_PER_CHECK,
+        );
+        match Check::ALL.get(kind as usize) {
+            Some(Check::InversionUnet) => format!("the UNet at inversion step {t}"),
+            Some(Check::GuidedUnet) => format!("the UNet at guided step {t}"),
+            Some(Check::Gradient) => format!("the classifier gradient at guided step {t}"),
+            Some(Check::GuidedUpdate) => format!("the guided update at step {t}"),
+            None => format!("an unknown stage {stage}"),
+        }
+    }
+}
+
 /// An error naming `stage` when `found` holds the first non-finite value (index, value) of
 /// a tensor of `shape` that stage produced.
 pub fn refuse_non_finite(found: Option<(usize, f32)>, shape: &[usize], stage: &str) -> Result<()> {
@@ -183,5 +230,45 @@ pub fn refuse_non_finite(found: Option<(usize, f32)>, shape: &[usize], stage: &s
         Some((i, v)) => {
             bail!("{stage} produced a non-finite value ({v} at index {i} of shape {shape:?})")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    #[test]
+    fn every_stage_is_named_back() {
+        for check in Check::ALL {
+            for t in [0, 1, 99, MAX_TIMESTEPS - 1] {
+                let words = Check::describe(check.stage(t));
+                assert!(
+                    words.ends_with(&format!("step {t}")),
+                    "{check:?} {t}: {words}"
+                );
+            }
+        }
+        assert_eq!(
+            Check::describe(Check::Gradient.stage(7)),
+            "the classifier gradient at guided step 7"
+        );
+    }
+
+    #[test]
+    fn the_flag_keeps_the_first_bad_stage() -> Result<()> {
+        let cpu = Cpu;
+        let mut flag = Tensor::zeros(&[1]);
+        let good = Tensor::new(vec![3], vec![1.0, -2.0, 0.0])?;
+        let nan = Tensor::new(vec![3], vec![1.0, f32::NAN, 0.0])?;
+        let inf = Tensor::new(vec![3], vec![f32::NEG_INFINITY, 0.0, 0.0])?;
+        cpu.flag_non_finite(&good, &mut flag, 5)?;
+        assert_eq!(flag.data[0], 0.0);
+        cpu.flag_non_finite(&nan, &mut flag, 6)?;
+        cpu.flag_non_finite(&inf, &mut flag, 7)?;
+        assert_eq!(flag.data[0], 6.0);
+        assert!(cpu.flag_non_finite(&nan, &mut flag, 0).is_err());
+        assert!(cpu.flag_non_finite(&nan, &mut flag, MAX_FLAG + 1).is_err());
+        Ok(())
     }
 }

@@ -390,6 +390,25 @@ fn gpu_elementwise_ops_match_cpu() {
             &want,
             Tol::Bits,
         );
+
+        // The non-finite flag: a clean tensor leaves it 0, then the first of two bad
+        // ones (a NaN, then an infinity, at random places) is the stage it keeps.
+        let n = x.len();
+        let mut bad = [x.clone(), x.clone()];
+        bad[0].data[rng.random_range(0..n)] = f32::NAN;
+        bad[1].data[rng.random_range(0..n)] = f32::INFINITY;
+        let (mut fg, mut fc) = (up(&g, &Tensor::zeros(&[1])), Tensor::zeros(&[1]));
+        for (stage, t) in [(3, &x), (9, &bad[0]), (11, &bad[1])] {
+            g.flag_non_finite(&up(&g, t), &mut fg, stage).unwrap();
+            Cpu.flag_non_finite(t, &mut fc, stage).unwrap();
+            check(
+                &format!("flag_non_finite {s} stage {stage}"),
+                &down(&g, &fg),
+                &fc,
+                Tol::Bits,
+            );
+        }
+        assert_eq!(fc.data[0], 9.0, "{s}");
     }
 }
 

@@ -8,7 +8,7 @@ pub mod shapes;
 
 use crate::ddim::DdimCoefs;
 use crate::tensor::Tensor;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 /// The 2x resampling a ResBlock applies between its first GroupNorm and conv.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +63,19 @@ impl<T> Default for ConvPost<'_, T> {
             residual: None,
         }
     }
+}
+
+/// The largest stage `Backend::flag_non_finite` takes: its flag is a float32 tensor,
+/// exact for integers up to 2^24.
+pub const MAX_FLAG: u32 = 1 << 24;
+
+/// `stage` as the flag's value.
+pub fn flag_value(stage: u32) -> Result<f32> {
+    ensure!(
+        (1..=MAX_FLAG).contains(&stage),
+        "flag_non_finite: stage {stage} is not in 1..={MAX_FLAG}"
+    );
+    Ok(stage as f32)
 }
 
 /// `conv(resample(norm([x, skip]))) + bcast + residual`, one op at a time:
@@ -216,13 +229,10 @@ pub trait Backend {
     }
     /// Forgets every recording `repeat` made.
     fn end_repeats(&self) {}
-    /// The first non-finite value of `t` (index, value), where finding it takes no copy off
-    /// the device (the CPU backend). A backend for which it would returns None: the sampler
-    /// then checks only its output, once downloaded.
-    fn cheap_non_finite(&self, t: &Self::T) -> Option<(usize, f32)> {
-        let _ = t;
-        None
-    }
+    /// Sets `flag` (shape `[1]`, 0 until set) to `stage` (1 ..= [`MAX_FLAG`]) if it is
+    /// still 0 and `t` holds a non-finite value, without a copy off the device: a run
+    /// flags many tensors and reads the flag, the first bad stage, once.
+    fn flag_non_finite(&self, t: &Self::T, flag: &mut Self::T, stage: u32) -> Result<()>;
     fn ddim_invert(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
     fn ddim_denoise(&self, x: &mut Self::T, eps: &Self::T, c: DdimCoefs) -> Result<()>;
     /// `x += s * g`.

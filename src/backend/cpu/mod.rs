@@ -11,7 +11,7 @@ pub use conv::CpuConv;
 pub use norm::group_norm_affine;
 
 use super::shapes::{self, nhwc, ConvDims};
-use super::Backend;
+use super::{flag_value, Backend};
 use crate::ddim::{self, DdimCoefs};
 use crate::post;
 use crate::tensor::Tensor;
@@ -343,8 +343,13 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn cheap_non_finite(&self, t: &Tensor) -> Option<(usize, f32)> {
-        t.first_non_finite()
+    fn flag_non_finite(&self, t: &Tensor, flag: &mut Tensor, stage: u32) -> Result<()> {
+        shapes::same("flag_non_finite", &flag.shape, &[1])?;
+        let value = flag_value(stage)?;
+        if flag.data[0] == 0.0 && t.first_non_finite().is_some() {
+            flag.data[0] = value;
+        }
+        Ok(())
     }
 
     fn ddim_invert(&self, x: &mut Tensor, eps: &Tensor, c: DdimCoefs) -> Result<()> {

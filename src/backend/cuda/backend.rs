@@ -25,7 +25,7 @@ use super::igemm::{self, Arith, FusedDims, PackedWeights};
 use super::norm::{NormDims, NormParams};
 use super::{attention, attention_gemm, conv, ddim, flash, norm, ops, post, Gpu};
 use crate::backend::shapes::{self, nhwc, ConvDims};
-use crate::backend::{compose_conv_fused, Backend, ConvPost, ConvPre, Resample};
+use crate::backend::{compose_conv_fused, flag_value, Backend, ConvPost, ConvPre, Resample};
 use crate::ddim::DdimCoefs;
 use crate::precision::Precision;
 use crate::tensor::Tensor;
@@ -643,6 +643,11 @@ impl Backend for Cuda {
     fn ddim_denoise(&self, x: &mut GpuTensor, eps: &GpuTensor, c: DdimCoefs) -> Result<()> {
         shapes::same("ddim_denoise", &x.shape, &eps.shape)?;
         ddim::denoise_step(&self.gpu, &mut x.buf, &eps.buf, c)
+    }
+
+    fn flag_non_finite(&self, t: &GpuTensor, flag: &mut GpuTensor, stage: u32) -> Result<()> {
+        shapes::same("flag_non_finite", &flag.shape, &[1])?;
+        ops::flag_non_finite(&self.gpu, &t.buf, &mut flag.buf, flag_value(stage)?)
     }
 
     fn axpy(&self, x: &mut GpuTensor, s: f32, g: &GpuTensor) -> Result<()> {

@@ -178,6 +178,7 @@ declare_kernels! {
         logits: &CudaSlice<f32>, labels: &CudaSlice<u32>, g: &mut CudaSlice<f32>, b: u64, k: u64,
     );
     axpy in "ops": (x: &mut CudaSlice<f32>, s: f32, g: &CudaSlice<f32>, n: u64);
+    flag_non_finite in "ops": (x: &CudaSlice<f32>, flag: &mut CudaSlice<f32>, stage: f32, n: u64);
     axpby in "ops": (
         a: f32, x: &CudaSlice<f32>, b: f32, y: &CudaSlice<f32>, out: &mut CudaSlice<f32>, n: u64,
     );

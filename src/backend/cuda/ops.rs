@@ -303,6 +303,23 @@ pub fn axpy(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32, g: &CudaSlice<f32>) -> Re
     unsafe { launch::axpy(gpu, gpu.elementwise_config(n), (x, s, g, n as u64)) }
 }
 
+/// `flag[0] = stage` if it is still 0 and `x` holds a non-finite value; CPU twin
+/// `Cpu::flag_non_finite`.
+pub fn flag_non_finite(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    flag: &mut CudaSlice<f32>,
+    stage: f32,
+) -> Result<()> {
+    gpu.expect_len("flag_non_finite", "flag", flag, 1)?;
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: x holds n floats and flag one; only flag[0] is written.
+    unsafe { launch::flag_non_finite(gpu, gpu.elementwise_config(n), (x, flag, stage, n as u64)) }
+}
+
 /// `out = a * x + b * y`, each product rounded before the sum.
 pub fn axpby(
     gpu: &Gpu,
