@@ -44,14 +44,14 @@ RANGES = {
     "noise_t1": (0.010, 0.030),           # Rician sigma / WM level
     "noise_flair": (0.015, 0.035),
     # lesion (patients)
-    "radius_mm": (5.0, 12.0),             # mean semi-axis of the lesion ellipsoid
+    "radius_mm": (10.0, 16.0),            # mean semi-axis of the lesion ellipsoid
     "axis_jitter": (0.75, 1.25),          # per-axis factor on the radius
     "thickening_mm": (1.5, 4.0),          # WM depth turned into GM-like tissue
     "thickening_strength": (0.5, 0.85),   # fraction of that WM turned into GM (partial volume)
     "blur_sigma_mm": (1.0, 2.0),          # grey/white junction blurring inside the lesion
-    "flair_sub": (0.10, 0.30),            # subcortical FLAIR excess, fraction of (GM-WM) FLAIR
-    "flair_ctx": (0.00, 0.05),            # intracortical FLAIR excess, same unit
-    "sub_depth_mm": (4.0, 10.0),          # depth of the subcortical hyperintensity below GM
+    "flair_sub": (1.10, 1.60),            # subcortical FLAIR excess, fraction of (GM-WM) FLAIR
+    "flair_ctx": (0.15, 0.35),            # intracortical FLAIR excess, same unit
+    "sub_depth_mm": (6.0, 12.0),          # depth of the subcortical hyperintensity below GM
     "t1_sub": (0.05, 0.25),               # subcortical T1 darkening, fraction of (WM-GM) T1
     "tail_probability": 0.5,
     "tail_radius_frac": (0.35, 0.6),      # tail radius at the lesion, times radius; 1 mm at the end

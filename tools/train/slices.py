@@ -42,16 +42,17 @@ def _lesion_label(subject: pathlib.Path) -> int:
 
 
 def load(folder: str | pathlib.Path, side: int) -> dict[str, np.ndarray]:
-    """Arrays flair, t1 (N, side, side) float32 in [-1, 1], mask (N, side, side) uint8 and
-    label (N,) int64."""
+    """Arrays flair, t1 (N, side, side) float32 in [-1, 1], mask (N, side, side) uint8,
+    label (N,) int64 and z_mm (N,) float32, the slice's world z."""
     root = pathlib.Path(folder)
     subjects = sorted(p for p in root.glob("sub-*") if p.is_dir())
     if not subjects:
         raise SystemExit(f"{root}: no sub-* folders")
-    out = {"flair": [], "t1": [], "mask": [], "label": []}
+    out = {"flair": [], "t1": [], "mask": [], "label": [], "z_mm": []}
     for sub in subjects:
         anat = sub / "anat"
-        flair = np.asanyarray(nib.load(next(anat.glob("*_FLAIR.nii*"))).dataobj, dtype=np.float32)
+        flair_img = nib.load(next(anat.glob("*_FLAIR.nii*")))
+        flair = np.asanyarray(flair_img.dataobj, dtype=np.float32)
         t1 = np.asanyarray(nib.load(next(anat.glob("*_T1w.nii*"))).dataobj, dtype=np.float32)
         rois = list(anat.glob("*_FLAIR_roi.nii*"))
         roi = np.asanyarray(nib.load(rois[0]).dataobj) if rois else None
@@ -70,8 +71,10 @@ def load(folder: str | pathlib.Path, side: int) -> dict[str, np.ndarray]:
             out["t1"].append(t)
             out["mask"].append(m)
             out["label"].append(label if m.any() else 0)
+            out["z_mm"].append(float(flair_img.affine[2, 2] * z + flair_img.affine[2, 3]))
     arrays = {k: np.stack(v) for k, v in out.items()}
     arrays["flair"] = arrays["flair"].astype(np.float32)
     arrays["t1"] = arrays["t1"].astype(np.float32)
     arrays["label"] = arrays["label"].astype(np.int64)
+    arrays["z_mm"] = arrays["z_mm"].astype(np.float32)
     return arrays

@@ -2,9 +2,9 @@
 """Trains one network of the demo model on phantom subjects (tools/phantom), the way
 the published code trains them, and saves it in the published checkpoint format.
 
-    python3 tools/train/train.py --net unet --config weights/config.yaml \
+    python3 tools/train/train.py --net unet --config tools/train/config.yaml \
         --data DIR --steps 2400 --seed 1 --out weights/unet.pt
-    python3 tools/train/train.py --net classifier --config weights/config.yaml \
+    python3 tools/train/train.py --net classifier --config tools/train/config.yaml \
         --data DIR [DIR2 ...] --steps 2400 --seed 2 --out weights/classifier.pt
 
 - UNet: epsilon prediction (MSE), input concat[x_t, T1], class-conditional on the
@@ -41,17 +41,89 @@ import fcd_ref  # noqa: E402
 import slices  # noqa: E402
 
 
+# The classifier learns from slices whose lesion covers at least this many pixels of the
+# network grid, or none: a slice the lesion only grazes looks healthy, and calling it a
+# lesion teaches noise.
+MIN_LESION_PIXELS = 8
+
+
+# A classifier batch pairs each lesion slice with a healthy slice within this distance
+# along z: the level of a slice (ventricles, sulci) then says nothing about the label, and
+# the lesion is the only cue left.
+PAIR_Z_MM = 2.0
+# Classifier inputs are shifted by up to this many pixels, so that it cannot learn where
+# lesions of the training subjects were rather than what they look like.
+MAX_SHIFT = 4
+
+
 def batches(data: dict, net: str, batch: int, rng: np.random.Generator):
-    label = data["label"]
-    lesion = np.flatnonzero(label > 0)
-    healthy = np.flatnonzero(label == 0)
+    label, area, z = data["label"], data["mask"].sum((1, 2)), data["z_mm"]
+    lesion = np.flatnonzero((label > 0) & (area >= MIN_LESION_PIXELS))
+    healthy = np.flatnonzero(area == 0)
+    partners = {i: healthy[np.abs(z[healthy] - z[i]) <= PAIR_Z_MM] for i in lesion}
+    lesion = np.array([i for i in lesion if len(partners[i])])
     while True:
         if net == "classifier" and len(lesion):
-            half = batch // 2
-            idx = np.concatenate([rng.choice(lesion, half), rng.choice(healthy, batch - half)])
+            half = rng.choice(lesion, batch // 2)
+            idx = np.concatenate([half, [rng.choice(partners[i]) for i in half]])
         else:
             idx = rng.integers(0, len(label), batch)
         yield idx
+
+
+def shifted(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Each item of x (N, 1, H, W) rolled by its own random shift (the border is background)."""
+    out = torch.empty_like(x)
+    for k in range(len(x)):
+        dy, dx = (int(v) for v in rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, 2))
+        out[k] = torch.roll(x[k], (dy, dx), dims=(-2, -1))
+    return out
+
+
+# Held-out timesteps: low, middle and high within the sampler's range.
+VAL_T = (10, 50, 90)
+
+
+def held_out(folder: str, side: int, abar: torch.Tensor, noise_level: int, seed: int) -> dict:
+    """A fixed held-out batch: every slice of `folder` noised once at each of VAL_T."""
+    d = slices.load(folder, side)
+    area = d["mask"].sum((1, 2))
+    keep = (area == 0) | (area >= MIN_LESION_PIXELS)
+    d = {k: v[keep] for k, v in d.items()}
+    g = np.random.default_rng(seed + 1000)
+    x0 = torch.from_numpy(d["flair"])[:, None].repeat(len(VAL_T), 1, 1, 1)
+    t = torch.tensor(VAL_T).repeat_interleave(len(d["label"]))
+    n = torch.from_numpy(g.standard_normal(x0.shape).astype(np.float32))
+    a = abar[t].view(-1, 1, 1, 1)
+    return {"xt": a.sqrt() * x0 + (1 - a).sqrt() * n, "n": n, "t": t,
+            "t1": torch.from_numpy(d["t1"])[:, None].repeat(len(VAL_T), 1, 1, 1),
+            "y": torch.from_numpy(d["label"]).repeat(len(VAL_T))}
+
+
+@torch.no_grad()
+def evaluate(model, net: str, v: dict) -> dict:
+    """UNet: epsilon MSE at label 0, as the sampler runs it. Classifier: whether it calls
+    a slice a lesion (p(healthy) < 0.5, the class the guidance follows), as sensitivity,
+    specificity and their mean (lesion slices are rare), mean p(healthy) of both groups,
+    and the lobe accuracy (argmax) on lesion slices."""
+    out = []
+    for i in range(0, len(v["y"]), 64):
+        s = slice(i, i + 64)
+        if net == "unet":
+            eps = model(torch.cat([v["xt"][s], v["t1"][s]], 1), v["t"][s],
+                        torch.zeros_like(v["y"][s]))
+            out.append(((eps - v["n"][s]) ** 2).mean((1, 2, 3)))
+        else:
+            out.append(model(v["xt"][s], v["t"][s]).softmax(1))
+    if net == "unet":
+        return {"mse": float(torch.cat(out).mean())}
+    p, les = torch.cat(out), v["y"] > 0
+    called = p[:, 0] < 0.5
+    sens, spec = float(called[les].float().mean()), float((~called[~les]).float().mean())
+    return {"balanced_acc": (sens + spec) / 2, "sensitivity": sens, "specificity": spec,
+            "p_healthy_lesion": float(p[les, 0].mean()),
+            "p_healthy_healthy": float(p[~les, 0].mean()),
+            "lobe_acc": float((p[les].argmax(1) == v["y"][les]).float().mean())}
 
 
 def plot(losses: list[float], path: pathlib.Path, title: str) -> None:
@@ -83,9 +155,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, nargs="+",
                     help="BIDS-like phantom folders (tools/phantom/make.py)")
     ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--val", help="held-out phantom folder, scored every --val-every steps")
+    ap.add_argument("--val-every", type=int, default=250)
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -111,7 +186,7 @@ def main(argv=None) -> int:
     label = torch.from_numpy(data["label"])
 
     params = sum(p.numel() for p in model.parameters())
-    lr = float(tp["lr"])
+    lr = args.lr if args.lr is not None else float(tp["lr"])
     batch = int(tp["batch_size"])
     drop = float(mp.get("drop_prob", 0.0))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -121,6 +196,19 @@ def main(argv=None) -> int:
         if step < warmup:
             return lr * (step + 1) / warmup
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    val = held_out(args.val, side, abar, noise_level, args.seed) if args.val else None
+    val_log = []
+
+    def score_val(step: int) -> None:
+        if val is None:
+            return
+        model.eval()
+        row = {"step": step, **evaluate(model, args.net, val)}
+        model.train()
+        val_log.append(row)
+        print("  held-out " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"),
+              flush=True)
 
     losses, accs = [], []
     model.train()
@@ -139,7 +227,7 @@ def main(argv=None) -> int:
             loss = F.mse_loss(eps, n)
         else:
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5).view(-1, 1, 1, 1)
-            logits = model(torch.where(flip, xt.flip(-1), xt), t)
+            logits = model(shifted(torch.where(flip, xt.flip(-1), xt), rng), t)
             loss = F.cross_entropy(logits, y)
             accs.append(float((logits.argmax(1) == y).float().mean()))
         for g in opt.param_groups:
@@ -152,6 +240,8 @@ def main(argv=None) -> int:
             recent = np.mean(losses[-50:])
             extra = f" acc {np.mean(accs[-50:]):.3f}" if accs else ""
             print(f"step {step} loss {recent:.5f}{extra} ({time.time() - start:.0f} s)", flush=True)
+        if (step + 1) % args.val_every == 0 or step == args.steps - 1:
+            score_val(step + 1)
 
     wall = time.time() - start
     out = pathlib.Path(args.out)
@@ -167,6 +257,8 @@ def main(argv=None) -> int:
         "slices": len(data["label"]), "lesion_slices": n_lesion,
         "final_loss_mean_last_100": final, "losses": losses,
     }
+    if val_log:
+        summary["held_out"] = {"data": args.val, "slices": int(len(val["y"])), "scores": val_log}
     if accs:
         summary["final_accuracy_mean_last_100"] = float(np.mean(accs[-100:]))
     pathlib.Path(str(out) + ".loss.json").write_text(json.dumps(summary))
