@@ -152,10 +152,13 @@ impl<B: Backend> Sampler<'_, B> {
 
     /// An error naming the first stage `flag` holds, if any.
     fn refuse_flagged(&self, flag: &B::T) -> Result<()> {
-        match self.backend.download(flag)?.data[0] {
-            v if v == 0.0 => Ok(()),
-            v => bail!("{} produced a non-finite value", Check::describe(v as u32)),
-        }
+        let stage = self.backend.download(flag)?.data[0];
+        ensure!(
+            stage == 0.0,
+            "{} produced a non-finite value",
+            Check::describe(stage as u32)
+        );
+        Ok(())
     }
 
     /// `slots.eps = unet([x, cond], slots.unet_emb)`.
