@@ -11,11 +11,12 @@ the published code trains them, and saves it in the published checkpoint format.
   slice's lobe label, which is replaced by 0 with the config's `drop_prob` (0.3, as
   published). Saved as {"state_dict": {"model." + key: tensor}}.
 - Classifier: cross-entropy of the lobe label on the noised FLAIR x_t alone.
-  Lesion and healthy slices are drawn half and half (lesion slices are rare), and
-  half of them are flipped left-right (the lobe classes are the same on both
-  sides): without both, the classifier learns the training subjects rather than
-  the lesions and its gradient, the guidance, points nowhere in particular.
+  Each batch pairs lesion slices with healthy slices of the same level, and the
+  inputs are flipped left-right at random (the lobe classes are the same on both
+  sides) and shifted (MIN_LESION_PIXELS, PAIR_Z_MM and MAX_SHIFT below say why).
   Saved as {"state_dict": {key: tensor}}.
+- `--val DIR` scores a held-out set during training (`evaluate`); the scores go
+  into OUT.loss.json.
 - Timesteps t are drawn uniformly from 0 .. noise_level - 1: the sampler only ever
   evaluates both networks there (SPEC 6), so a small model spends all of its
   capacity on the part of the schedule it is used on.
