@@ -68,7 +68,7 @@ fn main() -> Result<()> {
     let (unet_rel, grad_rel) = parity(&g, &gu, &gc)?;
     // The tensor-core modes against the same float32 CPU reference.
     let mut fast = serde_json::Map::new();
-    for p in [Precision::Bf16, Precision::Fp16] {
+    for p in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
         let b = Cuda::with_precision(0, p)?;
         let (u, c) = (net(&b, &uspec, 11)?, net(&b, &cspec, 12)?);
         let (ue, ge) = parity(&b, &u, &c)?;

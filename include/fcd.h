@@ -36,7 +36,7 @@ extern "C" {
 
 // Loads an engine. `config`: the diffusion YAML; `unet`: the UNet checkpoint; `classifier`:
 // its checkpoint, or NULL for the config's `ckpt_path`; `device`: "auto", "cpu" or "cuda"
-// (NULL: "auto"); `precision`: "fp32", "bf16" or "fp16" (NULL: "fp32").
+// (NULL: "auto"); `precision`: "fp32", "tf32", "bf16" or "fp16" (NULL: "fp32").
 //
 // Returns NULL on failure, with the reason in `fcd_last_error()`. Free the engine with
 // `fcd_engine_free`.

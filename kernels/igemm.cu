@@ -1,6 +1,6 @@
 // Implicit-GEMM 'same' convolution (k = 1 or 3, stride 1) on tensor cores,
 // bf16 / fp16 operands (below) or float32 as three TF32 products (the fp32
-// mode, further down), with the producer's elementwise work folded in:
+// mode, further down) or one (the tf32 mode), with the producer's elementwise work folded in:
 //   prologue: y = a[b,c] * x + s[b,c] (GroupNorm apply with scale/shift,
 //             see norm.rs group_norm_affine), then SiLU, then nearest 2x
 //             up-sampling or 2x2 average pooling of the result;
@@ -20,6 +20,7 @@
 // warp 64 x 32 = 4 x 4 m16n8k16 tiles. Two shared-memory stages: the global
 // loads of tile k+1 are issued before the mma of tile k and stored after it.
 
+#include "conv_prologue.cuh"
 #include "tensor_core.cuh"
 
 #define BM 128
@@ -30,101 +31,6 @@
 // distinct 16-byte bank groups.
 #define SROW 40
 #define THREADS 256
-
-enum Resample { RS_SAME = 0, RS_UP = 1, RS_DOWN = 2 };
-
-struct ConvArgs {
-    const float* x;            // source NHWC [b, sh, sw, cin]; (sh, sw) = (h, w), (h/2, w/2) up, (2h, 2w) down
-    const void* wt;            // T [cout][kp] (16-bit types), or float [cout][kp]
-    const float* bias;         // [cout]
-    const float* affine;       // [b][2][cin] (a then s), read when has_affine
-    const float* bvec;         // [b][cout], read when has_bvec
-    const float* res;          // [b*h*w][cout], read when has_res
-    float* y;                  // [b*h*w][cout]
-    int b, h, w, cin, cout, k, kp;
-    int has_affine, silu, has_bvec, has_res;
-    // The input is the channel concatenation [x, x2]: x holds c1 channels,
-    // x2 the other cin - c1 (c1 = cin and x2 unread for one tensor).
-    const float* x2;
-    int c1;
-};
-
-// Address of channel ci of source pixel pix (counted over the batch) of the
-// input [x, x2]. On the float4 path a K tile never straddles c1 (c1 is a
-// multiple of the tile), so four channels come from one half.
-__device__ __forceinline__ const float* src_at(const ConvArgs& p, size_t pix, int ci) {
-    return ci < p.c1 ? p.x + pix * p.c1 + ci : p.x2 + pix * (p.cin - p.c1) + (ci - p.c1);
-}
-
-__device__ __forceinline__ float prologue(float v, float a, float s, int has_affine, int silu) {
-    if (has_affine) v = a * v + s;
-    if (silu) v = v / (1.0f + expf(-v));
-    return v;
-}
-
-// One output pixel's coordinates, decoded once per thread and row.
-struct Row {
-    int valid, bi, oy, ox;
-};
-
-// The transformed source value(s) at output-grid position (sy, sx) (inside
-// the image), channels ci..ci+3 (VEC) of sample bi.
-template <int RS>
-__device__ __forceinline__ float4 gather4(const ConvArgs& p, int bi, int sy, int sx, int ci) {
-    if (RS == RS_DOWN) {
-        const int sw = 2 * p.w, sh = 2 * p.h;
-        float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (p.has_affine) {
-            a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + ci);
-            s = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi + 1) * p.cin + ci);
-        }
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int yy = 2 * sy + (u >> 1), xx = 2 * sx + (u & 1);
-            const float4 v =
-                *reinterpret_cast<const float4*>(src_at(p, (size_t)(bi * sh + yy) * sw + xx, ci));
-            acc.x += prologue(v.x, a.x, s.x, p.has_affine, p.silu);
-            acc.y += prologue(v.y, a.y, s.y, p.has_affine, p.silu);
-            acc.z += prologue(v.z, a.z, s.z, p.has_affine, p.silu);
-            acc.w += prologue(v.w, a.w, s.w, p.has_affine, p.silu);
-        }
-        return make_float4(acc.x * 0.25f, acc.y * 0.25f, acc.z * 0.25f, acc.w * 0.25f);
-    }
-    size_t pix;
-    if (RS == RS_UP)
-        pix = (size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1);
-    else
-        pix = (size_t)(bi * p.h + sy) * p.w + sx;
-    return *reinterpret_cast<const float4*>(src_at(p, pix, ci));
-}
-
-// Scalar twin of gather4 with the prologue applied, for input channels
-// that are not a multiple of the K tile.
-template <int RS>
-__device__ __forceinline__ float gather1(const ConvArgs& p, int bi, int sy, int sx, int ci) {
-    float a = 1.f, s = 0.f;
-    if (p.has_affine) {
-        a = p.affine[(size_t)(2 * bi) * p.cin + ci];
-        s = p.affine[(size_t)(2 * bi + 1) * p.cin + ci];
-    }
-    if (RS == RS_DOWN) {
-        const int sw = 2 * p.w, sh = 2 * p.h;
-        float acc = 0.f;
-        for (int u = 0; u < 4; ++u) {
-            const int yy = 2 * sy + (u >> 1), xx = 2 * sx + (u & 1);
-            acc += prologue(*src_at(p, (size_t)(bi * sh + yy) * sw + xx, ci), a, s, p.has_affine,
-                            p.silu);
-        }
-        return acc * 0.25f;
-    }
-    size_t pix;
-    if (RS == RS_UP)
-        pix = (size_t)(bi * (p.h >> 1) + (sy >> 1)) * (p.w >> 1) + (sx >> 1);
-    else
-        pix = (size_t)(bi * p.h + sy) * p.w + sx;
-    return prologue(*src_at(p, pix, ci), a, s, p.has_affine, p.silu);
-}
 
 // Accumulator (mt, nt) of a warp holds rows g and g + 8, columns 2 (lane % 4)
 // and +1 of its 16 x 8 tile, g = lane / 4; the warp's tile starts at
@@ -156,19 +62,6 @@ __device__ __forceinline__ void epilogue(const ConvArgs& p, const float (&acc)[4
             }
         }
     }
-}
-
-// Rows of the output (pixels) a thread stages, decoded once.
-__device__ __forceinline__ Row decode_row(const ConvArgs& p, int m) {
-    const int hw = p.h * p.w;
-    Row r;
-    r.valid = m < p.b * hw;
-    const int mm = r.valid ? m : 0;
-    r.bi = mm / hw;
-    const int rem = mm - r.bi * hw;
-    r.oy = rem / p.w;
-    r.ox = rem - r.oy * p.w;
-    return r;
 }
 
 // The A operand's share of one thread in one K tile of width BKT: NR rows,
@@ -228,18 +121,8 @@ struct StageA {
     // latency.
     __device__ __forceinline__ float4 value(const ConvArgs& p, const Row* rows, int i) const {
         float4 v = av[i];
-        if (VEC && RS != RS_DOWN && ain[i] && (p.has_affine || p.silu)) {
-            const int bi = rows[i].bi;
-            float4 a = make_float4(1.f, 1.f, 1.f, 1.f), s = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (p.has_affine) {
-                a = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi) * p.cin + aci);
-                s = *reinterpret_cast<const float4*>(p.affine + (size_t)(2 * bi + 1) * p.cin + aci);
-            }
-            v.x = prologue(v.x, a.x, s.x, p.has_affine, p.silu);
-            v.y = prologue(v.y, a.y, s.y, p.has_affine, p.silu);
-            v.z = prologue(v.z, a.z, s.z, p.has_affine, p.silu);
-            v.w = prologue(v.w, a.w, s.w, p.has_affine, p.silu);
-        }
+        if (VEC && RS != RS_DOWN && ain[i] && (p.has_affine || p.silu))
+            v = prologue4(p, rows[i].bi, aci, v);
         return v;
     }
 };
@@ -381,8 +264,11 @@ struct StageF32 {
     }
 };
 
-template <int RS, bool VEC>
-__device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
+// PASSES = 3: the split above, the fp32 parity mode. PASSES = 1: one TF32
+// product on the rounded operands accumulated in place, the tf32 mode, which
+// is what PyTorch's default float32 convolutions (cuDNN, allow_tf32) do.
+template <int RS, bool VEC, int PASSES>
+__device__ __forceinline__ void igemm_tf32(const ConvArgs& p) {
     __shared__ __align__(16) float As[2][BM][SROW32];
     __shared__ __align__(16) float Bs[2][BN][SROW32];
 
@@ -431,6 +317,15 @@ __device__ __forceinline__ void igemm_tf32x3(const ConvArgs& p) {
                 split_tf32(Bs[cur][n][ks + t4], bb[nt][0], bs_[nt][0]);
                 split_tf32(Bs[cur][n][ks + t4 + 4], bb[nt][1], bs_[nt][1]);
             }
+            if (PASSES == 1) {
+                // The small halves are dead here; the compiler drops them.
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt)
+                        mma_m16n8k8_tf32(acc[mt][nt], ab[mt], bb[nt][0], bb[nt][1]);
+                continue;
+            }
             // The three products of one k8 step sum into a fresh tile first:
             // the tensor core's internal adder is not IEEE (it truncates), and
             // re-rounding the long running sum three times per step lets the
@@ -478,10 +373,14 @@ IGEMM_KERNEL(igemm_f16_same_v, (igemm<__half, RS_SAME, true>))
 IGEMM_KERNEL(igemm_f16_same_s, (igemm<__half, RS_SAME, false>))
 IGEMM_KERNEL(igemm_f16_up_v, (igemm<__half, RS_UP, true>))
 IGEMM_KERNEL(igemm_f16_down_v, (igemm<__half, RS_DOWN, true>))
-IGEMM_KERNEL(igemm_tf32x3_same_v, (igemm_tf32x3<RS_SAME, true>))
-IGEMM_KERNEL(igemm_tf32x3_same_s, (igemm_tf32x3<RS_SAME, false>))
-IGEMM_KERNEL(igemm_tf32x3_up_v, (igemm_tf32x3<RS_UP, true>))
-IGEMM_KERNEL(igemm_tf32x3_down_v, (igemm_tf32x3<RS_DOWN, true>))
+IGEMM_KERNEL(igemm_tf32x3_same_v, (igemm_tf32<RS_SAME, true, 3>))
+IGEMM_KERNEL(igemm_tf32x3_same_s, (igemm_tf32<RS_SAME, false, 3>))
+IGEMM_KERNEL(igemm_tf32x3_up_v, (igemm_tf32<RS_UP, true, 3>))
+IGEMM_KERNEL(igemm_tf32x3_down_v, (igemm_tf32<RS_DOWN, true, 3>))
+IGEMM_KERNEL(igemm_tf32_same_v, (igemm_tf32<RS_SAME, true, 1>))
+IGEMM_KERNEL(igemm_tf32_same_s, (igemm_tf32<RS_SAME, false, 1>))
+IGEMM_KERNEL(igemm_tf32_up_v, (igemm_tf32<RS_UP, true, 1>))
+IGEMM_KERNEL(igemm_tf32_down_v, (igemm_tf32<RS_DOWN, true, 1>))
 
 // w16[n * kp + j] = w[j * cout + n] rounded to T for j < kk, else 0: the
 // (kk x cout) float32 weight matrix of conv.cu transposed and padded.

@@ -4,13 +4,16 @@
 use std::fmt;
 
 /// `fp32`: plain float32 everywhere, the parity mode checked against the CPU
-/// reference. `bf16` / `fp16`: convolution and attention products on tensor
-/// cores with 16-bit operands and float32 accumulation; activations stored
-/// between kernels stay float32.
+/// reference. `tf32`: the convolutions as one TF32 product (10 fraction bits
+/// per operand, float32 accumulation), like PyTorch's default float32
+/// convolutions; attention as in fp32. `bf16` / `fp16`: convolution and
+/// attention products on tensor cores with 16-bit operands and float32
+/// accumulation; activations stored between kernels stay float32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Precision {
     #[default]
     Fp32,
+    Tf32,
     Bf16,
     Fp16,
 }
@@ -23,20 +26,26 @@ pub enum Half {
 }
 
 impl Precision {
-    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Bf16, Precision::Fp16];
+    pub const ALL: [Precision; 4] = [
+        Precision::Fp32,
+        Precision::Tf32,
+        Precision::Bf16,
+        Precision::Fp16,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32",
             Precision::Bf16 => "bf16",
             Precision::Fp16 => "fp16",
         }
     }
 
-    /// The tensor-core operand type, or None for the float32 parity mode.
+    /// The 16-bit tensor-core operand type, or None for the float32 modes.
     pub fn half(self) -> Option<Half> {
         match self {
-            Precision::Fp32 => None,
+            Precision::Fp32 | Precision::Tf32 => None,
             Precision::Bf16 => Some(Half::Bf16),
             Precision::Fp16 => Some(Half::Fp16),
         }

@@ -59,7 +59,7 @@ fn json_line_with_positive_times() {
 
 #[test]
 fn tensor_core_precisions_on_the_cpu_are_one_line() {
-    for p in ["bf16", "fp16"] {
+    for p in ["tf32", "bf16", "fp16"] {
         let out = bench(&["--precision", p]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "stderr: {err}");
@@ -71,4 +71,17 @@ fn tensor_core_precisions_on_the_cpu_are_one_line() {
         );
         assert!(out.stdout.is_empty());
     }
+}
+
+#[test]
+fn the_kernel_tournament_on_the_cpu_is_one_line() {
+    let out = bench(&["--kernels"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("--kernels") && err.contains("--device cpu"),
+        "{err}"
+    );
 }

@@ -271,7 +271,7 @@ fn detect_bf16_on_the_cpu_is_one_line() {
         fx("flair_raw.npy"),
         fx("t1_raw.npy"),
     );
-    for p in ["bf16", "fp16"] {
+    for p in ["tf32", "bf16", "fp16"] {
         let mut args = detect_args(s(&out), &unet, &cls, &flair, &t1);
         args.extend(["--steps", "2", "--precision", p]);
         let r = fcd(&args);

@@ -659,7 +659,7 @@ fn gpu_fast_precisions_recall_as_fp32() {
     };
     let reference = recalls("fp32");
     assert_eq!(reference.len(), 4, "{reference:?}");
-    for p in ["bf16", "fp16"] {
+    for p in ["tf32", "bf16", "fp16"] {
         let got = recalls(p);
         println!("{p}: {got:?} (fp32 {reference:?})");
         assert_eq!(got, reference, "{p}: recall at 5 / 10 differs from fp32");

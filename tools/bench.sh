@@ -25,7 +25,7 @@ peer_flags=()
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n 1 > "$OUT/bench_gpu.txt"
 
-for p in fp32 bf16 fp16; do
+for p in fp32 tf32 bf16 fp16; do
     echo "=== engine: fcd bench, $p, batch $BATCH, N = $STEPS" >&2
     fidelity=()
     [ "$p" != fp32 ] && fidelity+=(--fidelity)
@@ -42,7 +42,7 @@ import json, sys
 out, commit_file = sys.argv[1], sys.argv[2]
 engine = {
     p: json.loads(open(f"{out}/bench_engine_{p}.json").read().strip().splitlines()[-1])
-    for p in ("fp32", "bf16", "fp16")
+    for p in ("fp32", "tf32", "bf16", "fp16")
 }
 peer = json.loads(open(f"{out}/bench_peer.json").read().strip().splitlines()[-1])
 name, driver = (s.strip() for s in open(f"{out}/bench_gpu.txt").read().split(",", 1))
@@ -67,7 +67,7 @@ report = {
     "floor_s_per_slice": engine["fp32"]["tflop_per_slice"] / rate if rate else None,
     "matmul_tflops_measured": rate,
     # null: maps identical to fp32's (infinite PSNR).
-    "fidelity": {f"{p}_psnr_db": engine[p].get("fidelity_psnr_db") for p in ("bf16", "fp16")},
+    "fidelity": {f"{p}_psnr_db": engine[p].get("fidelity_psnr_db") for p in ("tf32", "bf16", "fp16")},
 }
 with open(f"{out}/bench.json", "w") as f:
     json.dump(report, f, indent=2)

@@ -6,22 +6,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-# The test executables carry absolute paths of the checkout they were built
-# in (env!("CARGO_MANIFEST_DIR") for tests/fixtures and kernels/,
-# CARGO_BIN_EXE_fcd for target/release/fcd), which gpu_pack.sh recorded in
-# .device/build_root. The tests take no other way to find them, so that
-# path is made a symbolic link to this checkout when it does not exist here.
-build_root=$(cat .device/build_root 2>/dev/null || true)
-if [ -z "$build_root" ]; then
-    echo "gpu_check.sh: .device/build_root missing (pack with tools/gpu_pack.sh); fixture paths may not resolve" >&2
-elif [ "$build_root" != "$(pwd -P)" ]; then
-    if [ ! -e "$build_root" ]; then
-        mkdir -p "$(dirname "$build_root")" && ln -sfn "$PWD" "$build_root"
-    elif [ ! -e "$build_root/tests/fixtures" ]; then
-        echo "gpu_check.sh: $build_root exists but holds no tests/fixtures; fixture tests will fail" >&2
-    fi
-fi
-mkdir -p target/release && cp .device/fcd target/release/fcd
+# The build_root link and target/release/fcd that the tests need.
+# shellcheck source=tools/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # TESTS=0 skips the plain test pass and the full configuration (a

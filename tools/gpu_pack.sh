@@ -4,7 +4,7 @@
 # into .device.tar.xz for the lent GPU machine: every executable embeds the
 # same kernel images, which xz's 64 MiB window stores once, so the archive
 # fits the device tool's carry limit where the folder does not. There:
-#   tar xJf .device.tar.xz && bash tools/gpu_check.sh
+#   tar xJf .device.tar.xz && bash tools/device_run.sh   (or tools/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .ci/env.sh
@@ -32,9 +32,11 @@ strip .device/fcd
 git rev-parse HEAD > .device/commit
 # The test executables find their fixtures and the fcd binary through paths
 # cargo fixed at build time (env!("CARGO_MANIFEST_DIR"),
-# CARGO_BIN_EXE_fcd), i.e. under this checkout; gpu_check.sh makes this
-# path lead to the unpacked copy on the GPU machine.
+# CARGO_BIN_EXE_fcd), i.e. under this checkout; tools/device_env.sh makes
+# this path lead to the unpacked copy on the GPU machine.
 pwd -P > .device/build_root
-git diff --quiet HEAD -- src kernels tests benches build.rs Cargo.toml || echo "dirty" >> .device/commit
+# Untracked sources count: a new kernel file is a change like any other.
+[ -z "$(git status --porcelain -- src kernels tests benches build.rs Cargo.toml Cargo.lock)" ] ||
+    echo "dirty" >> .device/commit
 tar -cf - .device | xz -T0 -9 > .device.tar.xz
 du -sh .device .device.tar.xz

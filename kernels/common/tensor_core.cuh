@@ -120,3 +120,24 @@ __device__ __forceinline__ void mma_m16n8k8_tf32x3(float (&c)[4], const unsigned
     mma_m16n8k8_tf32(c, ab, bs0, bs1);
     mma_m16n8k8_tf32(c, ab, bb0, bb1);
 }
+
+// ---- cp.async (sm_80+): 16 bytes from global to shared memory without
+// passing through registers. src_bytes = 0 writes 16 zero bytes and reads
+// nothing (src must still be a valid address): the convolutions' padding.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed groups are still in
+// flight; other threads' copies need a __syncthreads after it.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}

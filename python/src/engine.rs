@@ -16,7 +16,7 @@ use std::sync::{Mutex, PoisonError};
 /// ``config``: the diffusion YAML; ``unet``: the UNet checkpoint (.pt or .safetensors);
 /// ``classifier``: its checkpoint (default: the config's ``ckpt_path``, next to the config);
 /// ``device``: "auto" (the GPU when one is usable), "cpu" or "cuda"; ``precision``: "fp32"
-/// (the parity mode), or "bf16" / "fp16" on a GPU's tensor cores.
+/// (the parity mode), or "tf32", "bf16" / "fp16" on a GPU's tensor cores.
 ///
 /// The GIL is released while the engine loads and runs; calls on one engine from several
 /// threads run one at a time. Errors raise ``fcd.FcdError``.

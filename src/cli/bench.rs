@@ -1,10 +1,14 @@
 //! `fcd bench`: the throughput of the whole guided sampler on random inputs, with the
-//! published checkpoints or random weights ([`Engine::bench`] counts the work).
+//! published checkpoints or random weights ([`Engine::bench`] counts the work); with
+//! `--kernels`, the kernel tournament (`crate::backend::cuda::tournament`).
 
+use crate::backend::cuda::{self, tournament};
+use crate::config::Config;
 use crate::engine::{BenchRun, BenchSetup, Device, Engine, Weights};
+use crate::io::atomic::write_atomic;
 use crate::metrics;
 use crate::precision::Precision;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
@@ -46,10 +50,27 @@ pub struct BenchArgs {
     /// this precision's anomaly maps against its maps (GPU only).
     #[arg(long)]
     fidelity: bool,
+    /// Instead of the sampler, the kernel tournament: every convolution
+    /// kernel version, attention and GroupNorm on every layer shape of the
+    /// config's networks in the bf16, tf32 and fp32 modes, each checked
+    /// against its CPU twin, then timed (batch: --batch, default 16).
+    #[arg(long, conflicts_with_all = ["fidelity", "unet", "classifier"])]
+    kernels: bool,
+    /// The tournament's JSON report; its `winners` are the kernel table
+    /// that FCD_KERNEL_TABLE=FILE runs the engine on.
+    #[arg(long, requires = "kernels")]
+    out: Option<PathBuf>,
+    /// Timed calls per kernel and shape in the tournament (the median is
+    /// reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.batch != Some(0), "--batch must be at least 1");
+    if args.kernels {
+        return kernels(&args);
+    }
     if let Some(p) = args.peak_tflops {
         ensure!(
             p.is_finite() && p > 0.0,
@@ -96,6 +117,62 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None
     };
     report(&args, gpu.as_deref(), &run, psnr)
+}
+
+/// `--kernels`: the tournament, its report to --out and a summary.
+fn kernels(args: &BenchArgs) -> Result<()> {
+    ensure!(args.reps >= 1, "--reps must be at least 1");
+    ensure!(
+        args.device != Device::Cpu,
+        "--kernels times the GPU kernels; --device cpu was asked for"
+    );
+    if let Some(why) = cuda::unavailable_reason() {
+        bail!("--kernels needs a GPU: {why}");
+    }
+    let cfg = Config::load(&args.config)?;
+    let opts = tournament::Options {
+        ordinal: 0,
+        batch: args.batch.unwrap_or(16),
+        reps: args.reps,
+        precisions: vec![Precision::Bf16, Precision::Tf32, Precision::Fp32],
+    };
+    let save = |r: &serde_json::Value| match &args.out {
+        Some(out) => write_atomic(out, serde_json::to_string_pretty(r)?.as_bytes()),
+        None => Ok(()),
+    };
+    let report = tournament::run(&cfg, &opts, save)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    let failed: Vec<String> = report["convolutions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(
+            report["attention_and_norm"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        )
+        .filter(|r| r["valid"] != json!(true))
+        .map(|r| r.to_string())
+        .collect();
+    eprintln!(
+        "bf16 GEMM rate {:.1} TFLOP/s; {} shapes with a winner; {} checks failed",
+        report["bf16_gemm_tflops"].as_f64().unwrap_or(f64::NAN),
+        report["winners"].as_array().map_or(0, Vec::len),
+        failed.len()
+    );
+    for f in &failed {
+        eprintln!("failed: {f}");
+    }
+    if args.out.is_none() {
+        println!("{text}");
+    }
+    ensure!(
+        failed.is_empty(),
+        "{} kernel checks failed against the CPU twin (listed above)",
+        failed.len()
+    );
+    Ok(())
 }
 
 fn report(args: &BenchArgs, gpu: Option<&str>, run: &BenchRun, psnr: Option<f64>) -> Result<()> {

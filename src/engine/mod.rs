@@ -96,7 +96,7 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// `"fp32"`, `"bf16"` or `"fp16"`, as `--precision` takes them.
+/// `"fp32"`, `"tf32"`, `"bf16"` or `"fp16"`, as `--precision` takes them.
 impl std::str::FromStr for Precision {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {

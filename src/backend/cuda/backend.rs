@@ -1,14 +1,16 @@
 //! `Backend` on one CUDA device: tensors are float32 buffers on the Gpu's
 //! stream. Convolutions run on the implicit-GEMM tensor-core kernels
-//! (kernels/igemm.cu: 3xTF32 in fp32, bf16 / fp16 operands otherwise) with
-//! their producers' GroupNorm, SiLU and resampling fused in, attention on
+//! (kernels/igemm.cu: 3xTF32 in fp32, TF32 in tf32, bf16 / fp16 operands
+//! otherwise) with their producers' GroupNorm, SiLU and resampling fused
+//! in, or in the 16-bit modes on version 2 (kernels/igemm2.cu) where the
+//! kernel table (`dispatch`) says it won; attention on
 //! the flash kernels (kernels/flash.cu); the reference backend
 //! (`Cuda::reference`) keeps the simple path, im2col + cuBLAS SGEMM
 //! (kernels/conv.cu), SIMT attention and one kernel per op. The
 //! CPU backend (`crate::backend::cpu`) is the reference every op is tested
 //! against; both check shapes with `crate::backend::shapes`.
 
-use std::cell::{Ref, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,6 +22,7 @@ use cudarc::driver::CudaSlice;
 use super::attention::AttnDims;
 use super::conv::ConvWeights;
 use super::conv_plan::{self, GpuConv};
+use super::dispatch::{self, ConvKernel, ConvShape, Table};
 use super::graph::{self, Graphs};
 use super::igemm::{self, Arith, FusedDims, PackedWeights};
 use super::norm::{NormDims, NormParams};
@@ -50,6 +53,10 @@ pub struct Cuda {
     /// Label vectors already on the device: a recorded step must not copy
     /// from the host, and the sampler's labels are the same every step.
     labels: RefCell<HashMap<Vec<u32>, CudaSlice<u32>>>,
+    /// Which convolution kernel runs each shape, and a kernel that
+    /// overrides it for every shape (tests and the tournament).
+    table: Table,
+    forced: Cell<Option<ConvKernel>>,
 }
 
 /// Distinct label vectors kept on the device before the cache starts over.
@@ -107,6 +114,8 @@ impl Cuda {
             poison: AtomicBool::new(false),
             graphs: Graphs::new(),
             labels: RefCell::new(HashMap::new()),
+            table: Table::load()?,
+            forced: Cell::new(None),
         })
     }
 
@@ -126,6 +135,27 @@ impl Cuda {
     /// step kernel by kernel, the same work).
     pub fn set_graphs(&self, on: bool) {
         self.graphs.set_on(&self.gpu, on);
+    }
+
+    /// Runs every convolution with kernel `k` (where it takes the layer;
+    /// see `dispatch::conv`), or, with None, each with its table's winner.
+    pub fn force_conv_kernel(&self, k: Option<ConvKernel>) {
+        self.forced.set(k);
+    }
+
+    /// The packed convolution `d` with the forced kernel or the table's.
+    fn run_conv(
+        &self,
+        op: &igemm::Operands<'_>,
+        w: &PackedWeights,
+        d: FusedDims,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let k = self
+            .forced
+            .get()
+            .unwrap_or_else(|| self.table.get(&ConvShape::new(self.precision, &d)));
+        dispatch::conv(&self.gpu, k, op, w, d, y)
     }
 
     /// How many recorded steps `repeat` has launched so far.
@@ -213,7 +243,7 @@ impl Cuda {
             bvec: post.bcast.map(|e| &e.buf),
             res: post.residual.map(|r| &r.buf),
         };
-        igemm::conv(&self.gpu, &op, w, d, &mut y.buf)?;
+        self.run_conv(&op, w, d, &mut y.buf)?;
         Ok(y)
     }
 
@@ -502,7 +532,7 @@ impl Backend for Cuda {
                 bvec: None,
                 res: None,
             };
-            igemm::conv(&self.gpu, &op, &p.bwd, d, &mut dx.buf)?;
+            self.run_conv(&op, &p.bwd, d, &mut dx.buf)?;
             return Ok(dx);
         }
         let d = ConvDims {

@@ -2,7 +2,7 @@
 //! convolution, with GroupNorm apply, SiLU and 2x resampling fused into its
 //! operand load and bias, per-sample bias and residual into its store; bf16
 //! or fp16 operands, or float32 operands split into three TF32 products
-//! (the fp32 mode). CPU twin: `crate::backend::compose_conv_fused`.
+//! (the fp32 mode) or rounded to one (the tf32 mode). CPU twin: `crate::backend::compose_conv_fused`.
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
@@ -13,7 +13,7 @@ use crate::backend::Resample;
 use crate::precision::{Half, Precision};
 
 /// The kernels' M and N tiles and block size.
-const BM: usize = 128;
+pub(super) const BM: usize = 128;
 const BN: usize = 128;
 const THREADS: u32 = 256;
 
@@ -22,26 +22,29 @@ const THREADS: u32 = 256;
 pub enum Arith {
     /// One 16-bit product per tile.
     Half(Half),
-    /// float32 operands, three TF32 products per tile.
+    /// float32 operands, three TF32 products per tile (the fp32 mode).
     Tf32x3,
+    /// float32 operands rounded to TF32, one product per tile (the tf32 mode).
+    Tf32,
 }
 
 impl Arith {
     /// The packing a precision mode's convolutions use.
     pub fn for_precision(p: Precision) -> Arith {
-        match p.half() {
-            Some(h) => Arith::Half(h),
-            None => Arith::Tf32x3,
+        match (p.half(), p) {
+            (Some(h), _) => Arith::Half(h),
+            (None, Precision::Tf32) => Arith::Tf32,
+            (None, _) => Arith::Tf32x3,
         }
     }
 
     /// The kernel family's K tile: packed rows are padded to a multiple of
     /// it, and an input whose channels are a multiple of it takes the
     /// vectorised path.
-    fn bk(self) -> usize {
+    pub(super) fn bk(self) -> usize {
         match self {
             Arith::Half(_) => 32,
-            Arith::Tf32x3 => 16,
+            Arith::Tf32x3 | Arith::Tf32 => 16,
         }
     }
 
@@ -49,6 +52,7 @@ impl Arith {
         match self {
             Arith::Half(h) => h.suffix(),
             Arith::Tf32x3 => "tf32x3",
+            Arith::Tf32 => "tf32",
         }
     }
 }
@@ -88,6 +92,16 @@ pub struct PackedWeights {
     buf: PackedBuf,
 }
 
+impl PackedWeights {
+    /// The 16-bit weights; None for the float32 packings.
+    pub(super) fn half_buf(&self) -> Option<&CudaSlice<u16>> {
+        match &self.buf {
+            PackedBuf::Half(b) => Some(b),
+            PackedBuf::F32(_) => None,
+        }
+    }
+}
+
 /// Repacks the float32 `(kk x cout)` matrix of `crate::backend::cpu::CpuConv`.
 pub fn pack_weights(
     gpu: &Gpu,
@@ -115,7 +129,7 @@ pub fn pack_weights(
             }
             PackedBuf::Half(b)
         }
-        Arith::Tf32x3 => {
+        Arith::Tf32x3 | Arith::Tf32 => {
             let mut b = unsafe { gpu.stream().alloc::<f32>(n) }.with_context(what)?;
             if n > 0 {
                 unsafe { launch::pack_weights_f32(gpu, cfg, (w, &mut b, kk, cout64, kp64)) }?;
@@ -188,37 +202,8 @@ pub fn conv(
     d: FusedDims,
     y: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    ensure!(
-        d.k == 1 || d.k == 3,
-        "conv: kernel size {} (only 1 and 3 are supported)",
-        d.k
-    );
-    if d.resample == Resample::Up {
-        ensure!(
-            d.h.is_multiple_of(2) && d.w.is_multiple_of(2),
-            "conv: an up-sampled output of odd size {} x {}",
-            d.h,
-            d.w
-        );
-    }
-    let kk = d.k * d.k * d.cin;
+    check_operands(gpu, "conv", op, w, d, y)?;
     let bk = w.kind.bk();
-    ensure!(
-        w.cout == d.cout && w.kp == kk.div_ceil(bk).max(1) * bk,
-        "conv: packed weights [{}][{}] for {} -> {} channels, k = {}",
-        w.cout,
-        w.kp,
-        d.cin,
-        d.cout,
-        d.k
-    );
-    let (sh, sw) = d.source_hw();
-    let m = d.b * d.h * d.w;
-    let fits = |v: usize| i32::try_from(v).is_ok();
-    ensure!(
-        fits(m + BM) && fits(d.b * sh * sw) && fits(w.kp) && fits(d.cin) && fits(d.cout),
-        "conv: sizes {d:?} exceed the kernel's 32-bit indices"
-    );
     let c1 = op.x2.map(|(_, c1)| c1);
     ensure!(
         fuses(w, d.cin, d.resample, c1),
@@ -226,25 +211,7 @@ pub fn conv(
          of {bk}, got {} (split at {c1:?})",
         d.cin
     );
-    let pixels = d.b * sh * sw;
-    match op.x2 {
-        None => gpu.expect_len("conv", "input", op.x, pixels * d.cin)?,
-        Some((x2, c1)) => {
-            gpu.expect_len("conv", "input", op.x, pixels * c1)?;
-            gpu.expect_len("conv", "second input", x2, pixels * (d.cin - c1))?;
-        }
-    }
-    gpu.expect_len("conv", "output", y, m * d.cout)?;
-    gpu.expect_len("conv", "bias", op.bias, d.cout)?;
-    if let Some(a) = op.affine {
-        gpu.expect_len("conv", "affine", a, 2 * d.b * d.cin)?;
-    }
-    if let Some(v) = op.bvec {
-        gpu.expect_len("conv", "per-sample bias", v, d.b * d.cout)?;
-    }
-    if let Some(r) = op.res {
-        gpu.expect_len("conv", "residual", r, m * d.cout)?;
-    }
+    let m = d.b * d.h * d.w;
     if m * d.cout == 0 {
         return Ok(());
     }
@@ -301,4 +268,73 @@ pub fn conv(
     // kernel indexes with; the float4 path needs cin % bk == 0 and 16-byte
     // aligned buffers (cudarc allocations are).
     unsafe { launch::igemm(gpu, &name, cfg, p) }
+}
+
+/// The one shape check of both convolution versions (`igemm::conv`,
+/// `igemm2::conv`): the kernel size, the packing and the length of every
+/// operand against `d`, and the kernels' 32-bit indices.
+pub(super) fn check_operands(
+    gpu: &Gpu,
+    op_name: &str,
+    op: &Operands<'_>,
+    w: &PackedWeights,
+    d: FusedDims,
+    y: &CudaSlice<f32>,
+) -> Result<()> {
+    ensure!(
+        d.k == 1 || d.k == 3,
+        "{op_name}: kernel size {} (only 1 and 3 are supported)",
+        d.k
+    );
+    if d.resample == Resample::Up {
+        ensure!(
+            d.h.is_multiple_of(2) && d.w.is_multiple_of(2),
+            "{op_name}: an up-sampled output of odd size {} x {}",
+            d.h,
+            d.w
+        );
+    }
+    let kk = d.k * d.k * d.cin;
+    let bk = w.kind.bk();
+    ensure!(
+        w.cout == d.cout && w.kp == kk.div_ceil(bk).max(1) * bk,
+        "{op_name}: packed weights [{}][{}] for {} -> {} channels, k = {}",
+        w.cout,
+        w.kp,
+        d.cin,
+        d.cout,
+        d.k
+    );
+    let (sh, sw) = d.source_hw();
+    let m = d.b * d.h * d.w;
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    ensure!(
+        fits(m + BM) && fits(d.b * sh * sw) && fits(w.kp) && fits(d.cin) && fits(d.cout),
+        "{op_name}: sizes {d:?} exceed the kernel's 32-bit indices"
+    );
+    let pixels = d.b * sh * sw;
+    match op.x2 {
+        None => gpu.expect_len(op_name, "input", op.x, pixels * d.cin)?,
+        Some((x2, c1)) => {
+            ensure!(
+                c1 > 0 && c1 < d.cin,
+                "{op_name}: a concatenation split at {c1} of {} channels",
+                d.cin
+            );
+            gpu.expect_len(op_name, "input", op.x, pixels * c1)?;
+            gpu.expect_len(op_name, "second input", x2, pixels * (d.cin - c1))?;
+        }
+    }
+    gpu.expect_len(op_name, "output", y, m * d.cout)?;
+    gpu.expect_len(op_name, "bias", op.bias, d.cout)?;
+    if let Some(a) = op.affine {
+        gpu.expect_len(op_name, "affine", a, 2 * d.b * d.cin)?;
+    }
+    if let Some(v) = op.bvec {
+        gpu.expect_len(op_name, "per-sample bias", v, d.b * d.cout)?;
+    }
+    if let Some(r) = op.res {
+        gpu.expect_len(op_name, "residual", r, m * d.cout)?;
+    }
+    Ok(())
 }

@@ -78,6 +78,16 @@ unsafe fn launch(
         p.check(gpu, kernel, name)?;
     }
     let func = gpu.function(module, kernel)?;
+    // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+    if cfg.shared_mem_bytes > 48 * 1024 {
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            cfg.shared_mem_bytes as i32,
+        )
+        .with_context(|| {
+            format!("{kernel}: {} bytes of shared memory", cfg.shared_mem_bytes)
+        })?;
+    }
     let mut args = gpu.stream().launch_builder(&func);
     for (_, p) in params.iter_mut() {
         p.push(&mut args);
@@ -261,7 +271,23 @@ declare_kernels! {
     pack_weights_f32 in "igemm": (
         w: &CudaSlice<f32>, w32: &mut CudaSlice<f32>, kk: u64, cout: u64, kp: u64,
     );
-    // igemm_{bf16,f16,tf32x3}_{same,up,down}_{v,s}: the IGEMM_KERNEL list.
+    // conv_prep_{bf16,f16}_{same,up,down}: the PREP_KERNEL list.
+    conv_prep[kernel] in "igemm2": (
+        x: &CudaSlice<f32>, affine: &CudaSlice<f32>, out: &mut CudaSlice<u16>, b: i32, h: i32,
+        w: i32, cin: i32, has_affine: i32, silu: i32, x2: &CudaSlice<f32>, c1: i32,
+    );
+    // igemm2_{bf16,f16}_n{128,64,32}[_part]: the IGEMM2_KERNEL list.
+    igemm2[kernel] in "igemm2": (
+        xp: &CudaSlice<u16>, wt: &CudaSlice<u16>, bias: &CudaSlice<f32>, bvec: &CudaSlice<f32>,
+        res: &CudaSlice<f32>, y: &mut CudaSlice<f32>, b: i32, h: i32, w: i32, cin: i32,
+        cout: i32, k: i32, kp: i32, has_bvec: i32, has_res: i32, tiles_per_split: i32,
+    );
+    igemm2_reduce in "igemm2": (
+        part: &CudaSlice<f32>, bias: &CudaSlice<f32>, bvec: &CudaSlice<f32>,
+        res: &CudaSlice<f32>, y: &mut CudaSlice<f32>, mn: u64, cout: i32, hw: i32, splits: i32,
+        has_bvec: i32, has_res: i32,
+    );
+    // igemm_{bf16,f16,tf32x3,tf32}_{same,up,down}_{v,s}: the IGEMM_KERNEL list.
     igemm[kernel] in "igemm": (
         x: &CudaSlice<f32>, wt: &super::igemm::PackedBuf, bias: &CudaSlice<f32>,
         affine: &CudaSlice<f32>, bvec: &CudaSlice<f32>, res: &CudaSlice<f32>,

@@ -21,6 +21,15 @@ The hardware's internal summation inside one mma is not IEEE; ACC selects
 the model: "seq" (float32 sum c + p0 + ... + p7, one rounding per add; the
 default), "fused" (exact sum, one round-to-nearest), "rz" (exact sum, one
 round-toward-zero: a pessimistic model of the truncating tensor-core adder).
+
+PASSES (argument passes=1|3, default 3): igemm_tf32<RS, VEC, PASSES>. 3 is the
+3xTF32 kernel above (CFG products / order pick its accumulation variants);
+1 is the tf32 mode, one mma_m16n8k8_tf32 of the big (cvt.rna) halves per
+tile straight into acc (CFG products = 1).  With passes=1 each case also
+reports the rel-L2 (as twin.rs's rel_l2, over the whole output) against
+float64 and against a float64 reference on TF32-rounded operands (the
+float32-transformed activation and the weights through tf32_rna, i.e. what
+the GPU test's twin is fed), and the maximum over the cases.
 """
 import sys
 import numpy as np
@@ -30,7 +39,8 @@ from emu import set_source, coverage, fuses, StageA
 
 BM, BN, BK32, SROW32, THREADS = 128, 128, 16, 20, 256
 
-CFG = dict(acc="seq", products=3, order="small_first")
+CFG = dict(acc="seq", products=3, order="flush")
+PASSES = 3
 
 
 # ---------------------------------------------------------------- tf32 helpers
@@ -235,11 +245,11 @@ def igemm_tf32x3_block(p, RS, VEC, bx, by):
             B_b, B_s = bb[:, None], bs_[:, None]           # [8, 1, nt, 2, 32]
             if CFG["products"] == 1:
                 acc = mma_m16n8k8_tf32(acc, A_b, B_b)
-            elif CFG["order"] == "small_first":            # the .cu's order
+            elif CFG["order"] == "small_first":            # variant: straight into acc
                 acc = mma_m16n8k8_tf32(acc, A_s, B_b)
                 acc = mma_m16n8k8_tf32(acc, A_b, B_s)
                 acc = mma_m16n8k8_tf32(acc, A_b, B_b)
-            elif CFG["order"] == "flush":                  # variant: per-k8 partial from zero, IEEE add into acc
+            elif CFG["order"] == "flush":                  # the .cu: per-k8 partial from zero, IEEE add into acc
                 tt = np.zeros_like(acc)
                 tt = mma_m16n8k8_tf32(tt, A_s, B_b)
                 tt = mma_m16n8k8_tf32(tt, A_b, B_s)
@@ -368,6 +378,39 @@ def run_case(b, h, w, cin, cout, k, rs, affine, silu, bvec, res, seed=0, scale=N
     if res:
         yf = (yf + rs_).astype(np.float32)
     err_fma = np.abs(yf - ref).max() / np.abs(ref).max()
+    extra = {}
+    if PASSES == 1:
+        # float64 reference on TF32-rounded operands: the activation as the kernel's
+        # float32 staging computes it (the 2x2 pool summed tap by tap, in order), then
+        # cvt.rna; the weights through cvt.rna.
+        ta = x
+        if affine or silu:
+            ta = prologue(ta, aff[:, 0][:, None, None, :], aff[:, 1][:, None, None, :], int(affine), int(silu))
+        if rs == RS_UP:
+            ta = ta.repeat(2, 1).repeat(2, 2)
+        elif rs == RS_DOWN:
+            t6 = ta.reshape(b, h, 2, w, 2, cin)
+            sacc = np.zeros((b, h, w, cin), np.float32)
+            for u in range(4):
+                sacc = (sacc + t6[:, :, u >> 1, :, u & 1]).astype(np.float32)
+            ta = (sacc * np.float32(0.25)).astype(np.float32)
+        tpr = np.pad(tf32_rna(ta).astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        Wt = tf32_rna(W).astype(np.float64)
+        conv_r = np.zeros((b, h, w, cout))
+        for ky in range(k):
+            for kx in range(k):
+                j0 = (ky * k + kx) * cin
+                conv_r += tpr[:, ky:ky + h, kx:kx + w, :] @ Wt[j0:j0 + cin]
+        ref_r = conv_r + bias
+        if bvec:
+            ref_r += bv[:, None, None, :]
+        ref_r = ref_r.reshape(m, cout)
+        if res:
+            ref_r += rs_
+        yy = p.y.a.reshape(m, cout).astype(np.float64)
+        l2 = lambda d, r: float(np.sqrt(np.sum(d ** 2) / np.sum(r ** 2)))
+        extra = dict(l2_f64=l2(yy - ref, ref), l2_rnd=l2(yy - ref_r, ref_r),
+                     l2_rnd_conv=l2(yy - ref_r, conv_r), l2_f32=l2(y32 - ref, ref))
     yv = p.y.a.reshape(m, cout).astype(np.float64)
     d = np.abs(yv - ref)
     err = np.max(d) / np.abs(ref).max()                      # normwise; NaN if any output is NaN
@@ -382,7 +425,7 @@ def run_case(b, h, w, cin, cout, k, rs, affine, silu, bvec, res, seed=0, scale=N
     accs = ", ".join(f"{B.name}:{B.max}/{B.a.size}" for B in bufs if B.nacc)
     accs += f", As:{p.As.max}/{p.As.size}, Bs:{p.Bs.max}/{p.Bs.size}"
     banks = (max(p.As.bank_ld, p.Bs.bank_ld), max(p.As.bank_st, p.Bs.bank_st))
-    return dict(err_fma=err_fma, err_f32=err_f32, err=err, err_conv=err_conv, err_cw=err_cw, acc=accs, gx=gx, gy=gy, VEC=VEC, kp=kp, banks=banks, fuses=fuses(bk, cin, rs, c1))
+    return dict(**extra, err_fma=err_fma, err_f32=err_f32, err=err, err_conv=err_conv, err_cw=err_cw, acc=accs, gx=gx, gy=gy, VEC=VEC, kp=kp, banks=banks, fuses=fuses(bk, cin, rs, c1))
 
 
 CASES = emu.CASES + [
@@ -398,6 +441,12 @@ CONCAT = emu.CONCAT + [
     dict(b=2, h=4, w=6, cin=48, c1=16, cout=40, k=3, rs=RS_DOWN, affine=1, silu=1, bvec=0, res=1),
     dict(b=2, h=6, w=4, cin=48, c1=32, cout=20, k=3, rs=RS_UP, affine=1, silu=1, bvec=0, res=0),
 ]
+# Long K (argument big; not in the default run): the GPU test's longest (cin 256, k 3,
+# cout 1: K = 2304) and the networks' longest (cin 768, k 3: K = 6912).
+BIG = [
+    dict(b=1, h=17, w=19, cin=256, cout=1, k=3, rs=RS_SAME, affine=0, silu=1, bvec=0, res=0),
+    dict(b=1, h=8, w=16, cin=768, cout=32, k=3, rs=RS_SAME, affine=1, silu=1, bvec=0, res=0),
+]
 NAMES = {0: "same", 1: "up", 2: "down"}
 
 
@@ -409,19 +458,36 @@ def tag(c):
 
 if __name__ == "__main__":
     failed = False
-    sets = [a for a in sys.argv[1:] if a in ("old", "concat")] or ["old", "concat"]
+    sets = [a for a in sys.argv[1:] if a in ("old", "concat", "big")] or ["old", "concat"]
     for a in sys.argv[1:]:
         if a in sets:
             continue
         k_, v_ = a.split("=")
+        if k_ == "passes":
+            assert v_ in ("1", "3"), "passes=1 or passes=3"
+            PASSES = int(v_)
+            CFG["products"] = 1 if PASSES == 1 else 3
+            continue
         CFG[k_] = int(v_) if v_.isdigit() else v_
     print("CFG", CFG)
-    for c in (CASES if "old" in sets else []) + (CONCAT if "concat" in sets else []):
+    if PASSES == 1:
+        print("passes 1 (igemm_tf32<RS, VEC, 1>): rel-L2 over y against float64 | against float64 on "
+              "tf32-rounded operands (and with ||conv|| as the denominator)")
+    worst = {}
+    for c in (CASES if "old" in sets else []) + (CONCAT if "concat" in sets else []) + (BIG if "big" in sets else []):
         REP.problems = []
         r = run_case(**c)
         print(f"{tag(c):44s} | {'VEC' if r['VEC'] else 'scal'} kp={r['kp']:4d} grid=({r['gx']},{r['gy']}){'' if r['fuses'] else ' (launcher refuses: kernel-level)'} | "
               f"relerr {r['err']:.2e} (f32 sgemm {r['err_f32']:.2e} fma-loop {r['err_fma']:.2e}) conv {r['err_conv']:.2e} cw {r['err_cw']:.2e} | banks ld{r['banks'][0]} st{r['banks'][1]} | "
               f"problems {REP.problems or 'none'}")
         print(f"     max idx/len: {r['acc']}")
+        if PASSES == 1:
+            print(f"     passes 1: K={c['k'] ** 2 * c['cin']:5d} relL2 vs f64 {r['l2_f64']:.2e} (f32 sgemm {r['l2_f32']:.2e}) | "
+                  f"vs tf32-rounded f64 {r['l2_rnd']:.2e} (conv denominator {r['l2_rnd_conv']:.2e})")
+            for key in ("l2_f64", "l2_rnd", "l2_rnd_conv"):
+                worst[key] = max(worst.get(key, 0.0), r[key])
         failed = failed or bool(REP.problems)
+    if PASSES == 1:
+        print(f"passes 1, acc {CFG['acc']}: max over cases: relL2 vs f64 {worst['l2_f64']:.2e}, "
+              f"vs tf32-rounded f64 {worst['l2_rnd']:.2e} (conv denominator {worst['l2_rnd_conv']:.2e})")
     sys.exit(1 if failed else 0)
