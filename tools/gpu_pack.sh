@@ -12,7 +12,7 @@ export FCD_REQUIRE_KERNELS=1
 rm -rf .device && mkdir -p .device/tests
 cargo build --release --bins
 cp target/release/fcd .device/fcd
-cargo test --release --no-run --message-format=json 2>/dev/null |
+cargo test --release --no-run --message-format=json |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -20,7 +20,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do strip -o ".device/tests/$name" "$exe"; done
-cargo bench --no-run --message-format=json 2>/dev/null |
+cargo bench --no-run --message-format=json |
     python3 -c '
 import json, sys
 for line in sys.stdin:
