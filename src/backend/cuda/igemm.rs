@@ -185,6 +185,16 @@ pub struct Operands<'a> {
     pub res: Option<&'a CudaSlice<f32>>,
 }
 
+/// The resampling part of the convolution kernels' names (`RS_SAME`,
+/// `RS_UP`, `RS_DOWN` in `kernels/common/conv_prologue.cuh`).
+pub(super) fn kernel_suffix(r: Resample) -> &'static str {
+    match r {
+        Resample::None => "same",
+        Resample::Up => "up",
+        Resample::Down => "down",
+    }
+}
+
 /// Whether `conv` takes resampling `r` in its prologue for `cin` channels,
 /// and a concatenation split at `c1` (`Some`) in its operand load.
 pub fn fuses(w: &PackedWeights, cin: usize, r: Resample, c1: Option<usize>) -> bool {
@@ -217,11 +227,7 @@ pub fn conv(
     }
     // Whole K tiles of one tap take the float4 path.
     let vec = d.cin.is_multiple_of(bk);
-    let rs = match d.resample {
-        Resample::None => "same",
-        Resample::Up => "up",
-        Resample::Down => "down",
-    };
+    let rs = kernel_suffix(d.resample);
     let name = format!(
         "igemm_{}_{rs}_{}",
         w.kind.name(),

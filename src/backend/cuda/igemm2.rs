@@ -7,10 +7,9 @@
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::igemm::{check_operands, Arith, FusedDims, Operands, PackedWeights, BM};
+use super::igemm::{check_operands, kernel_suffix, Arith, FusedDims, Operands, PackedWeights, BM};
 use super::launch;
 use super::Gpu;
-use crate::backend::Resample;
 
 const BK: usize = 32;
 const THREADS: u32 = 256;
@@ -91,11 +90,7 @@ pub fn conv(
 
     let mut xp = unsafe { gpu.stream().alloc::<u16>(m * d.cin) }
         .with_context(|| format!("conv_v2: allocating the prepared input of {d:?}"))?;
-    let rs = match d.resample {
-        Resample::None => "same",
-        Resample::Up => "up",
-        Resample::Down => "down",
-    };
+    let rs = kernel_suffix(d.resample);
     let (x2, c1) = op.x2.unwrap_or((op.x, d.cin));
     let p = (
         op.x,
