@@ -138,6 +138,15 @@ pub fn histogram_match(src_img: &[f32], ref_img: &[f32]) -> Vec<f32> {
 ///
 /// Panics if the two slices differ in length: callers pair slices of one stack.
 pub fn anomaly_map(x0: &[f32], xhat: &[f32], hist_match: bool) -> Vec<f32> {
+    norm01(&difference(x0, xhat, hist_match))
+}
+
+/// The anomaly map before its last normalisation: `|norm01(x0) - norm01(x_hat)|`, how far
+/// the pseudo-healthy slice moved each pixel, as a fraction of the slice's intensity range.
+/// Unlike the map, it compares across slices.
+///
+/// Panics if the two slices differ in length: callers pair slices of one stack.
+pub fn difference(x0: &[f32], xhat: &[f32], hist_match: bool) -> Vec<f32> {
     assert_eq!(
         x0.len(),
         xhat.len(),
@@ -148,12 +157,11 @@ pub fn anomaly_map(x0: &[f32], xhat: &[f32], hist_match: bool) -> Vec<f32> {
     } else {
         norm01(xhat)
     };
-    let diff: Vec<f32> = norm01(x0)
+    norm01(x0)
         .iter()
         .zip(&healed)
         .map(|(a, b)| (a - b).abs())
-        .collect();
-    norm01(&diff)
+        .collect()
 }
 
 /// [`anomaly_map`] over stacks of slices of `hw` pixels each.

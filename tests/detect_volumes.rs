@@ -169,11 +169,17 @@ fn nifti_outputs_are_on_the_input_grid_with_overlays_and_peaks() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let peaks = summary["peaks"].as_array().unwrap();
     assert!(!peaks.is_empty());
-    let scores: Vec<f64> = peaks.iter().map(|p| p["score"].as_f64().unwrap()).collect();
+    let strengths: Vec<f64> = peaks
+        .iter()
+        .map(|p| p["strength"].as_f64().unwrap())
+        .collect();
     assert!(
-        scores.windows(2).all(|w| w[0] >= w[1]),
-        "peaks not sorted by score"
+        strengths.windows(2).all(|w| w[0] >= w[1]),
+        "peaks not sorted by strength"
     );
+    assert!(peaks
+        .iter()
+        .all(|p| (0.0..=1.0).contains(&p["score"].as_f64().unwrap())));
     for p in peaks {
         let z = p["slice"].as_u64().unwrap();
         assert!((3..=5).contains(&z));

@@ -25,7 +25,11 @@ class Peak:
     @property
     def col(self) -> int: ...
     @property
-    def score(self) -> float: ...
+    def score(self) -> float:
+        """The anomaly map at the peak (each slice's map peaks at 1)."""
+    @property
+    def strength(self) -> float:
+        """The map before its per-slice normalisation there; ranks peaks across slices."""
 
 class Detection:
     """Results on slices, as ``fcd detect`` writes them."""
@@ -38,7 +42,7 @@ class Detection:
         """(B, H, W) in [0, 1]."""
     @property
     def peaks(self) -> list[Peak]:
-        """Strongest first."""
+        """Strongest first (by strength)."""
     @property
     def steps(self) -> int: ...
     @property
@@ -58,7 +62,11 @@ class VolumePeak:
     @property
     def world_mm(self) -> Tuple[float, float, float]: ...
     @property
-    def score(self) -> float: ...
+    def score(self) -> float:
+        """The anomaly map at the peak (each slice's map peaks at 1)."""
+    @property
+    def strength(self) -> float:
+        """The map before its per-slice normalisation there; ranks peaks across slices."""
 
 class VolumeDetection:
     """Results on the input volume's grid."""
@@ -71,7 +79,7 @@ class VolumeDetection:
         """(x, y, z) in each slice's intensity range, zero outside the slices."""
     @property
     def peaks(self) -> list[VolumePeak]:
-        """Strongest first."""
+        """Strongest first (by strength)."""
     @property
     def slices(self) -> Tuple[int, int]:
         """The axial slices (first, last), inclusive."""

@@ -59,6 +59,7 @@ pub struct Peak {
     row: usize,
     col: usize,
     score: f32,
+    strength: f32,
 }
 
 impl From<&fcd::engine::Peak> for Peak {
@@ -68,6 +69,7 @@ impl From<&fcd::engine::Peak> for Peak {
             row: p.row,
             col: p.col,
             score: p.score,
+            strength: p.strength,
         }
     }
 }
@@ -76,8 +78,8 @@ impl From<&fcd::engine::Peak> for Peak {
 impl Peak {
     fn __repr__(&self) -> String {
         format!(
-            "Peak(slice={}, row={}, col={}, score={})",
-            self.slice, self.row, self.col, self.score
+            "Peak(slice={}, row={}, col={}, score={}, strength={})",
+            self.slice, self.row, self.col, self.score, self.strength
         )
     }
 }
@@ -138,6 +140,7 @@ pub struct VolumePeak {
     voxel_y: f64,
     world_mm: (f64, f64, f64),
     score: f32,
+    strength: f32,
 }
 
 impl From<&fcd::engine::VolumePeak> for VolumePeak {
@@ -149,6 +152,7 @@ impl From<&fcd::engine::VolumePeak> for VolumePeak {
             voxel_y: p.voxel_y,
             world_mm: (x, y, z),
             score: p.score,
+            strength: p.strength,
         }
     }
 }
@@ -157,8 +161,8 @@ impl From<&fcd::engine::VolumePeak> for VolumePeak {
 impl VolumePeak {
     fn __repr__(&self) -> String {
         format!(
-            "VolumePeak(slice={}, voxel_x={}, voxel_y={}, world_mm={:?}, score={})",
-            self.slice, self.voxel_x, self.voxel_y, self.world_mm, self.score
+            "VolumePeak(slice={}, voxel_x={}, voxel_y={}, world_mm={:?}, score={}, strength={})",
+            self.slice, self.voxel_x, self.voxel_y, self.world_mm, self.score, self.strength
         )
     }
 }

@@ -30,10 +30,11 @@ def test_peaks_and_settings_are_the_command_lines(engine, flair, t1, cli):
     assert [(p.slice, p.row, p.col) for p in det.peaks] == [
         (p["slice"], p["row"], p["col"]) for p in summary["peaks"]
     ]
-    assert np.array_equal(
-        np.array([p.score for p in det.peaks], np.float32),
-        np.array([p["score"] for p in summary["peaks"]], np.float32),
-    )
+    for key in ("score", "strength"):
+        assert np.array_equal(
+            np.array([getattr(p, key) for p in det.peaks], np.float32),
+            np.array([p[key] for p in summary["peaks"]], np.float32),
+        )
     settings = summary["settings"]
     assert (det.steps, det.guidance, det.batch) == (
         settings["steps"], settings["guidance"], settings["batch"]

@@ -231,7 +231,7 @@ fn write_maps(staged: &mut Staged, inputs: &Prepared, det: Detection) -> Result<
                 .iter()
                 .map(|p| {
                     json!({"slice": p.slice, "voxel_x": p.voxel_x, "voxel_y": p.voxel_y,
-                           "world_mm": p.world_mm, "score": p.score})
+                           "world_mm": p.world_mm, "score": p.score, "strength": p.strength})
                 })
                 .collect();
             (peaks, Some((shown, marks)))
@@ -278,7 +278,10 @@ fn write_maps(staged: &mut Staged, inputs: &Prepared, det: Detection) -> Result<
             let peaks = det
                 .peaks
                 .iter()
-                .map(|p| json!({"slice": p.slice, "row": p.row, "col": p.col, "score": p.score}))
+                .map(|p| {
+                    json!({"slice": p.slice, "row": p.row, "col": p.col, "score": p.score,
+                           "strength": p.strength})
+                })
                 .collect();
             (peaks, shown)
         }

@@ -8,6 +8,7 @@ use crate::ddim::alphas_cumprod;
 use crate::inputs::{self, Prepared};
 use crate::metrics;
 use crate::model::NetSpec;
+use crate::post;
 use crate::sampler::{Phase, Sampler};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
@@ -87,7 +88,10 @@ pub struct Peak {
     pub slice: usize,
     pub row: usize,
     pub col: usize,
+    /// The anomaly map there (every slice's map is normalised to [0, 1] on its own).
     pub score: f32,
+    /// [`crate::post::difference`] there: what ranks peaks of different slices.
+    pub strength: f32,
 }
 
 /// What a detection call returns, on the network's grid.
@@ -97,7 +101,7 @@ pub struct Detection {
     pub pseudo_healthy: Tensor,
     /// Anomaly maps `[S, H, W]` in [0, 1].
     pub anomaly: Tensor,
-    /// The strongest peaks of all slices, strongest first.
+    /// The strongest peaks of all slices, by strength.
     pub peaks: Vec<Peak>,
     /// The settings used (the defaults resolved).
     pub steps: usize,
@@ -246,7 +250,14 @@ pub(super) fn run<B: Backend>(
     }
     let pseudo_healthy = Tensor::new(shape.clone(), healthy)?;
     let anomaly = Tensor::new(shape[..3].to_vec(), anomaly)?;
-    let peaks = strongest_peaks(&anomaly.data, size, peaks);
+    let difference: Vec<f32> = inputs
+        .flair
+        .data
+        .chunks(size * size)
+        .zip(pseudo_healthy.data.chunks(size * size))
+        .flat_map(|(x0, xhat)| post::difference(x0, xhat, hist_match))
+        .collect();
+    let peaks = strongest_peaks(&anomaly.data, &difference, size, peaks);
     Ok(Detection {
         pseudo_healthy,
         anomaly,
@@ -300,12 +311,16 @@ fn all_finite(t: &Tensor, stage: &str) -> Result<()> {
     crate::sampler::refuse_non_finite(t.first_non_finite(), &t.shape, stage)
 }
 
-/// The strongest peaks of every slice of `anomaly` (`size x size` maps).
-fn strongest_peaks(anomaly: &[f32], size: usize, o: PeakOptions) -> Vec<Peak> {
+/// The peaks of every slice of `anomaly` (`size x size` maps), ranked across slices by
+/// `difference` (the maps before their per-slice normalisation): each slice's map peaks at
+/// 1, so the maps alone cannot say which slice holds the strongest anomaly.
+fn strongest_peaks(anomaly: &[f32], difference: &[f32], size: usize, o: PeakOptions) -> Vec<Peak> {
+    let hw = size * size;
     let mut all: Vec<Peak> = anomaly
-        .chunks(size * size)
+        .chunks(hw)
+        .zip(difference.chunks(hw))
         .enumerate()
-        .flat_map(|(slice, a)| {
+        .flat_map(|(slice, (a, d))| {
             metrics::peaks(a, size, size, o.per_slice, o.radius)
                 .into_iter()
                 .map(move |(row, col)| Peak {
@@ -313,10 +328,15 @@ fn strongest_peaks(anomaly: &[f32], size: usize, o: PeakOptions) -> Vec<Peak> {
                     row,
                     col,
                     score: a[row * size + col],
+                    strength: d[row * size + col],
                 })
         })
         .collect();
-    all.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.slice.cmp(&b.slice)));
+    all.sort_by(|a, b| {
+        b.strength
+            .total_cmp(&a.strength)
+            .then(a.slice.cmp(&b.slice))
+    });
     all.truncate(o.most);
     all
 }

@@ -18,6 +18,7 @@ pub struct VolumePeak {
     /// World coordinates in mm, through the volume's affine.
     pub world_mm: [f64; 3],
     pub score: f32,
+    pub strength: f32,
 }
 
 /// [`Detection`] on the grid of the input volume.
@@ -72,6 +73,7 @@ impl VolumeDetection {
                     voxel_y: y,
                     world_mm: volume::world(&flair.affine, [x, y, z as f64]),
                     score: p.score,
+                    strength: p.strength,
                 }
             })
             .collect();

@@ -3,7 +3,7 @@
 
     python3 tools/phantom/make.py --t1 T1.nii.gz [--gm GM.nii.gz --wm WM.nii.gz] \
         --subjects K --lesion-fraction F --seed S --out DIR [--png] \
-        [--z-range A:B] [--z-step K] [--first-id N]
+        [--z-range A:B] [--z-step K] [--first-id N] [--twins]
 
 See tools/phantom/README.md for what is made, the parameter ranges and the lobe lookup.
 Needs numpy, scipy and nibabel (Pillow optional, only for --png; a tiny built-in PNG
@@ -43,13 +43,17 @@ RANGES = {
     "bias_log_std": (0.04, 0.10),         # std of log bias field (separate T1 / FLAIR)
     "noise_t1": (0.010, 0.030),           # Rician sigma / WM level
     "noise_flair": (0.015, 0.035),
+    # periventricular rims and caps, normal FLAIR hyperintensities (every subject)
+    "rim_mm": (2.0, 4.0),                 # rim width in the WM next to the lateral ventricles
+    "flair_rim": (2.5, 4.5),              # FLAIR excess at the caps, fraction of (GM-WM) FLAIR;
+                                          # 40% of that along the rest of the rim
     # lesion (patients)
     "radius_mm": (10.0, 16.0),            # mean semi-axis of the lesion ellipsoid
     "axis_jitter": (0.75, 1.25),          # per-axis factor on the radius
     "thickening_mm": (1.5, 4.0),          # WM depth turned into GM-like tissue
     "thickening_strength": (0.5, 0.85),   # fraction of that WM turned into GM (partial volume)
     "blur_sigma_mm": (1.0, 2.0),          # grey/white junction blurring inside the lesion
-    "flair_sub": (1.10, 1.60),            # subcortical FLAIR excess, fraction of (GM-WM) FLAIR
+    "flair_sub": (3.00, 4.50),            # subcortical FLAIR excess, fraction of (GM-WM) FLAIR
     "flair_ctx": (0.15, 0.35),            # intracortical FLAIR excess, same unit
     "sub_depth_mm": (6.0, 12.0),          # depth of the subcortical hyperintensity below GM
     "t1_sub": (0.05, 0.25),               # subcortical T1 darkening, fraction of (WM-GM) T1
@@ -296,6 +300,14 @@ class Template:
         vent[tuple(vijk[keep].T)] = True
         vent = ndi.binary_opening(vent, iterations=1)
         self.ventricles = np.argwhere(vent).astype(np.float64)
+        # periventricular rims: distance (mm) from the lateral ventricles, and the caps at
+        # their frontal (MNI y > -5 mm) and occipital (y < -30 mm) horns
+        self.vent_dist = np.full(self.shape, 1e3, np.float32)
+        self.vent_dist[box] = ndi.distance_transform_edt(~vent[box], sampling=self.vox)
+        y = self.mni(np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"),
+                              -1).reshape(-1, 3))[:, 1].reshape(self.shape)
+        self.cap = (np.clip((y + 5.0) / 15.0, 0, 1) + np.clip((-30.0 - y) / 10.0, 0, 1)
+                    ).astype(np.float32)
         # candidate lesion centres: GM voxels at the grey/white junction, cortical
         # (within 6 mm of non-ventricular CSF or of the brain's outer edge, so deep WM islands
         # are excluded, and >= ~10 mm from the ventricles, so periventricular grey is excluded)
@@ -513,7 +525,7 @@ def sample_box(arr, lo, q):
     return out
 
 
-def make_subject(tpl, grid, sid, patient, seed, index):
+def make_subject(tpl, grid, sid, patient, seed, index, twin=False):
     rng = np.random.default_rng([seed, index, 0x5ca1ab1e])
     info = {"id": sid, "group": "patient" if patient else "control", "seed": seed,
             "subject_index": index}
@@ -560,7 +572,19 @@ def make_subject(tpl, grid, sid, patient, seed, index):
     wm = sample(tpl.wm, q)
     msk = sample(tpl.mask, q)
     t1 = sample(tpl.t1, q)
+    rim_w, rim_c = uni(rng, "rim_mm"), uni(rng, "flair_rim")
+    info["periventricular"] = {"rim_mm": round(rim_w, 3), "flair_rim": round(rim_c, 4)}
+    dv = sample(tpl.vent_dist, q)
+    rim = ((0.4 + 0.6 * np.clip(sample(tpl.cap, q), 0, 1)) * sigmoid((rim_w - dv) / 0.7)
+           * (dv > 0.5) * rim_c * (ints["flair_gm_over_wm"] - 1.0))
+    del dv
     fl_ex = roi = None
+    # The patient's lesion-free twin: the same subject before the lesion edit, given the
+    # same texture, bias and noise below, so that the two FLAIRs differ by the lesion only.
+    flair_twin = None
+    if twin and lesion is not None:
+        flair_twin = (ints["flair_csf_over_wm"] * np.clip(msk - gm - wm, 0, 1)
+                      + ints["flair_gm_over_wm"] * gm + wm + rim * wm)
     if lesion is not None:
         lo = lesion["lo"]
         gm += sample_box(lesion["dgm"], lo, q)
@@ -575,7 +599,7 @@ def make_subject(tpl, grid, sid, patient, seed, index):
     Fw = 1.0
     Fg = ints["flair_gm_over_wm"]
     Fc = ints["flair_csf_over_wm"]
-    flair = Fc * csf + Fg * gm + Fw * wm
+    flair = Fc * csf + Fg * gm + Fw * wm + rim * wm
     if fl_ex is not None:
         flair += fl_ex * (Fg - Fw)
     if roi is not None:
@@ -589,7 +613,10 @@ def make_subject(tpl, grid, sid, patient, seed, index):
             "roi_p90": round(float(np.percentile(lv, 90)), 4),
             "roi_fraction_above_gm_median": round(float((lv > g).mean()), 4)}
     tsig = (1.0, 1.0, 1.0 / grid.step)
-    flair *= 1 + ints["texture_flair"] * smooth_noise(rng, grid.cshape, tsig)
+    texture = 1 + ints["texture_flair"] * smooth_noise(rng, grid.cshape, tsig)
+    flair *= texture
+    if flair_twin is not None:
+        flair_twin *= texture
     t1 = t1 * (1 + ints["texture_t1"] * smooth_noise(rng, grid.cshape, tsig))
     # bias fields (coarse, 16 mm), trilinear upsampling
     out = {}
@@ -602,16 +629,19 @@ def make_subject(tpl, grid, sid, patient, seed, index):
             ("T1w", t1, ints["t1_wm_level"], ints["bias_log_std_t1"], ints["noise_t1"]),
             ("FLAIR", flair, ints["flair_wm_level"], ints["bias_log_std_flair"], ints["noise_flair"])):
         bias = np.exp(bstd * upsample(smooth_noise(rng, nsh, 1.2), wx, wy, wz))
-        v = img * bias * level
         sigma = nfrac * level
         n1 = rng.standard_normal(grid.cshape, dtype=np.float32) * sigma
         n2 = rng.standard_normal(grid.cshape, dtype=np.float32) * sigma
-        v = np.sqrt((v + n1) ** 2 + n2 ** 2)
-        v[~brain] = 0
-        full = np.zeros(grid.shape, np.int16)
-        full[grid.xs[0]:grid.xs[-1] + 1, grid.ys[0]:grid.ys[-1] + 1] = np.clip(
-            np.rint(v), 0, 32767).astype(np.int16)
-        out[name] = full
+        versions = [(name, img)]
+        if name == "FLAIR" and flair_twin is not None:
+            versions.append(("FLAIR_twin", flair_twin))
+        for key, clean in versions:
+            v = np.sqrt((clean * bias * level + n1) ** 2 + n2 ** 2)
+            v[~brain] = 0
+            full = np.zeros(grid.shape, np.int16)
+            full[grid.xs[0]:grid.xs[-1] + 1, grid.ys[0]:grid.ys[-1] + 1] = np.clip(
+                np.rint(v), 0, 32767).astype(np.int16)
+            out[key] = full
     if roi is not None:
         full = np.zeros(grid.shape, np.uint8)
         full[grid.xs[0]:grid.xs[-1] + 1, grid.ys[0]:grid.ys[-1] + 1] = roi & brain
@@ -652,6 +682,8 @@ def main(argv=None):
     ap.add_argument("--z-range", help="inclusive axial voxel range A:B of the T1 grid (default: all)")
     ap.add_argument("--z-step", type=int, default=1, help="keep every K-th axial slice (default 1)")
     ap.add_argument("--first-id", type=int, default=1, help="number of the first subject (default 1)")
+    ap.add_argument("--twins", action="store_true",
+                    help="also write each patient's lesion-free twin FLAIR under sub-*/twin/")
     a = ap.parse_args(argv)
     if bool(a.gm) != bool(a.wm):
         sys.exit("--gm and --wm go together")
@@ -673,7 +705,12 @@ def main(argv=None):
     for idx in range(a.subjects):
         ts = time.time()
         sid = f"sub-{a.first_id + idx:0{width}d}"
-        vols, info = make_subject(tpl, grid, sid, idx in patients, a.seed, idx)
+        vols, info = make_subject(tpl, grid, sid, idx in patients, a.seed, idx, a.twins)
+        twin = vols.pop("FLAIR_twin", None)
+        if twin is not None:
+            os.makedirs(os.path.join(a.out, sid, "twin"), exist_ok=True)
+            write_nifti(os.path.join(a.out, sid, "twin", f"{sid}_FLAIR.nii.gz"), twin,
+                        grid.affine, tpl.codes)
         info["z_range"] = [z0, z1]
         info["z_step"] = a.z_step
         info["kept_template_z"] = grid.z.tolist()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo model's recipe, from nothing: template -> phantom train and test sets ->
-# both networks -> fcd eval of the method, its guidance-0 ablation and the naive
-# baseline (tools/train/README.md has the results and what they taught).
+# both networks -> fcd eval of the method, its ablations and the naive baseline
+# (weights/README.md, the model card, has the results; tools/train/README.md the history).
 #
 #     python3 -m venv .venv-tools && .venv-tools/bin/pip install -r tools/requirements.txt
 #     cargo build --release
@@ -13,7 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 work="${1:-.phantom}"
 py=.venv-tools/bin/python
 fcd=target/release/fcd
-config=tools/train/config.yaml
+config=weights/config.yaml
 mkdir -p "$work"
 
 if [ ! -e "$work/mni/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz" ]; then
@@ -28,11 +28,12 @@ phantom() { # OUT SEED FIRST_ID SUBJECTS LESION_FRACTION Z_STEP [--png]
         --first-id "$3" --subjects "$4" --lesion-fraction "$5" --z-range 60:130 \
         --z-step "$6" "${@:7}"
 }
-# Training subjects: seeds 1, 3 and 4. Held-out subjects scored during training: seed 5,
-# numbered from 501. Test subjects: seed 2, numbered from 1001.
-phantom "$work/train" 1 1 60 0.6 2
-phantom "$work/train2" 3 101 60 0.9 3
-phantom "$work/train3" 4 201 60 0.9 3
+# Training subjects (with lesion-free twins for the classifier): seeds 3, 4 and 6,
+# numbered from 101, 201 and 301. Held-out subjects scored during training: seed 5, from 501.
+# Test subjects: seed 2, from 1001. The shipped subject weights/phantom/sub-001: seed 7.
+phantom "$work/train1" 3 101 60 0.9 3 --twins
+phantom "$work/train2" 4 201 60 0.9 3 --twins
+phantom "$work/train3" 6 301 60 0.9 3 --twins
 phantom "$work/val" 5 501 12 0.5 2
 phantom "$work/test" 2 1001 8 0.5 2 --png
 [ -d "$work/test_pick" ] || $py tools/phantom/pick_slices.py "$work/test/png" \
@@ -42,10 +43,10 @@ mkdir -p "$work/weights"
 # The two networks train at once, one thread each (2 cores); logs beside the weights.
 train() { [ -e "$1" ] || $py tools/train/train.py "${@:2}" --out "$1" > "${1%.pt}.log" 2>&1; }
 train "$work/weights/unet.pt" --net unet --config "$config" \
-    --data "$work/train" --val "$work/val" --val-every 300 --steps 900 --seed 1 &
+    --data "$work/train1" "$work/train2" --val "$work/val" --val-every 300 --steps 900 --seed 1 &
 unet=$!
 train "$work/weights/classifier.pt" --net classifier --config "$config" \
-    --data "$work/train" "$work/train2" "$work/train3" --val "$work/val" --steps 3000 \
+    --data "$work/train1" "$work/train2" "$work/train3" --val "$work/val" --steps 2000 \
     --lr 5e-4 --seed 2 &
 wait "$unet"
 wait $!

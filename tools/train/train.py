@@ -2,19 +2,21 @@
 """Trains one network of the demo model on phantom subjects (tools/phantom), the way
 the published code trains them, and saves it in the published checkpoint format.
 
-    python3 tools/train/train.py --net unet --config tools/train/config.yaml \
+    python3 tools/train/train.py --net unet --config weights/config.yaml \
         --data DIR --steps 2400 --seed 1 --out weights/unet.pt
-    python3 tools/train/train.py --net classifier --config tools/train/config.yaml \
+    python3 tools/train/train.py --net classifier --config weights/config.yaml \
         --data DIR [DIR2 ...] --steps 2400 --seed 2 --out weights/classifier.pt
 
 - UNet: epsilon prediction (MSE), input concat[x_t, T1], class-conditional on the
   slice's lobe label, which is replaced by 0 with the config's `drop_prob` (0.3, as
   published). Saved as {"state_dict": {"model." + key: tensor}}.
 - Classifier: cross-entropy of the lobe label on the noised FLAIR x_t alone.
-  Each batch pairs lesion slices with healthy slices of the same level, and the
-  inputs are flipped left-right at random (the lobe classes are the same on both
-  sides) and shifted (MIN_LESION_PIXELS, PAIR_Z_MM and MAX_SHIFT below say why).
-  Saved as {"state_dict": {key: tensor}}.
+  Half of each batch is lesion slices, the other half the same slices of their
+  lesion-free twins (`make.py --twins`), each pair noised alike, flipped
+  left-right alike (the lobe classes are the same on both sides) and shifted
+  alike (MIN_LESION_PIXELS and MAX_SHIFT below say why). The lesion's contrast
+  follows a curriculum (CONTRAST_START, CONTRAST_UNTIL). Saved as
+  {"state_dict": {key: tensor}}.
 - `--val DIR` scores a held-out set during training (`evaluate`); the scores go
   into OUT.loss.json.
 - Timesteps t are drawn uniformly from 0 .. noise_level - 1: the sampler only ever
@@ -48,36 +50,47 @@ import slices  # noqa: E402
 MIN_LESION_PIXELS = 8
 
 
-# A classifier batch pairs each lesion slice with a healthy slice within this distance
-# along z: the level of a slice (ventricles, sulci) then says nothing about the label, and
-# the lesion is the only cue left.
-PAIR_Z_MM = 2.0
 # Classifier inputs are shifted by up to this many pixels, so that it cannot learn where
 # lesions of the training subjects were rather than what they look like.
 MAX_SHIFT = 4
 
 
-def batches(data: dict, net: str, batch: int, rng: np.random.Generator):
-    label, area, z = data["label"], data["mask"].sum((1, 2)), data["z_mm"]
-    lesion = np.flatnonzero((label > 0) & (area >= MIN_LESION_PIXELS))
-    healthy = np.flatnonzero(area == 0)
-    partners = {i: healthy[np.abs(z[healthy] - z[i]) <= PAIR_Z_MM] for i in lesion}
-    lesion = np.array([i for i in lesion if len(partners[i])])
-    while True:
-        if net == "classifier" and len(lesion):
-            half = rng.choice(lesion, batch // 2)
-            idx = np.concatenate([half, [rng.choice(partners[i]) for i in half]])
-        else:
-            idx = rng.integers(0, len(label), batch)
-        yield idx
+# The lesion (a lesion slice minus its twin) is scaled by a factor drawn per pair from
+# 1 .. c, c falling linearly from CONTRAST_START to 1 over the first CONTRAST_UNTIL of
+# the steps; the rest train at the true contrast. At the true contrast alone the
+# classifier sat at the label prior for hundreds of steps (tools/train/README.md); a
+# brighter lesion is found within about a hundred, and the feature then carries over.
+CONTRAST_START = 2.0
+CONTRAST_UNTIL = 0.4
 
 
-def shifted(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Each item of x (N, 1, H, W) rolled by its own random shift (the border is background)."""
-    out = torch.empty_like(x)
-    for k in range(len(x)):
+def contrast(step: int, steps: int, rng: np.random.Generator, n: int) -> torch.Tensor:
+    c = max(1.0, CONTRAST_START + (1.0 - CONTRAST_START) * step / (CONTRAST_UNTIL * steps))
+    return torch.from_numpy(rng.uniform(1.0, c, n).astype(np.float32)).view(-1, 1, 1, 1)
+
+
+def lesion_slices(data: dict) -> np.ndarray:
+    """The classifier's lesion slices: a lesion of at least MIN_LESION_PIXELS, and a twin.
+    Pairing each with its own lesion-free twin leaves the lesion as the only difference
+    between the classes; pairing with other healthy slices, even of the same level, left
+    enough else (anatomy, level, intensity) for a small classifier to learn instead."""
+    idx = np.flatnonzero((data["label"] > 0) & (data["mask"].sum((1, 2)) >= MIN_LESION_PIXELS))
+    idx = idx[~np.isnan(data["twin"][idx]).any((1, 2))]
+    if not len(idx):
+        raise SystemExit("no lesion slice with a twin: make the training sets with make.py --twins")
+    return idx
+
+
+def paired(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """x (2B, 1, H, W), items k and B + k a pair: each pair flipped left-right or not and
+    rolled by one random shift (the border is background)."""
+    out, b = torch.empty_like(x), len(x) // 2
+    for k in range(b):
         dy, dx = (int(v) for v in rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, 2))
-        out[k] = torch.roll(x[k], (dy, dx), dims=(-2, -1))
+        flip = rng.random() < 0.5
+        for i in (k, b + k):
+            v = x[i].flip(-1) if flip else x[i]
+            out[i] = torch.roll(v, (dy, dx), dims=(-2, -1))
     return out
 
 
@@ -184,7 +197,9 @@ def main(argv=None) -> int:
           f"in {time.time() - t0:.0f} s", flush=True)
     flair = torch.from_numpy(data["flair"])[:, None]
     t1 = torch.from_numpy(data["t1"])[:, None]
+    twin = torch.from_numpy(data["twin"])[:, None]
     label = torch.from_numpy(data["label"])
+    lesion = lesion_slices(data) if args.net == "classifier" else None
 
     params = sum(p.numel() for p in model.parameters())
     lr = args.lr if args.lr is not None else float(tp["lr"])
@@ -214,21 +229,27 @@ def main(argv=None) -> int:
     losses, accs = [], []
     model.train()
     start = time.time()
-    it = batches(data, args.net, batch, rng)
     for step in range(args.steps):
-        idx = torch.from_numpy(next(it))
-        x0, y = flair[idx], label[idx]
-        t = torch.from_numpy(rng.integers(0, noise_level, len(idx)))
-        n = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        if args.net == "unet":
+            idx = torch.from_numpy(rng.integers(0, len(label), batch))
+            x0, y = flair[idx], label[idx]
+            t = torch.from_numpy(rng.integers(0, noise_level, batch))
+            n = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        else:
+            idx = torch.from_numpy(rng.choice(lesion, batch // 2))
+            k = contrast(step, args.steps, rng, len(idx))
+            x0 = torch.cat([twin[idx] + k * (flair[idx] - twin[idx]), twin[idx]])
+            y = torch.cat([label[idx], torch.zeros_like(label[idx])])
+            t = torch.from_numpy(rng.integers(0, noise_level, len(idx))).repeat(2)
+            n = torch.from_numpy(rng.standard_normal(flair[idx].shape).astype(np.float32)).repeat(2, 1, 1, 1)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * n
         if args.net == "unet":
-            keep = torch.from_numpy(rng.random(len(idx)) >= drop)
+            keep = torch.from_numpy(rng.random(batch) >= drop)
             eps = model(torch.cat([xt, t1[idx]], dim=1), t, torch.where(keep, y, torch.zeros_like(y)))
             loss = F.mse_loss(eps, n)
         else:
-            flip = torch.from_numpy(rng.random(len(idx)) < 0.5).view(-1, 1, 1, 1)
-            logits = model(shifted(torch.where(flip, xt.flip(-1), xt), rng), t)
+            logits = model(paired(xt, rng), t)
             loss = F.cross_entropy(logits, y)
             accs.append(float((logits.argmax(1) == y).float().mean()))
         for g in opt.param_groups:
