@@ -2,7 +2,7 @@
 //! on the phantom subject that ships with it (the README's main command) finds the lesion.
 //! Parity tests pin each step to PyTorch; this one pins what the steps are for.
 
-use fcd::io::volume::read_volume;
+use fcd::io::volume::{read_volume, Volume};
 use fcd::metrics::{nearest_peak_distance, peaks};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,8 +25,8 @@ fn weights(name: &str) -> PathBuf {
 /// Whether one of the `K` strongest peaks of each slice of `anomaly` lies within
 /// `RADIUS_VOXELS` of that slice's lesion, for the slices with at least
 /// `MIN_LESION_VOXELS` of it: (z, lesion voxels, recalled).
-fn recall_per_slice(anomaly: &Path, roi: &Path) -> Vec<(usize, usize, bool)> {
-    let (a, m) = (read_volume(anomaly).unwrap(), read_volume(roi).unwrap());
+fn recall_per_slice(anomaly: &Path, m: &Volume) -> Vec<(usize, usize, bool)> {
+    let a = read_volume(anomaly).unwrap();
     assert_eq!(a.dims, m.dims);
     let [nx, ny, nz] = a.dims;
     let plane = nx * ny;
@@ -76,7 +76,8 @@ fn the_demo_model_finds_the_shipped_lesion() {
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let slices = recall_per_slice(&out.join("anomaly.nii.gz"), &roi);
+    let m = read_volume(&roi).unwrap();
+    let slices = recall_per_slice(&out.join("anomaly.nii.gz"), &m);
     let recalled = slices.iter().filter(|s| s.2).count();
     eprintln!("R@{K} per lesion slice (z, lesion voxels, recalled): {slices:?}");
     assert!(!slices.is_empty());
@@ -95,7 +96,6 @@ fn the_demo_model_finds_the_shipped_lesion() {
         top["voxel_x"].as_f64().unwrap(),
         top["voxel_y"].as_f64().unwrap(),
     );
-    let m = read_volume(&roi).unwrap();
     let [nx, ny, _] = m.dims;
     let nearest = (0..nx * ny)
         .filter(|&i| m.data[z * nx * ny + i] > 0.0)

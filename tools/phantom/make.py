@@ -578,13 +578,18 @@ def make_subject(tpl, grid, sid, patient, seed, index, twin=False):
     rim = ((0.4 + 0.6 * np.clip(sample(tpl.cap, q), 0, 1)) * sigmoid((rim_w - dv) / 0.7)
            * (dv > 0.5) * rim_c * (ints["flair_gm_over_wm"] - 1.0))
     del dv
+    Fw = 1.0
+    Fg = ints["flair_gm_over_wm"]
+    Fc = ints["flair_csf_over_wm"]
+
+    def flair_of(g, w):
+        """Noiseless FLAIR (units of WM) of tissue maps g, w: CSF dark, rims bright."""
+        return Fc * np.clip(msk - g - w, 0, 1) + Fg * g + Fw * w + rim * w
+
     fl_ex = roi = None
     # The patient's lesion-free twin: the same subject before the lesion edit, given the
     # same texture, bias and noise below, so that the two FLAIRs differ by the lesion only.
-    flair_twin = None
-    if twin and lesion is not None:
-        flair_twin = (ints["flair_csf_over_wm"] * np.clip(msk - gm - wm, 0, 1)
-                      + ints["flair_gm_over_wm"] * gm + wm + rim * wm)
+    flair_twin = flair_of(gm, wm) if twin and lesion is not None else None
     if lesion is not None:
         lo = lesion["lo"]
         gm += sample_box(lesion["dgm"], lo, q)
@@ -594,12 +599,7 @@ def make_subject(tpl, grid, sid, patient, seed, index, twin=False):
         roi = sample_box(lesion["roi"], lo, q) > 0.5
     del q
     brain = msk > 0.5
-    csf = np.clip(msk - gm - wm, 0, 1)
-    # contrasts
-    Fw = 1.0
-    Fg = ints["flair_gm_over_wm"]
-    Fc = ints["flair_csf_over_wm"]
-    flair = Fc * csf + Fg * gm + Fw * wm + rim * wm
+    flair = flair_of(gm, wm)
     if fl_ex is not None:
         flair += fl_ex * (Fg - Fw)
     if roi is not None:
