@@ -87,22 +87,33 @@ fn the_demo_model_finds_the_shipped_lesion() {
         slices.len()
     );
 
-    // The subject's strongest peak (number 1 on the montage) lies on the lesion.
+    // Recall at k = 5 for the subject: one of its `K` strongest peaks (numbered 1 to 5 on
+    // the montage) lies on the lesion.
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    let top = &summary["peaks"][0];
-    let z = top["slice"].as_u64().unwrap() as usize;
-    let (x, y) = (
-        top["voxel_x"].as_f64().unwrap(),
-        top["voxel_y"].as_f64().unwrap(),
-    );
     let [nx, ny, _] = m.dims;
-    let nearest = (0..nx * ny)
-        .filter(|&i| m.data[z * nx * ny + i] > 0.0)
-        .map(|i| ((i % nx) as f64 - x).hypot((i / nx) as f64 - y))
-        .fold(f64::INFINITY, f64::min);
+    let distances: Vec<(usize, f64)> = summary["peaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(K)
+        .map(|p| {
+            let z = p["slice"].as_u64().unwrap() as usize;
+            let (x, y) = (
+                p["voxel_x"].as_f64().unwrap(),
+                p["voxel_y"].as_f64().unwrap(),
+            );
+            let nearest = (0..nx * ny)
+                .filter(|&i| m.data[z * nx * ny + i] > 0.0)
+                .map(|i| ((i % nx) as f64 - x).hypot((i / nx) as f64 - y))
+                .fold(f64::INFINITY, f64::min);
+            (z, nearest)
+        })
+        .collect();
+    eprintln!("the subject's {K} strongest peaks (slice, voxels to the lesion): {distances:?}");
+    assert_eq!(distances.len(), K);
     assert!(
-        nearest <= RADIUS_VOXELS,
-        "the strongest peak (slice {z}, voxel {x:.1}, {y:.1}) is {nearest:.1} voxels from the lesion"
+        distances.iter().any(|&(_, d)| d <= RADIUS_VOXELS),
+        "none of the subject's {K} strongest peaks lies within {RADIUS_VOXELS} voxels of the lesion: {distances:?}"
     );
 }

@@ -40,11 +40,14 @@ RANGES = {
     "flair_csf_over_wm": (0.08, 0.20),    # FLAIR CSF / WM ratio (suppressed CSF)
     "texture_t1": (0.01, 0.025),          # multiplicative texture amplitude (std)
     "texture_flair": (0.02, 0.04),
-    "bias_log_std": (0.04, 0.10),         # std of log bias field (separate T1 / FLAIR)
+    "bias_log_std_t1": (0.04, 0.10),      # std of the log bias field, T1
+    "bias_log_std_flair": (0.08, 0.16),   # the same, FLAIR (separate field; not N4-corrected,
+                                          # as in the paper's preprocessing)
     "noise_t1": (0.010, 0.030),           # Rician sigma / WM level
     "noise_flair": (0.015, 0.035),
     # periventricular rims and caps, normal FLAIR hyperintensities (every subject)
     "rim_mm": (2.0, 4.0),                 # rim width in the WM next to the lateral ventricles
+    "cap_mm": (2.0, 5.0),                 # extra width at the caps
     "flair_rim": (2.5, 4.5),              # FLAIR excess at the caps, fraction of (GM-WM) FLAIR;
                                           # 40% of that along the rest of the rim
     # lesion (patients)
@@ -53,7 +56,7 @@ RANGES = {
     "thickening_mm": (1.5, 4.0),          # WM depth turned into GM-like tissue
     "thickening_strength": (0.5, 0.85),   # fraction of that WM turned into GM (partial volume)
     "blur_sigma_mm": (1.0, 2.0),          # grey/white junction blurring inside the lesion
-    "flair_sub": (3.00, 4.50),            # subcortical FLAIR excess, fraction of (GM-WM) FLAIR
+    "flair_sub": (1.80, 3.00),            # subcortical FLAIR excess, fraction of (GM-WM) FLAIR
     "flair_ctx": (0.15, 0.35),            # intracortical FLAIR excess, same unit
     "sub_depth_mm": (6.0, 12.0),          # depth of the subcortical hyperintensity below GM
     "t1_sub": (0.05, 0.25),               # subcortical T1 darkening, fraction of (WM-GM) T1
@@ -534,8 +537,8 @@ def make_subject(tpl, grid, sid, patient, seed, index, twin=False):
     ints = {k: uni(rng, k) for k in ("t1_wm_level", "flair_wm_level", "flair_gm_over_wm",
                                       "flair_csf_over_wm", "texture_t1", "texture_flair",
                                       "noise_t1", "noise_flair")}
-    ints["bias_log_std_t1"] = uni(rng, "bias_log_std")
-    ints["bias_log_std_flair"] = uni(rng, "bias_log_std")
+    ints["bias_log_std_t1"] = uni(rng, "bias_log_std_t1")
+    ints["bias_log_std_flair"] = uni(rng, "bias_log_std_flair")
     info["intensity"] = {k: round(v, 5) for k, v in ints.items()}
     q = deform_grid(defo, tpl, grid)
     lesion = None
@@ -572,12 +575,14 @@ def make_subject(tpl, grid, sid, patient, seed, index, twin=False):
     wm = sample(tpl.wm, q)
     msk = sample(tpl.mask, q)
     t1 = sample(tpl.t1, q)
-    rim_w, rim_c = uni(rng, "rim_mm"), uni(rng, "flair_rim")
-    info["periventricular"] = {"rim_mm": round(rim_w, 3), "flair_rim": round(rim_c, 4)}
+    rim_w, cap_w, rim_c = uni(rng, "rim_mm"), uni(rng, "cap_mm"), uni(rng, "flair_rim")
+    info["periventricular"] = {"rim_mm": round(rim_w, 3), "cap_mm": round(cap_w, 3),
+                               "flair_rim": round(rim_c, 4)}
     dv = sample(tpl.vent_dist, q)
-    rim = ((0.4 + 0.6 * np.clip(sample(tpl.cap, q), 0, 1)) * sigmoid((rim_w - dv) / 0.7)
+    cap = np.clip(sample(tpl.cap, q), 0, 1)
+    rim = ((0.4 + 0.6 * cap) * sigmoid((rim_w + cap_w * cap - dv) / 0.7)
            * (dv > 0.5) * rim_c * (ints["flair_gm_over_wm"] - 1.0))
-    del dv
+    del dv, cap
     Fw = 1.0
     Fg = ints["flair_gm_over_wm"]
     Fc = ints["flair_csf_over_wm"]

@@ -60,7 +60,7 @@ MAX_SHIFT = 4
 # the steps; the rest train at the true contrast. At the true contrast alone the
 # classifier sat at the label prior for hundreds of steps (tools/train/README.md); a
 # brighter lesion is found within about a hundred, and the feature then carries over.
-CONTRAST_START = 2.0
+CONTRAST_START = 3.0
 CONTRAST_UNTIL = 0.4
 
 
