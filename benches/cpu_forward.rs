@@ -2,7 +2,7 @@
 //! forward + input gradient at 256 x 256, batch 1, random weights.
 //! `cargo bench --bench cpu_forward`
 
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::Backend;
 use fcd::config::Config;
 use fcd::engine::seeded_noise;
@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/published/config_t1_cond_multiclass_cg.yaml");
     let cfg = Config::load(&path)?;
-    let b = Cpu;
+    let b = CpuRef;
     let s = cfg.unet.image_size;
     println!("threads: {}", rayon::current_num_threads());
     for (kind, nc) in [

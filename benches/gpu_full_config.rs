@@ -6,7 +6,7 @@
 //! `cargo bench --bench gpu_full_config [-- --steps N --batch B]`
 
 use anyhow::{ensure, Result};
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
 use fcd::config::Config;
@@ -54,8 +54,8 @@ fn main() -> Result<()> {
     // Parity at batch 1: fresh random input, timestep and label.
     let x2 = seeded_noise(&[1, s, s, 2], 21);
     let x1 = seeded_noise(&[1, s, s, 1], 22);
-    let cpu_unet = net(&Cpu, &uspec, 11)?.unet(&Cpu, &x2, &[437], &[3])?;
-    let (_, cpu_grad) = net(&Cpu, &cspec, 12)?.classifier_grad(&Cpu, &x1, &[61], &[0])?;
+    let cpu_unet = net(&CpuRef, &uspec, 11)?.unet(&CpuRef, &x2, &[437], &[3])?;
+    let (_, cpu_grad) = net(&CpuRef, &cspec, 12)?.classifier_grad(&CpuRef, &x1, &[61], &[0])?;
     // (UNet, gradient) rel-L2 of a GPU backend against the CPU.
     let parity = |b: &Cuda, u: &Net<Cuda>, c: &Net<Cuda>| -> Result<(f64, f64)> {
         let d = b.download(&u.unet(b, &b.upload(&x2)?, &[437], &[3])?)?;

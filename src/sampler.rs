@@ -239,7 +239,7 @@ pub fn refuse_non_finite(found: Option<(usize, f32)>, shape: &[usize], stage: &s
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::Cpu;
+    use crate::backend::cpu_ref::CpuRef;
 
     #[test]
     fn every_stage_is_named_back() {
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn the_flag_keeps_the_first_bad_stage() -> Result<()> {
-        let cpu = Cpu;
+        let cpu = CpuRef;
         let mut flag = Tensor::zeros(&[1]);
         let good = Tensor::new(vec![3], vec![1.0, -2.0, 0.0])?;
         let nan = Tensor::new(vec![3], vec![1.0, f32::NAN, 0.0])?;

@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::Backend;
 use fcd::ddim::alphas_cumprod;
 use fcd::sampler::Sampler;
@@ -34,7 +34,7 @@ fn unet_forward() {
     let m = manifest();
     let x = nhwc("unet_in.npy");
     let out = unet
-        .unet(&Cpu, &x, &usizes(&m["unet_t"]), &usizes(&m["unet_y"]))
+        .unet(&CpuRef, &x, &usizes(&m["unet_t"]), &usizes(&m["unet_y"]))
         .unwrap();
     let (shape, r) = array("unet_out_ref.npy");
     assert_eq!(shape, [2, 1, 32, 32]);
@@ -53,7 +53,7 @@ fn classifier_logits_and_input_gradient() {
     let m = manifest();
     let x = nhwc("cls_in.npy");
     let (logits, grad) = cls
-        .classifier_grad(&Cpu, &x, &usizes(&m["cls_t"]), &[0, 0])
+        .classifier_grad(&CpuRef, &x, &usizes(&m["cls_t"]), &[0, 0])
         .unwrap();
     let (_, rl) = array("cls_logits_ref.npy");
     let (_, rg) = array("cls_grad_ref.npy");
@@ -68,12 +68,12 @@ fn classifier_logits_and_input_gradient() {
 }
 
 fn sampler<'a>(
-    unet: &'a fcd::model::Net<Cpu>,
-    cls: &'a fcd::model::Net<Cpu>,
+    unet: &'a fcd::model::Net<CpuRef>,
+    cls: &'a fcd::model::Net<CpuRef>,
     steps: usize,
-) -> Sampler<'a, Cpu> {
+) -> Sampler<'a, CpuRef> {
     Sampler {
-        backend: &Cpu,
+        backend: &CpuRef,
         unet,
         classifier: cls,
         abar: alphas_cumprod(&config().schedule),
@@ -167,14 +167,14 @@ fn variant_config_forward_and_gradient() {
             && !cfg.classifier.use_scale_shift_norm
     );
     let unet = fcd::model::load_net(
-        &Cpu,
+        &CpuRef,
         &cfg.unet,
         fcd::model::NetKind::Unet,
         &dir.join("unet.pt"),
     )
     .unwrap();
     let cls = fcd::model::load_net(
-        &Cpu,
+        &CpuRef,
         &cfg.classifier,
         fcd::model::NetKind::Classifier,
         &dir.join("classifier.pt"),
@@ -184,7 +184,7 @@ fn variant_config_forward_and_gradient() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let out = unet
         .unet(
-            &Cpu,
+            &CpuRef,
             &nhwc("variant/unet_in.npy"),
             &usizes(&m["unet_t"]),
             &usizes(&m["unet_y"]),
@@ -193,7 +193,7 @@ fn variant_config_forward_and_gradient() {
     let eu = rel(&out.data, &array("variant/unet_out_ref.npy").1);
     let (logits, grad) = cls
         .classifier_grad(
-            &Cpu,
+            &CpuRef,
             &nhwc("variant/cls_in.npy"),
             &usizes(&m["cls_t"]),
             &[0, 0],
@@ -212,10 +212,10 @@ fn variant_config_forward_and_gradient() {
 #[test]
 fn attention_refuses_zero_heads() {
     let qkv = Tensor::zeros(&[1, 1, 4, 48]);
-    let err = Cpu.attention(&qkv, 0, false).unwrap_err().to_string();
+    let err = CpuRef.attention(&qkv, 0, false).unwrap_err().to_string();
     assert_eq!(err, "attention: 48 qkv channels for 0 heads");
     let dout = Tensor::zeros(&[1, 1, 4, 16]);
-    let err = Cpu
+    let err = CpuRef
         .attention_bwd(&qkv, &dout, 0, true)
         .unwrap_err()
         .to_string();

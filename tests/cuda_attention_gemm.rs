@@ -5,7 +5,7 @@
 
 mod common;
 
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
 use fcd::tensor::{rel_l2, Tensor};
@@ -46,7 +46,7 @@ fn gpu_attention_bwd_gemm_matches_cpu() {
             let qkv =
                 Tensor::new(vec![b, 1, t, 3 * c], normals(&mut rng, b * t * 3 * c, 1.5)).unwrap();
             let dout = Tensor::new(vec![b, 1, t, c], normals(&mut rng, b * t * c, 1.0)).unwrap();
-            let want = Cpu.attention_bwd(&qkv, &dout, heads, legacy).unwrap();
+            let want = CpuRef.attention_bwd(&qkv, &dout, heads, legacy).unwrap();
             g.set_poison(true);
             let got = g
                 .download(

@@ -1,5 +1,5 @@
 //! The tensor-core attention forward (`cuda::flash::attention_fast`, bf16 and
-//! fp16 operands) against its CPU twin, the `Cpu` backend's attention, on
+//! fp16 operands) against its CPU twin, the `CpuRef` backend's attention, on
 //! fresh random inputs.
 //!
 //! The kernel rounds q, k and v to the 16-bit type as they are (the scale is
@@ -19,7 +19,7 @@
 
 mod common;
 
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::attention::AttnDims;
 use fcd::backend::cuda::{self, CudaSlice, Gpu};
 use fcd::backend::Backend;
@@ -235,7 +235,7 @@ fn f64_reference_matches_cpu_twin() {
         let qkv = normals(&mut rng, b * t * 3 * c, 2.0);
         let exact = attention_f64(&qkv, b, t, c, heads, legacy);
         let qkvt = Tensor::new(vec![b, 1, t, 3 * c], qkv.clone()).unwrap();
-        let cpu = Cpu.attention(&qkvt, heads, legacy).unwrap();
+        let cpu = CpuRef.attention(&qkvt, heads, legacy).unwrap();
         let r = rel_l2_f64(&cpu.data, &exact);
         assert!(r < 2e-6, "b={b} t={t} d={d} legacy={legacy}: {r:e}");
         let other = attention_f64(&qkv, b, t, c, heads, !legacy);
@@ -342,7 +342,7 @@ fn run_case_full(gpu: &Gpu, rng: &mut ChaCha8Rng, k: &Case) -> Full {
     // Every qkv channel is a q, k or v channel of some head.
     let rounded: Vec<f32> = qkv.iter().map(|&x| k.kind.round(x)).collect();
     let qkvt = Tensor::new(vec![k.b, 1, k.t, 3 * c], rounded).unwrap();
-    let want = Cpu.attention(&qkvt, k.heads, k.legacy).unwrap();
+    let want = CpuRef.attention(&qkvt, k.heads, k.legacy).unwrap();
 
     // The GPU gets the unrounded input: its own rounding must match.
     let qkvd = up(gpu, &qkv);

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
 use fcd::ddim::alphas_cumprod;
@@ -65,7 +65,7 @@ fn gpu_unet_forward() {
     let out = down(&g, &unet.unet(&g, &up(&g, &x), &t, &y).unwrap());
     let e = rel(&out.data, &array("unet_out_ref.npy").1);
     let (cu, _) = nets(&config());
-    let cpu = cu.unet(&Cpu, &x, &t, &y).unwrap();
+    let cpu = cu.unet(&CpuRef, &x, &t, &y).unwrap();
     let ec = rel_l2(&out.data, &cpu.data);
     println!("gpu unet: rel-L2 {e:.3e} to PyTorch f64, {ec:.3e} to the CPU backend");
     assert!(e <= SINGLE, "{e}");

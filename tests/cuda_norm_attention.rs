@@ -1,12 +1,12 @@
 //! GroupNorm and attention kernels (forward and input gradient) against
-//! their CPU twins, the `Cpu` backend, on fresh random inputs.
+//! their CPU twins, the `CpuRef` backend, on fresh random inputs.
 //!
 //! `gpu_*` tests need a CUDA device; without one they print
 //! "skipped: <reason>" and return.
 
 mod common;
 
-use fcd::backend::cpu::{self, Cpu};
+use fcd::backend::cpu_ref::{self, CpuRef};
 use fcd::backend::cuda::attention::AttnDims;
 use fcd::backend::cuda::norm::{NormDims, NormParams, Source};
 use fcd::backend::cuda::{self, CudaSlice, Gpu};
@@ -164,8 +164,10 @@ fn gpu_group_norm_matches_cpu() {
             let sst = Tensor::new(vec![b, 1, 1, 2 * c], ss.clone()).unwrap();
             let dyt = Tensor::new(shape, dy.clone()).unwrap();
             let sst = with_ss.then_some(&sst);
-            let want_y = Cpu.group_norm(&xt, &gt, &bt, sst, silu).unwrap();
-            let want_dx = Cpu.group_norm_bwd(&xt, &gt, &bt, sst, silu, &dyt).unwrap();
+            let want_y = CpuRef.group_norm(&xt, &gt, &bt, sst, silu).unwrap();
+            let want_dx = CpuRef
+                .group_norm_bwd(&xt, &gt, &bt, sst, silu, &dyt)
+                .unwrap();
 
             let xd = up(&gpu, &x);
             let gd = up(&gpu, &gamma);
@@ -247,7 +249,7 @@ fn gpu_group_norm_affine_matches_cpu() {
             let beta = normals(&mut rng, c, 0.0, 0.3);
             let ss = normals(&mut rng, 2 * b * c, 0.0, 0.3);
             let want =
-                cpu::group_norm_affine(&x, b, hw, c, &gamma, &beta, with_ss.then_some(&ss[..]));
+                cpu_ref::group_norm_affine(&x, b, hw, c, &gamma, &beta, with_ss.then_some(&ss[..]));
 
             let xd = up(&gpu, &x);
             let gd = up(&gpu, &gamma);
@@ -311,7 +313,7 @@ fn gpu_group_norm_affine_matches_cpu() {
 
 /// The CPU twin of the folded GroupNorm affine map (what a fused
 /// convolution prologue applies) reproduces the CPU GroupNorm: a * x + s in
-/// double, then the optional SiLU, against `Cpu::group_norm`.
+/// double, then the optional SiLU, against `CpuRef::group_norm`.
 #[test]
 fn group_norm_affine_twin_matches_group_norm() {
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0x70));
@@ -331,11 +333,11 @@ fn group_norm_affine_twin_matches_group_norm() {
                     let gt = Tensor::new(vec![c], gamma.clone()).unwrap();
                     let bt = Tensor::new(vec![c], beta.clone()).unwrap();
                     let sst = Tensor::new(vec![b, 1, 1, 2 * c], ss.clone()).unwrap();
-                    let want = Cpu
+                    let want = CpuRef
                         .group_norm(&xt, &gt, &bt, with_ss.then_some(&sst), silu)
                         .unwrap();
 
-                    let map = cpu::group_norm_affine(
+                    let map = cpu_ref::group_norm_affine(
                         &x,
                         b,
                         hw,
@@ -390,8 +392,8 @@ fn gpu_attention_matches_cpu() {
                     let dout = normals(&mut rng, b * t * c, 0.0, 1.0);
                     let qkvt = Tensor::new(vec![b, 1, t, 3 * c], qkv.clone()).unwrap();
                     let doutt = Tensor::new(vec![b, 1, t, c], dout.clone()).unwrap();
-                    let want_out = Cpu.attention(&qkvt, heads, legacy).unwrap();
-                    let want_dqkv = Cpu.attention_bwd(&qkvt, &doutt, heads, legacy).unwrap();
+                    let want_out = CpuRef.attention(&qkvt, heads, legacy).unwrap();
+                    let want_dqkv = CpuRef.attention_bwd(&qkvt, &doutt, heads, legacy).unwrap();
 
                     let qkvd = up(&gpu, &qkv);
                     let doutd = up(&gpu, &dout);

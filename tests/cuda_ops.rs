@@ -13,7 +13,7 @@
 
 mod common;
 
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::{Cuda, GpuTensor};
 use fcd::backend::cuda::conv::{conv_with_chunk, ConvWeights};
 use fcd::backend::cuda::{self, ops};
@@ -160,7 +160,7 @@ fn gpu_conv_matches_cpu() {
     let mut rng = rng();
     for (b, h, w, cin, cout, k) in CONV_SHAPES {
         let (wt, bias) = conv_weights(&mut rng, cin, cout, k);
-        let cc = Cpu.prepare_conv(&wt, &bias).unwrap();
+        let cc = CpuRef.prepare_conv(&wt, &bias).unwrap();
         let gc = g.prepare_conv(&wt, &bias).unwrap();
         let x = randn(&mut rng, &[b, h, w, cin], 1.0);
         let dy = randn(&mut rng, &[b, h, w, cout], 1.0);
@@ -168,13 +168,13 @@ fn gpu_conv_matches_cpu() {
         check(
             &label,
             &down(&g, &g.conv(&up(&g, &x), &gc).unwrap()),
-            &Cpu.conv(&x, &cc).unwrap(),
+            &CpuRef.conv(&x, &cc).unwrap(),
             Tol::RelL2(conv_tol(k * k * cin)),
         );
         check(
             &format!("{label} backward"),
             &down(&g, &g.conv_bwd(&up(&g, &dy), &gc).unwrap()),
-            &Cpu.conv_bwd(&dy, &cc).unwrap(),
+            &CpuRef.conv_bwd(&dy, &cc).unwrap(),
             Tol::RelL2(conv_tol(k * k * cout)),
         );
     }
@@ -193,12 +193,12 @@ fn gpu_conv_chunks_cover_the_image() {
     let mut rng = rng();
     for (b, h, w, cin, cout, k) in [(2, 7, 5, 5, 3, 3), (2, 7, 5, 6, 4, 1), (1, 3, 3, 32, 32, 3)] {
         let (wt, bias) = conv_weights(&mut rng, cin, cout, k);
-        let cc = Cpu.prepare_conv(&wt, &bias).unwrap();
+        let cc = CpuRef.prepare_conv(&wt, &bias).unwrap();
         let gc = g.prepare_conv(&wt, &bias).unwrap();
         let x = randn(&mut rng, &[b, h, w, cin], 1.0);
         let dy = randn(&mut rng, &[b, h, w, cout], 1.0);
-        let want_y = Cpu.conv(&x, &cc).unwrap();
-        let want_dx = Cpu.conv_bwd(&dy, &cc).unwrap();
+        let want_y = CpuRef.conv(&x, &cc).unwrap();
+        let want_dx = CpuRef.conv_bwd(&dy, &cc).unwrap();
         let (xg, dyg) = (up(&g, &x), up(&g, &dy));
         let p = b * h * w;
         for chunk in [1, 7, 16, p - 1, p, p + 5] {
@@ -312,38 +312,38 @@ fn gpu_elementwise_ops_match_cpu() {
         check(
             &format!("silu {s}"),
             &down(&g, &g.silu(&xg).unwrap()),
-            &Cpu.silu(&x).unwrap(),
+            &CpuRef.silu(&x).unwrap(),
             Tol::Close { ulps: 4, abs: 0.0 },
         );
         check(
             &format!("add {s}"),
             &down(&g, &g.add(&xg, &yg).unwrap()),
-            &Cpu.add(&x, &y).unwrap(),
+            &CpuRef.add(&x, &y).unwrap(),
             Tol::Bits,
         );
         check(
             &format!("add broadcast {s}"),
             &down(&g, &g.add(&xg, &up(&g, &v)).unwrap()),
-            &Cpu.add(&x, &v).unwrap(),
+            &CpuRef.add(&x, &v).unwrap(),
             Tol::Bits,
         );
         check(
             &format!("upsample2 {s}"),
             &down(&g, &g.upsample2(&xg).unwrap()),
-            &Cpu.upsample2(&x).unwrap(),
+            &CpuRef.upsample2(&x).unwrap(),
             Tol::Bits,
         );
         check(
             &format!("avg_pool2_bwd {s}"),
             &down(&g, &g.avg_pool2_bwd(&xg).unwrap()),
-            &Cpu.avg_pool2_bwd(&x).unwrap(),
+            &CpuRef.avg_pool2_bwd(&x).unwrap(),
             Tol::Bits,
         );
         let even = randn(&mut rng, &[b, 2 * h, 2 * w, c], 1.0);
         check(
             &format!("avg_pool2 {:?}", even.shape),
             &down(&g, &g.avg_pool2(&up(&g, &even)).unwrap()),
-            &Cpu.avg_pool2(&even).unwrap(),
+            &CpuRef.avg_pool2(&even).unwrap(),
             Tol::Bits,
         );
         for cb in [1, 3, 32] {
@@ -351,7 +351,7 @@ fn gpu_elementwise_ops_match_cpu() {
             check(
                 &format!("concat {s} + {cb}"),
                 &down(&g, &g.concat(&xg, &up(&g, &other)).unwrap()),
-                &Cpu.concat(&x, &other).unwrap(),
+                &CpuRef.concat(&x, &other).unwrap(),
                 Tol::Bits,
             );
         }
@@ -359,21 +359,21 @@ fn gpu_elementwise_ops_match_cpu() {
         check(
             &format!("axpby {s}"),
             &down(&g, &g.axpby(a, &xg, bb, &yg).unwrap()),
-            &Cpu.axpby(a, &x, bb, &y).unwrap(),
+            &CpuRef.axpby(a, &x, bb, &y).unwrap(),
             Tol::Bits,
         );
         let step = rng.random_range(-3.0f32..3.0);
         let mut xa = xg.clone();
         g.axpy(&mut xa, step, &yg).unwrap();
         let mut want = x.clone();
-        Cpu.axpy(&mut want, step, &y).unwrap();
+        CpuRef.axpy(&mut want, step, &y).unwrap();
         check(&format!("axpy {s}"), &down(&g, &xa), &want, Tol::Bits);
 
         let coefs = DdimCoefs::new(0.9, 0.7);
         let mut xd = xg.clone();
         g.ddim_denoise(&mut xd, &yg, coefs).unwrap();
         let mut want = x.clone();
-        Cpu.ddim_denoise(&mut want, &y, coefs).unwrap();
+        CpuRef.ddim_denoise(&mut want, &y, coefs).unwrap();
         check(
             &format!("ddim_denoise {s}"),
             &down(&g, &xd),
@@ -383,7 +383,7 @@ fn gpu_elementwise_ops_match_cpu() {
         let mut xi = xg.clone();
         g.ddim_invert(&mut xi, &yg, coefs).unwrap();
         let mut want = x.clone();
-        Cpu.ddim_invert(&mut want, &y, coefs).unwrap();
+        CpuRef.ddim_invert(&mut want, &y, coefs).unwrap();
         check(
             &format!("ddim_invert {s}"),
             &down(&g, &xi),
@@ -400,7 +400,7 @@ fn gpu_elementwise_ops_match_cpu() {
         let (mut fg, mut fc) = (up(&g, &Tensor::zeros(&[1])), Tensor::zeros(&[1]));
         for (stage, t) in [(3, &x), (9, &bad[0]), (11, &bad[1])] {
             g.flag_non_finite(&up(&g, t), &mut fg, stage).unwrap();
-            Cpu.flag_non_finite(t, &mut fc, stage).unwrap();
+            CpuRef.flag_non_finite(t, &mut fc, stage).unwrap();
             check(
                 &format!("flag_non_finite {s} stage {stage}"),
                 &down(&g, &fg),
@@ -437,27 +437,27 @@ fn gpu_token_ops_match_cpu() {
         check(
             &format!("prepend_mean {s}"),
             &down(&g, &g.prepend_mean(&up(&g, &x), &up(&g, &pos)).unwrap()),
-            &Cpu.prepend_mean(&x, &pos).unwrap(),
+            &CpuRef.prepend_mean(&x, &pos).unwrap(),
             Tol::Bits,
         );
         let dtok = randn(&mut rng, &[b, 1, t + 1, c], 1.0);
         check(
             &format!("prepend_mean_bwd {s}"),
             &down(&g, &g.prepend_mean_bwd(&up(&g, &dtok), (h, w)).unwrap()),
-            &Cpu.prepend_mean_bwd(&dtok, (h, w)).unwrap(),
+            &CpuRef.prepend_mean_bwd(&dtok, (h, w)).unwrap(),
             Tol::Bits,
         );
         check(
             &format!("token0 {s}"),
             &down(&g, &g.token0(&up(&g, &dtok)).unwrap()),
-            &Cpu.token0(&dtok).unwrap(),
+            &CpuRef.token0(&dtok).unwrap(),
             Tol::Bits,
         );
         let d0 = randn(&mut rng, &[b, 1, 1, c], 1.0);
         check(
             &format!("token0_bwd {s}"),
             &down(&g, &g.token0_bwd(&up(&g, &d0), t + 1).unwrap()),
-            &Cpu.token0_bwd(&d0, t + 1).unwrap(),
+            &CpuRef.token0_bwd(&d0, t + 1).unwrap(),
             Tol::Bits,
         );
         let classes = rng.random_range(1..12usize);
@@ -469,7 +469,7 @@ fn gpu_token_ops_match_cpu() {
                 &g,
                 &g.add_rows(&up(&g, &d0), &up(&g, &table), &rows).unwrap(),
             ),
-            &Cpu.add_rows(&d0, &table, &rows).unwrap(),
+            &CpuRef.add_rows(&d0, &table, &rows).unwrap(),
             Tol::Bits,
         );
     }
@@ -495,7 +495,7 @@ fn gpu_timestep_embedding_matches_cpu() {
         check(
             &format!("timestep_embedding {ts:?} x {dim}"),
             &down(&g, &g.timestep_embedding(&ts, dim).unwrap()),
-            &Cpu.timestep_embedding(&ts, dim).unwrap(),
+            &CpuRef.timestep_embedding(&ts, dim).unwrap(),
             Tol::Close { ulps: 1, abs: 0.0 },
         );
     }
@@ -515,7 +515,7 @@ fn gpu_log_softmax_grad_matches_cpu() {
         check(
             &format!("log_softmax_grad {b}x{k}"),
             &down(&g, &g.log_softmax_grad(&up(&g, &logits), &labels).unwrap()),
-            &Cpu.log_softmax_grad(&logits, &labels).unwrap(),
+            &CpuRef.log_softmax_grad(&logits, &labels).unwrap(),
             Tol::Close { ulps: 1, abs: 0.0 },
         );
     }

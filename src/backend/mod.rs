@@ -2,7 +2,7 @@
 //! implemented once per device. Activations are NHWC; a token sequence is
 //! stored as `[B, 1, T, C]` and a vector per batch item as `[B, 1, 1, C]`.
 
-pub mod cpu;
+pub mod cpu_ref;
 pub mod cuda;
 pub mod shapes;
 

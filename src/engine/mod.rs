@@ -34,7 +34,7 @@ macro_rules! on_nets {
     ($nets:expr, $l:ident => $body:expr) => {
         match $nets {
             Nets::Cpu(boxed) => {
-                let $l: &Loaded<Cpu> = boxed;
+                let $l: &Loaded<CpuRef> = boxed;
                 $body
             }
             Nets::Cuda(boxed) => {
@@ -53,7 +53,7 @@ pub use bench::{BenchRun, BenchSetup};
 pub use detect::{seeded_noise, DetectOptions, Detection, Peak, Progress, MAX_AUTO_BATCH};
 pub use volume::{VolumeDetection, VolumePeak};
 
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu_ref::CpuRef;
 use crate::backend::cuda::{self, backend::Cuda};
 use crate::backend::Backend;
 use crate::config::{Config, NetConfig};
@@ -182,7 +182,7 @@ impl EngineBuilder {
             (&cfg.classifier, NetKind::Classifier, &classifier),
         ];
         let (nets, device) = match pick(self.device, self.gpu, self.precision)? {
-            Picked::Cpu => (Nets::Cpu(Box::new(Loaded::new(Cpu, weights)?)), None),
+            Picked::Cpu => (Nets::Cpu(Box::new(Loaded::new(CpuRef, weights)?)), None),
             Picked::Cuda(g) => {
                 let name = g.gpu().name().to_string();
                 let gpu = (self.gpu, name);
@@ -450,6 +450,6 @@ impl<B: Backend> Loaded<B> {
 }
 
 enum Nets {
-    Cpu(Box<Loaded<Cpu>>),
+    Cpu(Box<Loaded<CpuRef>>),
     Cuda(Box<Loaded<Cuda>>),
 }

@@ -1,7 +1,7 @@
 //! Shared helpers of the integration tests: fixtures and comparisons.
 #![allow(dead_code)]
 
-use fcd::backend::cpu::Cpu;
+use fcd::backend::cpu_ref::CpuRef;
 use fcd::config::Config;
 use fcd::io::npy;
 use fcd::model::load_net;
@@ -61,10 +61,10 @@ pub fn config() -> Config {
     Config::load(&fixture("config_small.yaml")).unwrap()
 }
 
-pub fn nets(cfg: &Config) -> (Net<Cpu>, Net<Cpu>) {
-    let unet = load_net(&Cpu, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
+pub fn nets(cfg: &Config) -> (Net<CpuRef>, Net<CpuRef>) {
+    let unet = load_net(&CpuRef, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
     let cls = load_net(
-        &Cpu,
+        &CpuRef,
         &cfg.classifier,
         NetKind::Classifier,
         &fixture("classifier.pt"),

@@ -1,7 +1,7 @@
 //! Launchers for `kernels/attention.cu`: multi-head attention on `qkv`
 //! `[b, t, 3c]` giving `[b, t, c]`, and its input gradient computed with
 //! recomputation (O(t) extra memory per row, no t x t matrix). CPU twins in
-//! `crate::backend::cpu` (`attention.rs`).
+//! `crate::backend::cpu_ref` (`attention.rs`).
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};

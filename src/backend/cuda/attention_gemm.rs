@@ -1,7 +1,7 @@
 //! Attention's input gradient as cuBLAS batched SGEMMs over the
 //! materialised `t x t` weights (kernels/softmax.cu for the two row-wise
 //! steps), per head and over the batch: the form of the CPU twin
-//! (`crate::backend::cpu`, attention.rs `backward`), in float32. The fast
+//! (`crate::backend::cpu_ref`, attention.rs `backward`), in float32. The fast
 //! backends use it in place of the SIMT kernels of `attention.rs`, which
 //! work one query row per block.
 

@@ -7,7 +7,7 @@
 //! the flash kernels (kernels/flash.cu); the reference backend
 //! (`Cuda::reference`) keeps the simple path, im2col + cuBLAS SGEMM
 //! (kernels/conv.cu), SIMT attention and one kernel per op. The
-//! CPU backend (`crate::backend::cpu`) is the reference every op is tested
+//! CPU backend (`crate::backend::cpu_ref`) is the reference every op is tested
 //! against; both check shapes with `crate::backend::shapes`.
 
 use std::cell::{Cell, Ref, RefCell};

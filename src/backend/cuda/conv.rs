@@ -1,5 +1,5 @@
 //! 'Same' convolutions (stride 1, k = 1 or 3) in NHWC as GEMMs, the layout
-//! of the CPU twin `crate::backend::cpu::CpuConv` / `conv_nhwc`: a k = 1
+//! of the CPU twin `crate::backend::cpu_ref::CpuConv` / `conv_nhwc`: a k = 1
 //! convolution is one GEMM of the pixels `[P, cin]` with the `[cin, cout]`
 //! weights; a k = 3 one first gathers each pixel's 3x3 neighbourhood into
 //! an im2col matrix `[P, 9 cin]` (kernels/conv.cu), in chunks of pixels so
@@ -33,7 +33,7 @@ impl ConvDims {
 }
 
 /// A convolution's float32 weights: the `(k*k*cin) x cout` matrix of
-/// `crate::backend::cpu::CpuConv`, and the bias (none: zero).
+/// `crate::backend::cpu_ref::CpuConv`, and the bias (none: zero).
 #[derive(Clone, Copy)]
 pub struct ConvWeights<'a> {
     pub wmat: &'a CudaSlice<f32>,

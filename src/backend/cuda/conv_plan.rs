@@ -9,12 +9,12 @@ use cudarc::driver::CudaSlice;
 use super::backend::GpuTensor;
 use super::igemm::{self, Arith, PackedWeights};
 use super::Gpu;
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu_ref::CpuRef;
 use crate::backend::{Backend, ConvPre};
 use crate::tensor::Tensor;
 
 /// A convolution's weights on the device, in the layout of
-/// `crate::backend::cpu::CpuConv`: `fwd` (k*k*cin) x cout, `bwd` (the
+/// `crate::backend::cpu_ref::CpuConv`: `fwd` (k*k*cin) x cout, `bwd` (the
 /// flipped, transposed kernel) (k*k*cout) x cin; plus both repacked for the
 /// tensor-core kernels (absent on the reference backend, which runs
 /// im2col + SGEMM).
@@ -47,7 +47,7 @@ pub(super) fn prepare(
 ) -> Result<GpuConv> {
     // The CPU backend checks the shapes and lays the matrices out; the
     // device gets exactly those matrices.
-    let c = Cpu.prepare_conv(w, bias)?;
+    let c = CpuRef.prepare_conv(w, bias)?;
     let what = |m: &str| {
         format!(
             "{m} of a {}x{} convolution {} -> {}",

@@ -3,7 +3,7 @@
 //! accumulation and softmax: [`attention_fast`]) and for the fp32 mode
 //! (float32 operands split into 3xTF32 products: [`attention_tf32x3`]).
 //! Same semantics and layouts as `super::attention::attention` (the float32
-//! oracle) and the CPU twin in `crate::backend::cpu` (`attention.rs`): qkv
+//! oracle) and the CPU twin in `crate::backend::cpu_ref` (`attention.rs`): qkv
 //! `[b, t, 3c]`, output `[b, t, c]`, `d = c / heads` channels per head.
 //!
 //! Rounding, 16-bit: q, k and v are rounded to the 16-bit type unscaled and

@@ -102,7 +102,7 @@ impl PackedWeights {
     }
 }
 
-/// Repacks the float32 `(kk x cout)` matrix of `crate::backend::cpu::CpuConv`.
+/// Repacks the float32 `(kk x cout)` matrix of `crate::backend::cpu_ref::CpuConv`.
 pub fn pack_weights(
     gpu: &Gpu,
     kind: Arith,

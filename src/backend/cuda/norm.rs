@@ -1,6 +1,6 @@
 //! Launchers for `kernels/groupnorm.cu`: GroupNorm (32 groups, eps 1e-5)
 //! with optional scale/shift and SiLU on NHWC `[b, hw, c]`, and its input
-//! gradient. CPU twins in `crate::backend::cpu` (`norm.rs`).
+//! gradient. CPU twins in `crate::backend::cpu_ref` (`norm.rs`).
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
@@ -332,7 +332,7 @@ fn scale_shift<'a>(p: &NormParams<'a>) -> (&'a CudaSlice<f32>, i32) {
 /// channel's group, `a = r gamma (1 + scale)` and
 /// `s = (beta - m r gamma) (1 + scale) + shift` (scale = shift = 0 without
 /// `ss`), taken in double and rounded once. CPU twin:
-/// `crate::backend::cpu::group_norm_affine`.
+/// `crate::backend::cpu_ref::group_norm_affine`.
 pub fn group_norm_affine(
     gpu: &Gpu,
     x: Source<'_>,

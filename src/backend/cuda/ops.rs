@@ -1,5 +1,5 @@
 //! Launchers for `kernels/ops.cu`: the elementwise and data-movement ops of
-//! the Backend trait. CPU twins in `crate::backend::cpu`. Each launcher
+//! the Backend trait. CPU twins in `crate::backend::cpu_ref`. Each launcher
 //! checks that every buffer has the length its dimensions imply, and writes
 //! every element of its output.
 
@@ -304,7 +304,7 @@ pub fn axpy(gpu: &Gpu, x: &mut CudaSlice<f32>, s: f32, g: &CudaSlice<f32>) -> Re
 }
 
 /// `flag[0] = stage` if it is still 0 and `x` holds a non-finite value; CPU twin
-/// `Cpu::flag_non_finite`.
+/// `CpuRef::flag_non_finite`.
 pub fn flag_non_finite(
     gpu: &Gpu,
     x: &CudaSlice<f32>,

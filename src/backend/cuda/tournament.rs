@@ -29,7 +29,7 @@ use super::dispatch::{resample_label, ConvKernel, ConvShape};
 use super::igemm::FusedDims;
 use super::twin::{self, ConvCase};
 use super::{ops, Gpu};
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu_ref::CpuRef;
 use crate::backend::{Backend, ConvPost, ConvPre, Norm, Resample};
 use crate::config::Config;
 use crate::model::spec::{Layer, NetKind, NetSpec};
@@ -414,7 +414,7 @@ fn attention_entry(
     let p = g.precision();
     let small = side.min(8);
     let qkv = twin::random(rng, &[2, small, small, 3 * ch], 0.0, 1.0);
-    let want = Cpu.attention(&qkv, heads, legacy)?;
+    let want = CpuRef.attention(&qkv, heads, legacy)?;
     let got = g.download(&g.attention(&g.upload(&qkv)?, heads, legacy)?)?;
     let error = rel_l2(&got.data, &want.data);
     let tol = twin::attention_tolerance(p);
@@ -448,7 +448,7 @@ fn norm_entry(
     let x = twin::random(rng, &[2, small, small, ch], 0.5, 2.0);
     let gamma = twin::random(rng, &[ch], 1.0, 0.3);
     let beta = twin::random(rng, &[ch], 0.0, 0.3);
-    let want = Cpu.group_norm(&x, &gamma, &beta, None, true)?;
+    let want = CpuRef.group_norm(&x, &gamma, &beta, None, true)?;
     let (gg, bg) = (g.upload(&gamma)?, g.upload(&beta)?);
     let got = g.download(&g.group_norm(&g.upload(&x)?, &gg, &bg, None, true)?)?;
     let error = rel_l2(&got.data, &want.data);

@@ -14,7 +14,7 @@ use rand::{Rng, RngExt};
 use rand_distr::StandardNormal;
 
 use super::backend::Cuda;
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu_ref::CpuRef;
 use crate::backend::{Backend, ConvPost, ConvPre, Norm, Resample};
 use crate::precision::{Half, Precision};
 use crate::tensor::{rel_l2, Tensor};
@@ -123,19 +123,19 @@ impl ConvTrial {
 
         let mut a = x.clone();
         if let Some((with_ss, silu)) = c.norm {
-            a = Cpu.group_norm(&x, &gamma, &beta, with_ss.then_some(&ss), silu)?;
+            a = CpuRef.group_norm(&x, &gamma, &beta, with_ss.then_some(&ss), silu)?;
         }
         a = match c.resample {
             Resample::None => a,
-            Resample::Up => Cpu.upsample2(&a)?,
-            Resample::Down => Cpu.avg_pool2(&a)?,
+            Resample::Up => CpuRef.upsample2(&a)?,
+            Resample::Down => CpuRef.avg_pool2(&a)?,
         };
-        let cw = Cpu.prepare_conv(&round(&w, p), &bias)?;
+        let cw = CpuRef.prepare_conv(&round(&w, p), &bias)?;
         let post = ConvPost {
             bcast: c.bcast.then_some(&e),
             residual: c.residual.then_some(&res),
         };
-        let want = Cpu.conv_fused(&round(&a, p), &cw, &ConvPre::default(), &post)?;
+        let want = CpuRef.conv_fused(&round(&a, p), &cw, &ConvPre::default(), &post)?;
         Ok(ConvTrial {
             case: *c,
             precision: p,
@@ -227,8 +227,8 @@ impl ConvBwdTrial {
         let wt = random(rng, &[cout, cin, k, k], 0.0, 0.1);
         let bias = random(rng, &[cout], 0.0, 0.5);
         let dy = random(rng, &[b, h, w, cout], 0.0, 1.0);
-        let cw = Cpu.prepare_conv(&round(&wt, p), &bias)?;
-        let want = Cpu.conv_bwd(&round(&dy, p), &cw)?;
+        let cw = CpuRef.prepare_conv(&round(&wt, p), &bias)?;
+        let want = CpuRef.conv_bwd(&round(&dy, p), &cw)?;
         Ok(ConvBwdTrial {
             precision: p,
             wt,

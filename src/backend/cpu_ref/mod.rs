@@ -1,4 +1,4 @@
-//! The reference backend: plain loops and a GEMM crate, float32 with float64
+//! The CPU reference backend: plain loops and a GEMM crate, float32 with float64
 //! accumulation for statistics and softmax sums. Every CUDA kernel is checked
 //! against these functions.
 
@@ -18,7 +18,7 @@ use crate::tensor::Tensor;
 use anyhow::Result;
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+pub struct CpuRef;
 
 fn gn_args<'a>(
     x: &Tensor,
@@ -44,7 +44,7 @@ fn gn_args<'a>(
     })
 }
 
-impl Backend for Cpu {
+impl Backend for CpuRef {
     type T = Tensor;
     type Conv = CpuConv;
 
