@@ -1,7 +1,7 @@
-//! Compiles every `kernels/*.cu` with NVRTC into CUBIN for sm_80 and sm_90
-//! and PTX for compute_80, with `kernels/common/` (the shared `.cuh`
-//! headers) on the include path, and generates `$OUT_DIR/kernels.rs`, which embeds
-//! them (`src/backend/cuda/kernels.rs` includes it).
+//! Compiles every `kernels/*.cu` (and, with the `lab` feature, `kernels/lab/*.cu`) with
+//! NVRTC into CUBIN for sm_80 and sm_90 and PTX for compute_80, with `kernels/common/` (the
+//! shared `.cuh` headers) on the include path, and generates `$OUT_DIR/kernels.rs`, which
+//! embeds them (`src/backend/cuda/kernels.rs` includes it).
 //!
 //! NVRTC is loaded at build time by cudarc (dynamic loading), so the build
 //! needs `libnvrtc.so.12` on `LD_LIBRARY_PATH` and the CUDA headers (see
@@ -87,7 +87,24 @@ fn main() {
     remove_old_images(&out_dir);
     mark_cuda_driver();
 
-    let kernels = match read_kernels(&kernel_dir) {
+    // The lab's kernels (the CUDA reference backend's) only in a build with the lab.
+    let lab = env::var_os("CARGO_FEATURE_LAB").is_some();
+    let lab_dir = kernel_dir.join("lab");
+    println!("cargo:rerun-if-changed={}", lab_dir.display());
+    let kernels = match read_kernels(&kernel_dir).and_then(|mut k| {
+        if lab {
+            k.extend(read_kernels(&lab_dir)?);
+            k.sort_by(|a, b| a.stem.cmp(&b.stem));
+            if let Some(w) = k.windows(2).find(|w| w[0].stem == w[1].stem) {
+                return Err(format!(
+                    "kernel modules {} and {} share a name",
+                    w[0].path.display(),
+                    w[1].path.display()
+                ));
+            }
+        }
+        Ok(k)
+    }) {
         Ok(k) => k,
         Err(e) => fail(&e),
     };

@@ -198,14 +198,14 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Nesting of YAML collections (the published configs use 5).
 pub const MAX_YAML_DEPTH: usize = 64;
 
-fn get<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a serde_yaml::Value> {
+fn get<'a>(v: &'a serde_yaml_ng::Value, path: &[&str]) -> Option<&'a serde_yaml_ng::Value> {
     path.iter().try_fold(v, |v, k| v.get(k))
 }
 
-fn net(v: &serde_yaml::Value, file: &Path, path: &[&str]) -> Result<NetConfig> {
+fn net(v: &serde_yaml_ng::Value, file: &Path, path: &[&str]) -> Result<NetConfig> {
     let key = path.join(".");
     let node = get(v, path).with_context(|| format!("{}: no `{key}` section", file.display()))?;
-    serde_yaml::from_value(node.clone()).map_err(|e| {
+    serde_yaml_ng::from_value(node.clone()).map_err(|e| {
         // serde names a missing field but not the field of a wrongly typed value.
         match mistyped_field(node) {
             Some(field) => anyhow!("{}: {key}.{field}: {e}", file.display()),
@@ -215,8 +215,8 @@ fn net(v: &serde_yaml::Value, file: &Path, path: &[&str]) -> Result<NetConfig> {
 }
 
 /// The first field of a `NetConfig` mapping whose value has the wrong type.
-fn mistyped_field(node: &serde_yaml::Value) -> Option<String> {
-    use serde_yaml::from_value as de;
+fn mistyped_field(node: &serde_yaml_ng::Value) -> Option<String> {
+    use serde_yaml_ng::from_value as de;
     let map = node.as_mapping()?;
     map.iter().find_map(|(k, v)| {
         let key = k.as_str()?;
@@ -239,7 +239,7 @@ fn mistyped_field(node: &serde_yaml::Value) -> Option<String> {
 
 /// A number at `path` (absent: `default`); any other value is an error naming the key,
 /// never the default in disguise.
-fn f64_at(v: &serde_yaml::Value, file: &Path, path: &[&str], default: f64) -> Result<f64> {
+fn f64_at(v: &serde_yaml_ng::Value, file: &Path, path: &[&str], default: f64) -> Result<f64> {
     match get(v, path) {
         None => Ok(default),
         Some(x) => x.as_f64().with_context(|| {
@@ -253,9 +253,9 @@ fn f64_at(v: &serde_yaml::Value, file: &Path, path: &[&str], default: f64) -> Re
     }
 }
 
-/// A value as the config's author wrote it, not as serde_yaml's debug structures.
-fn describe(x: &serde_yaml::Value) -> String {
-    use serde_yaml::Value;
+/// A value as the config's author wrote it, not as the YAML parser's debug structures.
+fn describe(x: &serde_yaml_ng::Value) -> String {
+    use serde_yaml_ng::Value;
     match x {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
@@ -268,7 +268,7 @@ fn describe(x: &serde_yaml::Value) -> String {
 }
 
 /// A finite number at `path` (absent: `default`).
-fn finite_at(v: &serde_yaml::Value, file: &Path, path: &[&str], default: f64) -> Result<f64> {
+fn finite_at(v: &serde_yaml_ng::Value, file: &Path, path: &[&str], default: f64) -> Result<f64> {
     let x = f64_at(v, file, path, default)?;
     if !x.is_finite() {
         bail!("{}: {}: {x} is not finite", file.display(), path.join("."));
@@ -278,7 +278,7 @@ fn finite_at(v: &serde_yaml::Value, file: &Path, path: &[&str], default: f64) ->
 
 /// A whole number in `range` at `path` (absent: `default`).
 fn count_at(
-    v: &serde_yaml::Value,
+    v: &serde_yaml_ng::Value,
     file: &Path,
     path: &[&str],
     default: usize,
@@ -298,7 +298,7 @@ fn count_at(
 
 /// Reads a YAML config, refusing one too large or too deeply nested before the
 /// parser sees it (a deep YAML nest takes the parser seconds per ten thousand levels).
-fn read_yaml(file: &Path) -> Result<serde_yaml::Value> {
+fn read_yaml(file: &Path) -> Result<serde_yaml_ng::Value> {
     use std::io::Read;
     let f =
         std::fs::File::open(file).with_context(|| format!("{}: cannot read", file.display()))?;
@@ -315,7 +315,7 @@ fn read_yaml(file: &Path) -> Result<serde_yaml::Value> {
     parse_yaml(&text, file)
 }
 
-fn parse_yaml(text: &str, file: &Path) -> Result<serde_yaml::Value> {
+fn parse_yaml(text: &str, file: &Path) -> Result<serde_yaml_ng::Value> {
     let depth = nesting_bound(text);
     if depth > MAX_YAML_DEPTH {
         bail!(
@@ -323,7 +323,7 @@ fn parse_yaml(text: &str, file: &Path) -> Result<serde_yaml::Value> {
             file.display()
         );
     }
-    serde_yaml::from_str(text).map_err(|e| anyhow!("{}: not valid YAML: {e}", file.display()))
+    serde_yaml_ng::from_str(text).map_err(|e| anyhow!("{}: not valid YAML: {e}", file.display()))
 }
 
 /// An upper bound on the nesting of YAML collections: open flow brackets plus,
@@ -358,7 +358,7 @@ impl Config {
         Self::from_value(&parse_yaml(text, file)?, file)
     }
 
-    fn from_value(v: &serde_yaml::Value, file: &Path) -> Result<Self> {
+    fn from_value(v: &serde_yaml_ng::Value, file: &Path) -> Result<Self> {
         let unet = net(v, file, &["model", "params", "unet_config", "params"])?;
         let classifier = net(v, file, &["model", "params", "classifier_config", "params"])?;
         unet.validate(&format!("{}: unet_config", file.display()))?;
@@ -414,13 +414,13 @@ impl Config {
     }
 }
 
-fn classifier_config(v: &serde_yaml::Value, file: &Path) -> Result<NetConfig> {
+fn classifier_config(v: &serde_yaml_ng::Value, file: &Path) -> Result<NetConfig> {
     let c = net(v, file, &["model", "params"])?;
     c.validate(&format!("{}: model", file.display()))?;
     Ok(c)
 }
 
-fn schedule(v: &serde_yaml::Value, file: &Path) -> Result<Schedule> {
+fn schedule(v: &serde_yaml_ng::Value, file: &Path) -> Result<Schedule> {
     fn at(k: &'static str) -> [&'static str; 3] {
         ["model", "params", k]
     }
@@ -452,7 +452,7 @@ fn schedule(v: &serde_yaml::Value, file: &Path) -> Result<Schedule> {
     Ok(s)
 }
 
-fn defaults(v: &serde_yaml::Value, file: &Path) -> Result<SamplerDefaults> {
+fn defaults(v: &serde_yaml_ng::Value, file: &Path) -> Result<SamplerDefaults> {
     fn at(k: &'static str) -> [&'static str; 3] {
         ["tester", "params", k]
     }

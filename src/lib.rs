@@ -1,7 +1,7 @@
 //! fcd: focal cortical dysplasia detection by classifier-guided diffusion.
 
 pub mod backend;
-pub mod cli;
+mod choice;
 pub mod config;
 pub mod ddim;
 mod digits;
@@ -9,6 +9,8 @@ pub mod engine;
 pub mod eval;
 pub mod inputs;
 pub mod io;
+#[cfg(feature = "lab")]
+pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod montage;

@@ -1,9 +1,14 @@
+//! The `fcd` command line: arguments parsed and checked here, the work done by the library.
+
+mod cli;
+
 use clap::Parser;
 
 fn main() {
-    let cli = fcd::cli::Cli::parse();
-    fcd::io::atomic::install_signal_handlers();
-    let result = fcd::cli::run(cli).and_then(|()| fcd::io::atomic::interrupted());
+    let args = cli::Cli::parse();
+    let result = fcd::io::atomic::install_signal_handlers()
+        .and_then(|()| cli::run(args))
+        .and_then(|()| fcd::io::atomic::interrupted());
     if let Err(e) = result {
         // One line, whatever names from the files the message quotes.
         eprintln!("error: {}", fcd::io::one_line(&e));

@@ -9,7 +9,7 @@ use std::fmt;
 /// convolutions; attention as in fp32. `bf16` / `fp16`: convolution and
 /// attention products on tensor cores with 16-bit operands and float32
 /// accumulation; activations stored between kernels stay float32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Precision {
     #[default]
     Fp32,
@@ -59,6 +59,14 @@ impl Half {
             Half::Bf16 => "bf16",
             Half::Fp16 => "f16",
         }
+    }
+}
+
+/// `"fp32"`, `"tf32"`, `"bf16"` or `"fp16"`, as `--precision` takes them.
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        crate::choice::parse(s, "precision", &Precision::ALL, |p| p.label())
     }
 }
 

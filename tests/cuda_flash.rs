@@ -505,7 +505,7 @@ fn gpu_flash_attention_other_shapes() {
 }
 
 /// The GPU's distance to float64 and the SIMT float32 kernel
-/// (`cuda::attention::attention`, the fp32 mode's oracle), within
+/// (`fcd::lab::cuda_ref::attention::attention`, the fp32 mode's oracle), within
 /// `TF32X3_TOL` like the distance to the CPU twin; returns (GPU to float64,
 /// CPU twin to float64), None when `f64_ref` is false.
 fn tf32x3_extra_checks(
@@ -520,7 +520,7 @@ fn tf32x3_extra_checks(
     let c = k.d * k.heads;
     let qkvd = up(gpu, qkv);
     let mut simt = poisoned(gpu, k.b * k.t * c);
-    cuda::attention::attention(
+    fcd::lab::cuda_ref::attention::attention(
         gpu,
         &qkvd,
         &mut simt,
@@ -826,7 +826,7 @@ fn gpu_flash_attention_timing() {
             t0.elapsed().as_secs_f64() * 1e3 / f64::from(REPS)
         };
         let fp32 = time(&mut |o| {
-            cuda::attention::attention(
+            fcd::lab::cuda_ref::attention::attention(
                 &gpu,
                 &qkv,
                 o,

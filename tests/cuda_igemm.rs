@@ -1,7 +1,7 @@
 //! The tensor-core convolution (`Backend::conv_fused`, `conv`, `conv_bwd` on
 //! a `Cuda` backend: bf16 / fp16 operands, one TF32 product in the tf32
 //! mode, 3xTF32 in the fp32 mode), every kernel version, against its CPU
-//! twin (`fcd::backend::cuda::twin`, whose note says what the twin is fed
+//! twin (`fcd::lab::twin`, whose note says what the twin is fed
 //! and whose `tolerance` says why each bound is what it is) on fresh random
 //! inputs.
 
@@ -9,7 +9,7 @@ mod common;
 
 use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::cuda::dispatch::ConvKernel;
-use fcd::backend::cuda::twin::{self, ConvCase as Case};
+use fcd::lab::twin::{self, ConvCase as Case};
 use fcd::backend::Resample;
 use fcd::precision::Precision;
 use rand::rngs::ChaCha8Rng;

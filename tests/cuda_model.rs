@@ -10,6 +10,7 @@ use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
 use fcd::ddim::alphas_cumprod;
+use fcd::lab::cuda_ref::CudaRef;
 use fcd::engine::{DetectOptions, Device, Engine};
 use fcd::model::{Net, NetKind};
 use fcd::sampler::Sampler;
@@ -23,7 +24,7 @@ fn gpu() -> Option<Cuda> {
     Some(Cuda::new(0).expect("a usable GPU"))
 }
 
-fn gpu_nets(g: &Cuda) -> (Net<Cuda>, Net<Cuda>) {
+fn gpu_nets<B: Backend>(g: &B) -> (Net<B>, Net<B>) {
     let cfg = config();
     let unet = fcd::model::load_net(g, &cfg.unet, NetKind::Unet, &fixture("unet.pt")).unwrap();
     let cls = fcd::model::load_net(
@@ -36,11 +37,11 @@ fn gpu_nets(g: &Cuda) -> (Net<Cuda>, Net<Cuda>) {
     (unet, cls)
 }
 
-fn up(g: &Cuda, t: &Tensor) -> <Cuda as Backend>::T {
+fn up<B: Backend>(g: &B, t: &Tensor) -> B::T {
     g.upload(t).unwrap()
 }
 
-fn down(g: &Cuda, t: &<Cuda as Backend>::T) -> Tensor {
+fn down<B: Backend>(g: &B, t: &B::T) -> Tensor {
     g.download(t).unwrap()
 }
 
@@ -73,7 +74,7 @@ fn gpu_unet_forward() {
 }
 
 /// The fast path (implicit-GEMM convolutions with fused prologues, flash
-/// attention) against the GPU oracle, `Cuda::reference` (im2col + SGEMM,
+/// attention) against the GPU oracle, the lab's `CudaRef` (im2col + SGEMM,
 /// SIMT attention, one op per kernel), on the same device and weights.
 #[test]
 #[cfg_attr(
@@ -82,15 +83,15 @@ fn gpu_unet_forward() {
 )]
 fn gpu_fast_path_matches_reference_backend() {
     let Some(g) = gpu() else { return };
-    let oracle = Cuda::reference(0).expect("the reference backend");
+    let oracle = CudaRef::new(0).expect("the reference backend");
     let m = manifest();
     let x = nhwc("unet_in.npy");
     let (t, y) = (usizes(&m["unet_t"]), usizes(&m["unet_y"]));
-    let unet_of = |b: &Cuda| {
+    fn unet_of<B: Backend>(b: &B, x: &Tensor, t: &[usize], y: &[usize]) -> Tensor {
         let (unet, _) = gpu_nets(b);
-        down(b, &unet.unet(b, &up(b, &x), &t, &y).unwrap())
-    };
-    let (fast, slow) = (unet_of(&g), unet_of(&oracle));
+        down(b, &unet.unet(b, &up(b, x), t, y).unwrap())
+    }
+    let (fast, slow) = (unet_of(&g, &x, &t, &y), unet_of(&oracle, &x, &t, &y));
     let e = rel_l2(&fast.data, &slow.data);
     println!("gpu unet: rel-L2 {e:.3e} to the reference backend");
     assert!(e <= SINGLE, "{e}");

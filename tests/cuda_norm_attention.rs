@@ -398,7 +398,7 @@ fn gpu_attention_matches_cpu() {
                     let qkvd = up(&gpu, &qkv);
                     let doutd = up(&gpu, &dout);
                     let mut out = poisoned(&gpu, b * t * c);
-                    cuda::attention::attention(
+                    fcd::lab::cuda_ref::attention::attention(
                         &gpu,
                         &qkvd,
                         &mut out,
@@ -412,7 +412,7 @@ fn gpu_attention_matches_cpu() {
                     )
                     .unwrap();
                     let mut dqkv = poisoned(&gpu, b * t * 3 * c);
-                    cuda::attention::attention_bwd(
+                    fcd::lab::cuda_ref::attention::attention_bwd(
                         &gpu,
                         &qkvd,
                         &doutd,
@@ -519,7 +519,7 @@ fn gpu_norm_attention_reject_bad_sizes() {
 
     let qkv = up(&gpu, &[0.0; 3 * 5 * 64]);
     let mut out = poisoned(&gpu, 5 * 64);
-    let err = cuda::attention::attention(
+    let err = fcd::lab::cuda_ref::attention::attention(
         &gpu,
         &qkv,
         &mut out,
@@ -535,7 +535,7 @@ fn gpu_norm_attention_reject_bad_sizes() {
     .to_string();
     assert!(err.contains("3 heads do not divide 64"), "{err}");
     let mut short = poisoned(&gpu, 5 * 64 - 1);
-    let err = cuda::attention::attention(
+    let err = fcd::lab::cuda_ref::attention::attention(
         &gpu,
         &qkv,
         &mut short,

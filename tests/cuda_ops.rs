@@ -15,7 +15,8 @@ mod common;
 
 use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::{Cuda, GpuTensor};
-use fcd::backend::cuda::conv::{conv_with_chunk, ConvWeights};
+use fcd::lab::cuda_ref::conv::{conv_with_chunk, ConvWeights};
+use fcd::lab::cuda_ref::CudaRef;
 use fcd::backend::cuda::{self, ops};
 use fcd::backend::shapes::ConvDims;
 use fcd::backend::Backend;
@@ -190,11 +191,13 @@ fn gpu_conv_matches_cpu() {
 )]
 fn gpu_conv_chunks_cover_the_image() {
     let Some(g) = cuda_or_skip() else { return };
+    // The float32 matrices of the reference backend, which runs this chunked product.
+    let r = CudaRef::new(0).unwrap();
     let mut rng = rng();
     for (b, h, w, cin, cout, k) in [(2, 7, 5, 5, 3, 3), (2, 7, 5, 6, 4, 1), (1, 3, 3, 32, 32, 3)] {
         let (wt, bias) = conv_weights(&mut rng, cin, cout, k);
         let cc = CpuRef.prepare_conv(&wt, &bias).unwrap();
-        let gc = g.prepare_conv(&wt, &bias).unwrap();
+        let gc = r.prepare_conv(&wt, &bias).unwrap();
         let x = randn(&mut rng, &[b, h, w, cin], 1.0);
         let dy = randn(&mut rng, &[b, h, w, cout], 1.0);
         let want_y = CpuRef.conv(&x, &cc).unwrap();

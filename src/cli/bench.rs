@@ -1,13 +1,10 @@
 //! `fcd bench`: the throughput of the whole guided sampler on random inputs, with the
 //! published checkpoints or random weights ([`Engine::bench`] counts the work); with
-//! `--kernels`, the kernel tournament (`crate::backend::cuda::tournament`).
+//! `--kernels`, in a build with the lab, the kernel tournament (`fcd::lab::tournament`).
 
-use crate::backend::cuda::{self, tournament};
-use crate::config::Config;
-use crate::engine::{BenchRun, BenchSetup, Device, Engine, Weights};
-use crate::io::atomic::write_atomic;
-use crate::metrics;
-use crate::precision::Precision;
+use fcd::engine::{BenchRun, BenchSetup, Device, Engine, Weights};
+use fcd::metrics;
+use fcd::precision::Precision;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
@@ -32,9 +29,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100)]
     steps: usize,
     /// Arithmetic of the networks.
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    #[arg(long, value_parser = super::choice(&Precision::ALL, Precision::label), default_value_t = Precision::Fp32)]
     precision: Precision,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, value_parser = super::choice(&Device::ALL, Device::label), default_value_t = Device::Auto)]
     device: Device,
     /// Noise level of the untimed warm-up run (0: none).
     #[arg(long, default_value_t = 1)]
@@ -54,20 +51,24 @@ pub struct BenchArgs {
     /// kernel version, attention and GroupNorm on every layer shape of the
     /// config's networks in the bf16, tf32 and fp32 modes, each checked
     /// against its CPU twin, then timed (batch: --batch, default 16).
+    #[cfg(feature = "lab")]
     #[arg(long, conflicts_with_all = ["fidelity", "unet", "classifier"])]
     kernels: bool,
     /// The tournament's JSON report; its `winners` are the kernel table
     /// that FCD_KERNEL_TABLE=FILE runs the engine on.
+    #[cfg(feature = "lab")]
     #[arg(long, requires = "kernels")]
     out: Option<PathBuf>,
     /// Timed calls per kernel and shape in the tournament (the median is
     /// reported).
+    #[cfg(feature = "lab")]
     #[arg(long, default_value_t = 20)]
     reps: usize,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.batch != Some(0), "--batch must be at least 1");
+    #[cfg(feature = "lab")]
     if args.kernels {
         return kernels(&args);
     }
@@ -120,7 +121,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// `--kernels`: the tournament, its report to --out and a summary.
+#[cfg(feature = "lab")]
 fn kernels(args: &BenchArgs) -> Result<()> {
+    use fcd::backend::cuda;
+    use fcd::config::Config;
+    use fcd::io::atomic::write_atomic;
+    use fcd::lab::tournament::{self, NetLayers};
     ensure!(args.reps >= 1, "--reps must be at least 1");
     ensure!(
         args.device != Device::Cpu,
@@ -140,7 +146,7 @@ fn kernels(args: &BenchArgs) -> Result<()> {
         Some(out) => write_atomic(out, serde_json::to_string_pretty(r)?.as_bytes()),
         None => Ok(()),
     };
-    let report = tournament::run(&cfg, &opts, save)?;
+    let report = tournament::run(&NetLayers::of_config(&cfg), &opts, save)?;
     let text = serde_json::to_string_pretty(&report)?;
     let failed: Vec<String> = report["convolutions"]
         .as_array()

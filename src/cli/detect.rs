@@ -1,17 +1,16 @@
 //! `fcd detect`: FLAIR + T1 slices in, pseudo-healthy FLAIR and anomaly maps out.
 
-use crate::config::Config;
-use crate::engine::{DetectOptions, Detection, Device, Progress, VolumeDetection, Weights};
-use crate::inputs::{self, Origin, Prepared};
-use crate::io::{absolute, volume};
-use crate::io::{atomic::Staged, npy};
-use crate::precision::Precision;
-use crate::sampler::Phase;
-use crate::slices::SliceRange;
-use crate::{montage, overlay, slices};
+use fcd::config::Config;
+use fcd::engine::{DetectOptions, Detection, Device, Progress, VolumeDetection, Weights};
+use fcd::inputs::{self, Origin, Prepared};
+use fcd::io::{absolute, volume};
+use fcd::io::{atomic::Staged, npy};
+use fcd::precision::Precision;
+use fcd::sampler::Phase;
+use fcd::slices::SliceRange;
+use fcd::{montage, overlay, slices};
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -51,7 +50,7 @@ pub struct DetectArgs {
     /// Skip histogram matching (the released code's default).
     #[arg(long)]
     no_hist_match: bool,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, value_parser = super::choice(&Device::ALL, Device::label), default_value_t = Device::Auto)]
     device: Device,
     /// Slices per sampler run (default: on a GPU, as many as fit in 80% of
     /// its free memory, at most 64; on the CPU, all). Results depend on it only through float32 rounding.
@@ -59,7 +58,7 @@ pub struct DetectArgs {
     batch: Option<usize>,
     /// Arithmetic of the networks: fp32 (the parity mode), or bf16 / fp16 on
     /// tensor cores (GPU only).
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    #[arg(long, value_parser = super::choice(&Precision::ALL, Precision::label), default_value_t = Precision::Fp32)]
     precision: Precision,
 }
 
@@ -94,10 +93,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         )
     })?;
 
-    let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template(
-        "{msg:>10} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})",
-    )?);
+    let bar = super::progress_bar("{msg:>10} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})")?;
     let mut progress = |p: Progress| {
         bar.set_length(p.total as u64);
         bar.set_message(match p.phase {
@@ -106,7 +102,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         });
         bar.set_position(p.done as u64);
         // A SIGINT / SIGTERM stops the run here, and unwinding removes the staging folder.
-        crate::io::atomic::interrupted()
+        fcd::io::atomic::interrupted()
     };
     let t_sample = Instant::now();
     let det = engine.detect_prepared(

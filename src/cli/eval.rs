@@ -1,12 +1,12 @@
 //! `fcd eval`: a dataset in, per-slice results and the set's metrics (SPEC 8) out; also a
 //! shard of it, the merge of the shards, and their status.
 
-use crate::config::Config;
-use crate::engine::{self, Device};
-use crate::eval::{self, Job, Maps, Sampling, Settings, Shard};
-use crate::metrics::Evaluation;
-use crate::precision::Precision;
-use crate::slices::SliceRange;
+use fcd::config::Config;
+use fcd::engine::{self, Device};
+use fcd::eval::{self, Event, Job, Maps, Sampling, Settings, Shard};
+use fcd::metrics::Evaluation;
+use fcd::precision::Precision;
+use fcd::slices::SliceRange;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ pub struct EvalArgs {
     /// Skip histogram matching (the released code's default).
     #[arg(long)]
     no_hist_match: bool,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    #[arg(long, value_parser = super::choice(&Device::ALL, Device::label), default_value_t = Device::Auto)]
     device: Device,
     /// One sampling worker per entry: `all` (every GPU), GPU ordinals (`0,1,3`), or `cpu`
     /// repeated (`cpu,cpu`: two CPU workers). Results do not depend on it.
@@ -76,7 +76,7 @@ pub struct EvalArgs {
     devices: Option<Devices>,
     /// Arithmetic of the networks: fp32 (the parity mode), or bf16 / fp16 on
     /// tensor cores (GPU only).
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    #[arg(long, value_parser = super::choice(&Precision::ALL, Precision::label), default_value_t = Precision::Fp32)]
     precision: Precision,
     /// Discard the results already in --out instead of resuming.
     #[arg(long)]
@@ -208,6 +208,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         (0.0..=1.0).contains(&threshold),
         "--threshold {threshold} must be in [0, 1] (anomaly maps are)"
     );
+    let bar = super::progress_bar("[{bar:40}] {pos}/{len} slices, {elapsed} (eta {eta})")?;
     let job = Job {
         data,
         out,
@@ -220,8 +221,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
         restart: args.restart,
         save_maps: args.save_maps,
         shard,
+        events: &|e: Event| match e {
+            Event::Start { slices } => bar.set_length(slices as u64),
+            Event::Skipped {
+                case,
+                reason,
+                slices,
+            } => {
+                bar.suspend(|| eprintln!("skipped {case}: {reason}"));
+                bar.set_length(bar.length().unwrap_or(0).saturating_sub(slices as u64));
+            }
+            Event::Done { slices } => bar.inc(slices as u64),
+        },
     };
-    let report = eval::run(maps, &job)?;
+    let report = eval::run(maps, &job);
+    bar.finish_and_clear();
+    let report = report?;
     if let Some(shard) = shard {
         print!("shard {shard}: ");
     }

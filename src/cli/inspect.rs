@@ -1,8 +1,8 @@
 //! `fcd inspect`: what a checkpoint holds, and whether it fits a config.
 
-use crate::config::{Config, NetConfig};
-use crate::io::checkpoint;
-use crate::model::{weights, NetKind, NetSpec};
+use fcd::config::{Config, NetConfig};
+use fcd::io::checkpoint;
+use fcd::model::{weights, NetKind, NetSpec};
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 use std::path::Path;

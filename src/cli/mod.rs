@@ -5,9 +5,10 @@ mod detect;
 mod eval;
 mod inspect;
 
-use crate::engine::{Device, Engine, EngineBuilder};
-use crate::precision::Precision;
+use fcd::engine::{Device, Engine, EngineBuilder};
+use fcd::precision::Precision;
 use anyhow::{Context, Result};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -17,13 +18,13 @@ use std::path::PathBuf;
     version,
     about = "Focal cortical dysplasia detection by classifier-guided diffusion"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Pseudo-healthy FLAIR and anomaly maps for co-registered FLAIR and T1 slices.
     Detect(detect::DetectArgs),
     /// Evaluate on a dataset (PNG slices or NIfTI subjects): per-slice CSV and metrics.json; resumable.
@@ -43,7 +44,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+pub(crate) fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Detect(args) => detect::run(args),
@@ -52,9 +53,25 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The parser of an option that takes one of the library's named choices (`--device`,
+/// `--precision`): the help lists their labels, and the library's `FromStr` makes the value.
+fn choice<T>(all: &[T], label: fn(T) -> &'static str) -> impl TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = anyhow::Error> + Copy + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(all.iter().map(|&v| label(v))).try_map(|s| s.parse::<T>())
+}
+
+/// A progress bar on stderr (hidden where stderr is not a terminal) drawn by `template`.
+fn progress_bar(template: &str) -> Result<indicatif::ProgressBar> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template(template)?);
+    Ok(bar)
+}
+
 /// The config and the two checkpoints, as every command that runs the networks takes them.
 #[derive(clap::Args)]
-pub struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// The diffusion YAML config (unet_config and classifier_config).
     #[arg(long)]
     config: PathBuf,

@@ -67,7 +67,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// Where the networks run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
     /// The GPU when one is usable, else the CPU.
     #[default]
@@ -76,31 +76,29 @@ pub enum Device {
     Cuda,
 }
 
-/// A command-line choice (`--device`, `--precision`) named `what`, by its name.
-fn choice<T: clap::ValueEnum>(s: &str, what: &str) -> Result<T> {
-    T::from_str(s, true).map_err(|_| {
-        let names: Vec<String> = T::value_variants()
-            .iter()
-            .filter_map(|v| v.to_possible_value())
-            .map(|v| v.get_name().to_string())
-            .collect();
-        anyhow::anyhow!("{what} {s:?}: expected one of {}", names.join(", "))
-    })
+impl Device {
+    pub const ALL: [Device; 3] = [Device::Auto, Device::Cpu, Device::Cuda];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
 }
 
 /// `"auto"`, `"cpu"` or `"cuda"`, as `--device` takes them.
 impl std::str::FromStr for Device {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        choice(s, "device")
+        crate::choice::parse(s, "device", &Device::ALL, |d| d.label())
     }
 }
 
-/// `"fp32"`, `"tf32"`, `"bf16"` or `"fp16"`, as `--precision` takes them.
-impl std::str::FromStr for Precision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        choice(s, "precision")
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
     }
 }
 

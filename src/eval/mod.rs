@@ -119,6 +119,8 @@ pub struct Job<'a> {
     pub save_maps: bool,
     /// Run only this shard's cases, with the ledger in `out/shards/K-of-N`.
     pub shard: Option<Shard>,
+    /// Told how the run goes, from the sampling threads too.
+    pub events: &'a (dyn Fn(Event) + Sync),
 }
 
 impl Job<'_> {
@@ -129,6 +131,22 @@ impl Job<'_> {
             None => self.out.to_path_buf(),
         }
     }
+}
+
+/// What a run tells its caller as it goes (the command line draws a progress bar).
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    /// This run will evaluate `slices` slices (those not recorded by earlier runs).
+    Start { slices: usize },
+    /// A case that cannot be evaluated, why, and how many of the slices announced by
+    /// `Start` it takes away (0 for a case found bad before the start).
+    Skipped {
+        case: &'a str,
+        reason: &'a str,
+        slices: usize,
+    },
+    /// `slices` more slices were evaluated and recorded.
+    Done { slices: usize },
 }
 
 /// What a run did.
@@ -219,9 +237,13 @@ pub fn run(mut maps: Maps, job: &Job) -> Result<Report> {
     }
     let mut sink = Sink::start(job, &dir, &run_json, truncate, rows.values())?;
     for p in &ds.problems {
-        eprintln!("skipped {}: {}", p.id, p.reason);
+        (job.events)(Event::Skipped {
+            case: &p.id,
+            reason: &p.reason,
+            slices: 0,
+        });
     }
-    let sampled = sampling::sample(&mut maps, s, size, batch, &ds.cases, &rows, &mut sink)?;
+    let sampled = sampling::sample(&mut maps, job, size, batch, &ds.cases, &rows, &mut sink)?;
     let evaluated = sampled.rows.len();
     rows.extend(sampled.rows.into_iter().map(|r| (r.id.clone(), r)));
     let mut bad = ds.problems;

@@ -6,7 +6,7 @@
 
 use super::ledger::Sink;
 use super::rows::{case_slice_ids, slice_id, slice_seed, Row};
-use super::{Maps, Sampling, Settings};
+use super::{Event, Job, Maps, Sampling, Settings};
 use crate::engine::{seeded_noise, DetectOptions, Engine};
 use crate::inputs::{self, Prepared};
 use crate::io::dataset::{Case, Problem};
@@ -14,7 +14,6 @@ use crate::post;
 use crate::slices::SliceRange;
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -43,25 +42,23 @@ struct Collected<'a> {
 }
 
 /// Evaluates every slice of `cases` not in `done`, `batch` at a time, with anomaly maps from
-/// `maps`.
+/// `maps`, with `job`'s settings, telling its `events` how it goes.
 pub(super) fn sample(
     maps: &mut Maps,
-    s: &Settings,
+    job: &Job,
     size: usize,
     batch: usize,
     cases: &[Case],
     done: &BTreeMap<String, Row>,
     sink: &mut Sink,
 ) -> Result<Sampled> {
+    let (s, events) = (&job.settings, job.events);
     let todo = cases
         .iter()
         .flat_map(|c| case_slice_ids(c, s.slices))
         .filter(|id| !done.contains_key(id))
         .count();
-    let bar = ProgressBar::new(todo as u64);
-    bar.set_style(ProgressStyle::with_template(
-        "[{bar:40}] {pos}/{len} slices, {elapsed} (eta {eta})",
-    )?);
+    events(Event::Start { slices: todo });
     let mappers: Vec<Mapper> = match maps {
         Maps::Diffusion { engines, sampling } => {
             let sampling: &Sampling = sampling;
@@ -93,7 +90,7 @@ pub(super) fn sample(
                     jobs: Arc::clone(&rx),
                     collected: &collected,
                     failed: &failed,
-                    bar: &bar,
+                    events,
                 };
                 scope.spawn(move || worker.run(mapper))
             })
@@ -115,8 +112,11 @@ pub(super) fn sample(
                 Ok(slices) => pending.extend(slices),
                 Err(e) => {
                     let reason = format!("{e:#}");
-                    bar.suspend(|| eprintln!("skipped {}: {reason}", case.id));
-                    bar.set_length(bar.length().unwrap_or(0).saturating_sub(missing as u64));
+                    events(Event::Skipped {
+                        case: &case.id,
+                        reason: &reason,
+                        slices: missing,
+                    });
                     bad.push(Problem {
                         id: case.id.clone(),
                         reason,
@@ -141,7 +141,6 @@ pub(super) fn sample(
         }
         Ok(())
     })?;
-    bar.finish_and_clear();
     let rows = collected
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner)
@@ -156,7 +155,7 @@ struct Worker<'a, 'b> {
     jobs: Arc<Mutex<Receiver<Vec<Slice>>>>,
     collected: &'a Mutex<Collected<'b>>,
     failed: &'a AtomicBool,
-    bar: &'a ProgressBar,
+    events: &'a (dyn Fn(Event) + Sync),
 }
 
 impl Worker<'_, '_> {
@@ -197,7 +196,9 @@ impl Worker<'_, '_> {
             .unwrap_or_else(PoisonError::into_inner);
         c.sink.append(&new, &maps, size)?;
         c.rows.extend(new);
-        self.bar.inc(batch.len() as u64);
+        (self.events)(Event::Done {
+            slices: batch.len(),
+        });
         Ok(())
     }
 }

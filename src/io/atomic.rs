@@ -275,21 +275,21 @@ pub fn interrupted() -> Result<()> {
 
 /// Routes SIGINT and SIGTERM to [`interrupted`] (for the command line; a library leaves the
 /// process's signals alone).
-pub fn install_signal_handlers() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only touches atomics and calls _exit, both async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
+pub fn install_signal_handlers() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for signal in [SIGINT, SIGTERM] {
+        // SAFETY: the action only touches atomics and calls _exit, both async-signal-safe.
+        unsafe { signal_hook::low_level::register(signal, move || on_signal(signal)) }
+            .with_context(|| format!("installing the handler of signal {signal}"))?;
     }
+    Ok(())
 }
 
-extern "C" fn on_signal(signal: libc::c_int) {
+fn on_signal(signal: i32) {
     SIGNAL.store(signal, Ordering::SeqCst);
     if LIVE.load(Ordering::SeqCst) == 0 {
         // Nothing to clean up: stop now, as the default action would.
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(128 + signal) };
+        signal_hook::low_level::exit(128 + signal);
     }
 }
 

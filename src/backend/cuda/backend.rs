@@ -3,16 +3,19 @@
 //! (kernels/igemm.cu: 3xTF32 in fp32, TF32 in tf32, bf16 / fp16 operands
 //! otherwise) with their producers' GroupNorm, SiLU and resampling fused
 //! in, or in the 16-bit modes on version 2 (kernels/igemm2.cu) where the
-//! kernel table (`dispatch`) says it won; attention on
-//! the flash kernels (kernels/flash.cu); the reference backend
-//! (`Cuda::reference`) keeps the simple path, im2col + cuBLAS SGEMM
-//! (kernels/conv.cu), SIMT attention and one kernel per op. The
-//! CPU backend (`crate::backend::cpu_ref`) is the reference every op is tested
-//! against; both check shapes with `crate::backend::shapes`.
+//! kernel table (`dispatch`) says it won; attention on the flash kernels
+//! (kernels/flash.cu). The CPU reference (`crate::backend::cpu_ref`) is what
+//! every op is tested against, and the lab's `CudaRef` (im2col + cuBLAS
+//! SGEMM, SIMT attention, one kernel per op) the GPU oracle of the whole
+//! networks; all check shapes with `crate::backend::shapes`.
 
-use std::cell::{Cell, Ref, RefCell};
+use std::cell::{Ref, RefCell};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "lab")]
+use std::{
+    cell::Cell,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::sys::cublasMath_t;
@@ -20,14 +23,15 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
 use super::attention::AttnDims;
-use super::conv::ConvWeights;
 use super::conv_plan::{self, GpuConv};
-use super::dispatch::{self, ConvKernel, ConvShape, Table};
+#[cfg(feature = "lab")]
+use super::dispatch::ConvKernel;
+use super::dispatch::{self, ConvShape, Table};
 use super::graph::{self, Graphs};
 use super::igemm::{self, Arith, FusedDims, PackedWeights};
 use super::norm::{NormDims, NormParams};
-use super::{attention, attention_gemm, conv, ddim, flash, norm, ops, post, Gpu};
-use crate::backend::shapes::{self, nhwc, ConvDims};
+use super::{attention_gemm, ddim, flash, norm, ops, post, Gpu};
+use crate::backend::shapes::{self, nhwc};
 use crate::backend::{compose_conv_fused, flag_value, Backend, ConvPost, ConvPre, Resample};
 use crate::ddim::DdimCoefs;
 use crate::precision::Precision;
@@ -45,18 +49,24 @@ pub struct Cuda {
     gpu: Gpu,
     blas: CudaBlas,
     precision: Precision,
-    /// The simple kernels only: im2col + SGEMM convolutions, unfused ops,
-    /// SIMT attention; the oracle the fast path is tested against.
-    reference: bool,
-    poison: AtomicBool,
     graphs: Graphs,
     /// Label vectors already on the device: a recorded step must not copy
     /// from the host, and the sampler's labels are the same every step.
     labels: RefCell<HashMap<Vec<u32>, CudaSlice<u32>>>,
-    /// Which convolution kernel runs each shape, and a kernel that
-    /// overrides it for every shape (tests and the tournament).
+    /// Which convolution kernel runs each shape.
     table: Table,
-    forced: Cell<Option<ConvKernel>>,
+    #[cfg(feature = "lab")]
+    pub(crate) knobs: Knobs,
+}
+
+/// What the lab turns in a `Cuda` to test it (`crate::lab::knobs`).
+#[cfg(feature = "lab")]
+#[derive(Default)]
+pub(crate) struct Knobs {
+    /// Every output filled with NaN before its kernel runs.
+    pub(crate) poison: AtomicBool,
+    /// The convolution kernel of every shape, overriding the table.
+    pub(crate) forced: Cell<Option<ConvKernel>>,
 }
 
 /// Distinct label vectors kept on the device before the cache starts over.
@@ -72,18 +82,6 @@ impl Cuda {
     /// `new` in a given precision mode; convolutions prepared by this
     /// backend carry the weights that mode needs.
     pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Cuda> {
-        Cuda::open(ordinal, precision, false)
-    }
-
-    /// The GPU oracle: float32 on the simple kernels only (im2col + cuBLAS
-    /// SGEMM convolutions, one op per kernel, SIMT attention), which the
-    /// fast path is checked against in tests/cuda_model.rs. Not a mode the
-    /// engine runs.
-    pub fn reference(ordinal: usize) -> Result<Cuda> {
-        Cuda::open(ordinal, Precision::Fp32, true)
-    }
-
-    fn open(ordinal: usize, precision: Precision, reference: bool) -> Result<Cuda> {
         let gpu = Gpu::new(ordinal)?;
         // SAFETY: only tries to load the library; cudarc would panic on the
         // first cuBLAS call without it.
@@ -110,12 +108,11 @@ impl Cuda {
             gpu,
             blas,
             precision,
-            reference,
-            poison: AtomicBool::new(false),
             graphs: Graphs::new(),
             labels: RefCell::new(HashMap::new()),
             table: Table::load()?,
-            forced: Cell::new(None),
+            #[cfg(feature = "lab")]
+            knobs: Knobs::default(),
         })
     }
 
@@ -137,13 +134,7 @@ impl Cuda {
         self.graphs.set_on(&self.gpu, on);
     }
 
-    /// Runs every convolution with kernel `k` (where it takes the layer;
-    /// see `dispatch::conv`), or, with None, each with its table's winner.
-    pub fn force_conv_kernel(&self, k: Option<ConvKernel>) {
-        self.forced.set(k);
-    }
-
-    /// The packed convolution `d` with the forced kernel or the table's.
+    /// The packed convolution `d` with the table's kernel (or the lab's).
     fn run_conv(
         &self,
         op: &igemm::Operands<'_>,
@@ -151,11 +142,20 @@ impl Cuda {
         d: FusedDims,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let k = self
-            .forced
-            .get()
-            .unwrap_or_else(|| self.table.get(&ConvShape::new(self.precision, &d)));
+        #[cfg(feature = "lab")]
+        if let Some(k) = self.knobs.forced.get() {
+            return dispatch::conv(&self.gpu, k, op, w, d, y);
+        }
+        let k = self.table.get(&ConvShape::new(self.precision, &d));
         dispatch::conv(&self.gpu, k, op, w, d, y)
+    }
+
+    /// Whether the lab asked for poisoned outputs.
+    fn poisoned(&self) -> bool {
+        #[cfg(feature = "lab")]
+        return self.knobs.poison.load(Ordering::Relaxed);
+        #[cfg(not(feature = "lab"))]
+        false
     }
 
     /// How many recorded steps `repeat` has launched so far.
@@ -163,16 +163,9 @@ impl Cuda {
         self.graphs.launches()
     }
 
-    /// Debug aid: when on, every output buffer is filled with NaN before its
-    /// kernel runs, so that an element a kernel fails to write shows up as
-    /// NaN instead of as whatever the allocator handed out.
-    pub fn set_poison(&self, on: bool) {
-        self.poison.store(on, Ordering::Relaxed);
-    }
-
     /// An output tensor, uninitialised: the op that asks for it writes every
     /// element.
-    fn output(&self, op: &str, shape: Vec<usize>) -> Result<GpuTensor> {
+    pub(crate) fn output(&self, op: &str, shape: Vec<usize>) -> Result<GpuTensor> {
         let n: usize = shape.iter().product();
         // SAFETY: every caller passes the buffer to a launcher that writes
         // all n elements before anything reads them (stream order).
@@ -183,7 +176,7 @@ impl Cuda {
                 self.gpu.name()
             )
         })?;
-        if self.poison.load(Ordering::Relaxed) {
+        if self.poisoned() {
             ops::fill(&self.gpu, &mut buf, f32::NAN)?;
         }
         Ok(GpuTensor { buf, shape })
@@ -340,37 +333,12 @@ impl Backend for Cuda {
     }
 
     fn prepare_conv(&self, w: &Tensor, bias: &Tensor) -> Result<GpuConv> {
-        let arith = (!self.reference).then(|| Arith::for_precision(self.precision));
-        conv_plan::prepare(&self.gpu, arith, w, bias)
+        conv_plan::prepare(&self.gpu, Arith::for_precision(self.precision), w, bias)
     }
 
     fn conv(&self, x: &GpuTensor, c: &GpuConv) -> Result<GpuTensor> {
-        let shape = shapes::conv(&x.shape, c.cin, c.cout)?;
-        if let Some(p) = &c.packed {
-            return self.conv_packed(x, c, &p.fwd, &ConvPre::default(), &ConvPost::default());
-        }
-        let (b, h, w, cin) = nhwc(&x.shape)?;
-        let mut y = self.output("conv", shape)?;
-        let d = ConvDims {
-            b,
-            h,
-            w,
-            cin,
-            cout: c.cout,
-            k: c.k,
-        };
-        conv::conv(
-            &self.gpu,
-            &self.blas,
-            &x.buf,
-            ConvWeights {
-                wmat: &c.fwd,
-                bias: Some(&c.bias),
-            },
-            d,
-            &mut y.buf,
-        )?;
-        Ok(y)
+        shapes::conv(&x.shape, c.cin, c.cout)?;
+        self.conv_packed(x, c, &c.fwd, &ConvPre::default(), &ConvPost::default())
     }
 
     fn conv_fused(
@@ -486,7 +454,6 @@ impl Backend for Cuda {
         };
         match self.precision.half() {
             Some(half) => flash::attention_fast(&self.gpu, half, &qkv.buf, &mut y.buf, dims)?,
-            None if self.reference => attention::attention(&self.gpu, &qkv.buf, &mut y.buf, dims)?,
             None => flash::attention_tf32x3(&self.gpu, &qkv.buf, &mut y.buf, dims)?,
         }
         Ok(y)
@@ -513,41 +480,25 @@ impl Backend for Cuda {
         let shape = shapes::conv_bwd(&dy.shape, c.cin, c.cout)?;
         let (b, h, w, _) = nhwc(&dy.shape)?;
         let mut dx = self.output("conv_bwd", shape)?;
-        if let Some(p) = &c.packed {
-            let d = FusedDims {
-                b,
-                h,
-                w,
-                cin: c.cout,
-                cout: c.cin,
-                k: c.k,
-                resample: Resample::None,
-            };
-            let op = igemm::Operands {
-                x: &dy.buf,
-                x2: None,
-                affine: None,
-                silu: false,
-                bias: &p.zero_bias,
-                bvec: None,
-                res: None,
-            };
-            self.run_conv(&op, &p.bwd, d, &mut dx.buf)?;
-            return Ok(dx);
-        }
-        let d = ConvDims {
+        let d = FusedDims {
             b,
             h,
             w,
             cin: c.cout,
             cout: c.cin,
             k: c.k,
+            resample: Resample::None,
         };
-        let wt = ConvWeights {
-            wmat: &c.bwd,
-            bias: None,
+        let op = igemm::Operands {
+            x: &dy.buf,
+            x2: None,
+            affine: None,
+            silu: false,
+            bias: &c.zero_bias,
+            bvec: None,
+            res: None,
         };
-        conv::conv(&self.gpu, &self.blas, &dy.buf, wt, d, &mut dx.buf)?;
+        self.run_conv(&op, &c.bwd, d, &mut dx.buf)?;
         Ok(dx)
     }
 
@@ -606,11 +557,7 @@ impl Backend for Cuda {
             legacy,
         };
         let (qkv, dout) = (&qkv.buf, &dout.buf);
-        if self.reference {
-            attention::attention_bwd(&self.gpu, qkv, dout, &mut dqkv.buf, dims)?;
-        } else {
-            attention_gemm::attention_bwd(&self.gpu, &self.blas, qkv, dout, &mut dqkv.buf, dims)?;
-        }
+        attention_gemm::attention_bwd(&self.gpu, &self.blas, qkv, dout, &mut dqkv.buf, dims)?;
         Ok(dqkv)
     }
 
@@ -654,11 +601,9 @@ impl Backend for Cuda {
             .with_context(|| format!("copying a tensor of shape {:?}", src.shape))
     }
 
-    /// Recorded as a CUDA graph (see `graph`), except on the reference
-    /// backend and with poisoned outputs.
+    /// Recorded as a CUDA graph (see `graph`), except with poisoned outputs.
     fn repeat(&self, key: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        let direct = self.reference || self.poison.load(Ordering::Relaxed);
-        self.graphs.repeat(&self.gpu, direct, key, body)
+        self.graphs.repeat(&self.gpu, self.poisoned(), key, body)
     }
 
     fn end_repeats(&self) {

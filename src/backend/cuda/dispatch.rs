@@ -30,6 +30,7 @@ pub enum ConvKernel {
 impl ConvKernel {
     /// The versions the tournament runs: version 1, and version 2 in each
     /// N tile without and with split-K.
+    #[cfg(feature = "lab")]
     pub fn candidates() -> Vec<ConvKernel> {
         let mut v = vec![ConvKernel::V1];
         for bn in Tiling::N_TILES {
@@ -41,6 +42,7 @@ impl ConvKernel {
     }
 
     /// "v1", or "v2_n64_s2" (N tile 64, 2 K splits).
+    #[cfg(feature = "lab")]
     pub fn label(self) -> String {
         match self {
             ConvKernel::V1 => "v1".to_string(),
@@ -160,10 +162,12 @@ impl Table {
         self.rows.get(s).copied().unwrap_or(ConvKernel::V1)
     }
 
+    #[cfg(feature = "lab")]
     pub fn len(&self) -> usize {
         self.rows.len()
     }
 
+    #[cfg(feature = "lab")]
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }

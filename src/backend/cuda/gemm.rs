@@ -20,7 +20,8 @@ fn int(v: usize, what: &str, s: &GemmShape) -> Result<i32> {
 }
 
 /// `c = a @ b + beta * c` in row-major order (beta 0: c is not read, so it
-/// may hold anything, NaN included).
+/// may hold anything, NaN included). The reference backend's convolutions.
+#[cfg(feature = "lab")]
 pub fn sgemm<A, B, C>(
     blas: &CudaBlas,
     s: GemmShape,

@@ -59,7 +59,7 @@ impl Arith {
 
 /// The packed weight buffer: 16-bit values, or float32.
 #[derive(Debug)]
-pub(super) enum PackedBuf {
+pub(crate) enum PackedBuf {
     Half(CudaSlice<u16>),
     F32(CudaSlice<f32>),
 }

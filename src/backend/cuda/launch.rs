@@ -110,7 +110,7 @@ macro_rules! kernels {
         /// # Safety
         /// Every buffer must hold the elements the kernel reaches under
         /// `cfg` with these parameters.
-        pub(super) unsafe fn $name(
+        pub(crate) unsafe fn $name(
             gpu: &Gpu,
             $($kernel: &str,)?
             cfg: LaunchConfig,
@@ -140,7 +140,7 @@ type TableEntry = (
 macro_rules! kernel_table {
     ($($name:ident $([$kernel:ident])? in $module:literal: ($($param:ident: $ty:ty),* $(,)?);)*) => {
         #[cfg(test)]
-        const TABLE: &[TableEntry] = &[$((
+        pub(super) const TABLE: &[TableEntry] = &[$((
             stringify!($name),
             kernel_table!(@family $($kernel)?),
             $module,
@@ -193,12 +193,6 @@ declare_kernels! {
         a: f32, x: &CudaSlice<f32>, b: f32, y: &CudaSlice<f32>, out: &mut CudaSlice<f32>, n: u64,
     );
 
-    im2col in "conv": (
-        x: &CudaSlice<f32>, cols: &mut CudaSlice<f32>, p0: u64, np: u64, h: u64, w: u64, cin: u64,
-        k: u64,
-    );
-    broadcast_rows in "conv": (y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: u64, c: u64);
-
     // ddim_invert_step, ddim_denoise_step.
     ddim_step[kernel] in "ddim": (
         x: &mut CudaSlice<f32>, eps: &CudaSlice<f32>, sqrt_a: f32, sqrt_1ma: f32,
@@ -215,19 +209,6 @@ declare_kernels! {
 
     softmax_rows in "softmax": (s: &mut CudaSlice<f32>, t: u32);
     softmax_bwd_rows in "softmax": (p: &CudaSlice<f32>, dp: &mut CudaSlice<f32>, t: u32);
-
-    attn_fwd in "attention": (
-        qkv: &CudaSlice<f32>, out: &mut CudaSlice<f32>, b: u32, t: u32, c: u32, heads: u32,
-        legacy: i32, s: f32,
-    );
-    attn_bwd_rows in "attention": (
-        qkv: &CudaSlice<f32>, dout: &CudaSlice<f32>, dqkv: &mut CudaSlice<f32>,
-        rowstats: &mut CudaSlice<f32>, b: u32, t: u32, c: u32, heads: u32, legacy: i32, s: f32,
-    );
-    attn_bwd_cols in "attention": (
-        qkv: &CudaSlice<f32>, dout: &CudaSlice<f32>, rowstats: &CudaSlice<f32>,
-        dqkv: &mut CudaSlice<f32>, b: u32, t: u32, c: u32, heads: u32, legacy: i32, s: f32,
-    );
 
     // attn_flash_{bf16,f16,tf32x3} and their _d128 variants.
     attn_flash[kernel] in "flash": (
@@ -296,11 +277,43 @@ declare_kernels! {
     );
 }
 
+/// The launchers of the lab's kernels (`kernels/lab/`, compiled only with the `lab` feature),
+/// which the CUDA reference backend runs.
+#[cfg(feature = "lab")]
+pub(crate) mod lab {
+    #[cfg(test)]
+    use super::TableEntry;
+    use super::{launch, Gpu};
+    use anyhow::Result;
+    use cudarc::driver::{CudaSlice, LaunchConfig};
+
+    declare_kernels! {
+        im2col in "conv": (
+            x: &CudaSlice<f32>, cols: &mut CudaSlice<f32>, p0: u64, np: u64, h: u64, w: u64, cin: u64,
+            k: u64,
+        );
+        broadcast_rows in "conv": (y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: u64, c: u64);
+
+        attn_fwd in "attention": (
+            qkv: &CudaSlice<f32>, out: &mut CudaSlice<f32>, b: u32, t: u32, c: u32, heads: u32,
+            legacy: i32, s: f32,
+        );
+        attn_bwd_rows in "attention": (
+            qkv: &CudaSlice<f32>, dout: &CudaSlice<f32>, dqkv: &mut CudaSlice<f32>,
+            rowstats: &mut CudaSlice<f32>, b: u32, t: u32, c: u32, heads: u32, legacy: i32, s: f32,
+        );
+        attn_bwd_cols in "attention": (
+            qkv: &CudaSlice<f32>, dout: &CudaSlice<f32>, rowstats: &CudaSlice<f32>,
+            dqkv: &mut CudaSlice<f32>, b: u32, t: u32, c: u32, heads: u32, legacy: i32, s: f32,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::TABLE;
     use std::collections::BTreeMap;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     /// The Rust type a kernel parameter of C type `c` takes in the table.
     fn rust_type(c: &str) -> String {
@@ -386,49 +399,57 @@ mod tests {
         out
     }
 
-    #[test]
-    fn the_table_matches_every_kernel_of_the_cu_sources() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
-        let mut modules: Vec<String> = std::fs::read_dir(&dir)
+    /// `(module, its folder)` of the `.cu` files of `dir`.
+    fn modules(dir: &Path) -> Vec<(String, PathBuf)> {
+        let mut modules: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
             .unwrap()
             .filter_map(|e| e.ok())
             .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".cu")
-                    .map(String::from)
+                let name = e.file_name().to_str()?.strip_suffix(".cu")?.to_string();
+                Some((name, dir.to_path_buf()))
             })
             .collect();
         modules.sort();
-        fn table(m: &str) -> impl Iterator<Item = &'static super::TableEntry> + '_ {
-            TABLE.iter().filter(move |e| e.2 == m)
+        modules
+    }
+
+    #[test]
+    fn the_table_matches_every_kernel_of_the_cu_sources() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut modules = modules(&dir);
+        let mut all: Vec<&'static super::TableEntry> = TABLE.iter().collect();
+        #[cfg(feature = "lab")]
+        {
+            modules.extend(self::modules(&dir.join("lab")));
+            all.extend(super::lab::TABLE);
         }
+        let table = |m: &str| all.iter().copied().filter(move |e| e.2 == m).collect::<Vec<_>>();
         let as_strings = |ps: &[(&str, &str)]| -> Vec<(String, String)> {
             ps.iter()
                 .map(|(n, t)| (n.to_string(), t.replace(' ', "")))
                 .collect()
         };
         let mut covered = 0;
-        for m in &modules {
+        for (m, dir) in &modules {
             let src = std::fs::read_to_string(dir.join(format!("{m}.cu"))).unwrap();
             let found = kernels(&src);
             assert!(!found.is_empty(), "{m}.cu: no kernels found");
             for (kernel, ps) in &found {
-                let fits = table(m).any(|e| (e.0 == kernel || e.1) && as_strings(e.3) == *ps);
+                let fits = table(m).iter().any(|e| (e.0 == kernel || e.1) && as_strings(e.3) == *ps);
                 assert!(
                     fits,
                     "{m}.cu: kernel {kernel}{ps:?} has no entry in the launch table with its parameters"
                 );
                 covered += 1;
             }
-            for e in table(m).filter(|e| !e.1) {
+            for e in table(m).iter().filter(|e| !e.1) {
                 assert!(
                     found.contains_key(e.0),
                     "launch table: no kernel {} in {m}.cu",
                     e.0
                 );
             }
-            for e in table(m).filter(|e| e.1) {
+            for e in table(m).iter().filter(|e| e.1) {
                 assert!(
                     found.values().any(|ps| as_strings(e.3) == *ps),
                     "launch table: family {} fits no kernel of {m}.cu",
@@ -436,7 +457,7 @@ mod tests {
                 );
             }
         }
-        assert!(TABLE.iter().all(|e| modules.iter().any(|m| m == e.2)));
+        assert!(all.iter().all(|e| modules.iter().any(|(m, _)| m == e.2)));
         assert!(covered >= 40, "only {covered} kernels found");
     }
 }

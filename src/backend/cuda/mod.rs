@@ -7,25 +7,36 @@
 //! per-buffer event tracking be switched off (it would add an event record
 //! to every launch and get in the way of CUDA graph capture).
 
-pub mod attention;
-pub mod attention_gemm;
 pub mod backend;
-pub mod conv;
-pub mod conv_plan;
-pub mod ddim;
-pub mod dispatch;
-pub mod flash;
-pub mod gemm;
 mod graph;
-pub mod igemm;
-pub mod igemm2;
 pub mod kernels;
-mod launch;
-pub mod norm;
-pub mod ops;
-pub mod post;
-pub mod tournament;
-pub mod twin;
+pub(crate) mod launch;
+
+/// Kernel families public in a build with the lab (the kernel tests and the tournament call
+/// their launchers), private to the crate otherwise.
+macro_rules! kernel_families {
+    ($($name:ident),* $(,)?) => {$(
+        #[cfg(feature = "lab")]
+        pub mod $name;
+        #[cfg(not(feature = "lab"))]
+        pub(crate) mod $name;
+    )*};
+}
+
+kernel_families!(
+    attention,
+    attention_gemm,
+    conv_plan,
+    ddim,
+    dispatch,
+    flash,
+    gemm,
+    igemm,
+    igemm2,
+    norm,
+    ops,
+    post
+);
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -230,7 +241,7 @@ impl Gpu {
 
     /// Fails unless `buf` lives on this Gpu's stream (see the module note);
     /// `op` and `what` name the call and the buffer in the error.
-    fn check_stream<T>(&self, buf: &CudaSlice<T>, op: &str, what: &str) -> Result<()> {
+    pub(crate) fn check_stream<T>(&self, buf: &CudaSlice<T>, op: &str, what: &str) -> Result<()> {
         ensure!(
             Arc::ptr_eq(buf.stream(), &self.stream),
             "{op}: {what} was allocated on another stream than the Gpu's (use gpu.stream())"
@@ -240,7 +251,7 @@ impl Gpu {
 
     /// Fails unless `buf` holds `len` elements on this Gpu's stream: the
     /// one length check of the launchers, which tests call with wrong sizes.
-    fn expect_len<T>(&self, op: &str, what: &str, buf: &CudaSlice<T>, len: usize) -> Result<()> {
+    pub(crate) fn expect_len<T>(&self, op: &str, what: &str, buf: &CudaSlice<T>, len: usize) -> Result<()> {
         ensure!(
             buf.len() == len,
             "{op}: {what} has {} elements, expected {len}",
@@ -251,7 +262,7 @@ impl Gpu {
 
     /// A grid-stride launch over `n` elements: enough 256-thread blocks to
     /// fill every SM, no more.
-    fn elementwise_config(&self, n: usize) -> LaunchConfig {
+    pub(crate) fn elementwise_config(&self, n: usize) -> LaunchConfig {
         const THREADS: u32 = 256;
         const BLOCKS_PER_SM: u32 = 8;
         let wanted = n.div_ceil(THREADS as usize);

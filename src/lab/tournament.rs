@@ -14,8 +14,6 @@
 //! `[h, skip]` from two tensors; here the input is one tensor of the same
 //! channels (the same GEMM; only the gather's pointer choice differs).
 
-use std::collections::BTreeSet;
-
 use anyhow::{Context, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
@@ -24,15 +22,18 @@ use rand::rngs::ChaCha8Rng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
-use super::backend::{Cuda, GpuTensor};
-use super::dispatch::{resample_label, ConvKernel, ConvShape};
-use super::igemm::FusedDims;
+use std::collections::BTreeSet;
+
+use super::layers::{distinct, layers, ConvLayer, Layers, Pre};
 use super::twin::{self, ConvCase};
-use super::{ops, Gpu};
 use crate::backend::cpu_ref::CpuRef;
+use crate::backend::cuda::backend::{Cuda, GpuTensor};
+use crate::backend::cuda::dispatch::{resample_label, ConvKernel, ConvShape};
+use crate::backend::cuda::igemm::FusedDims;
+use crate::backend::cuda::{ops, Gpu};
 use crate::backend::{Backend, ConvPost, ConvPre, Norm, Resample};
 use crate::config::Config;
-use crate::model::spec::{Layer, NetKind, NetSpec};
+use crate::model::spec::{NetKind, NetSpec};
 use crate::precision::Precision;
 use crate::tensor::rel_l2;
 
@@ -49,155 +50,6 @@ pub struct Options {
     /// Timed calls per kernel and shape (the median is reported).
     pub reps: usize,
     pub precisions: Vec<Precision>,
-}
-
-/// What feeds a convolution's prologue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Pre {
-    Raw,
-    /// GroupNorm (attention's qkv).
-    Norm,
-    /// GroupNorm and SiLU (ResBlocks, the UNet's head).
-    NormSilu,
-}
-
-/// One convolution of a network at batch 1 (the output grid h x w), and
-/// whether it is a backward-data product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct ConvLayer {
-    k: usize,
-    cin: usize,
-    cout: usize,
-    h: usize,
-    w: usize,
-    resample: u8,
-    pre: Pre,
-    bwd: bool,
-}
-
-impl ConvLayer {
-    fn resample(&self) -> Resample {
-        match self.resample {
-            1 => Resample::Up,
-            2 => Resample::Down,
-            _ => Resample::None,
-        }
-    }
-
-    fn dims(&self, b: usize) -> FusedDims {
-        FusedDims {
-            b,
-            h: self.h,
-            w: self.w,
-            cin: self.cin,
-            cout: self.cout,
-            k: self.k,
-            resample: self.resample(),
-        }
-    }
-
-    fn flops(&self, b: usize) -> f64 {
-        2.0 * (b * self.h * self.w * self.cout * self.k * self.k * self.cin) as f64
-    }
-}
-
-/// The layers of one network, in order, repeats included.
-#[derive(Default)]
-struct Layers {
-    convs: Vec<ConvLayer>,
-    /// `(side, ch, heads)`.
-    attention: Vec<(usize, usize, usize)>,
-    /// GroupNorm inputs `(side, ch)`.
-    norms: Vec<(usize, usize)>,
-}
-
-/// Every convolution of `spec` (with `bwd`, each followed by the
-/// backward-data product the classifier's input gradient runs through
-/// it), attention layer and GroupNorm input.
-fn layers(spec: &NetSpec, bwd: bool) -> Layers {
-    let mut out = Layers::default();
-    let mut side = spec.image_size;
-    let conv = |out: &mut Layers, k, cin, cout, side, resample: Resample, pre| {
-        let code = match resample {
-            Resample::None => 0,
-            Resample::Up => 1,
-            Resample::Down => 2,
-        };
-        let l = ConvLayer {
-            k,
-            cin,
-            cout,
-            h: side,
-            w: side,
-            resample: code,
-            pre,
-            bwd: false,
-        };
-        out.convs.push(l);
-        if bwd {
-            out.convs.push(ConvLayer {
-                cin: cout,
-                cout: cin,
-                resample: 0,
-                pre: Pre::Raw,
-                bwd: true,
-                ..l
-            });
-        }
-    };
-    for l in spec
-        .input_blocks
-        .iter()
-        .flatten()
-        .chain(&spec.middle)
-        .chain(spec.output_blocks.iter().flatten())
-    {
-        match *l {
-            Layer::Conv { cin, cout, .. } => {
-                conv(&mut out, 3, cin, cout, side, Resample::None, Pre::Raw)
-            }
-            Layer::Res {
-                cin,
-                cout,
-                resample,
-                ..
-            } => {
-                out.norms.push((side, cin));
-                match resample {
-                    Resample::Down => side /= 2,
-                    Resample::Up => side *= 2,
-                    Resample::None => {}
-                }
-                out.norms.push((side, cout));
-                conv(&mut out, 3, cin, cout, side, resample, Pre::NormSilu);
-                conv(&mut out, 3, cout, cout, side, Resample::None, Pre::NormSilu);
-                if cin != cout {
-                    conv(&mut out, 1, cin, cout, side, resample, Pre::Raw);
-                }
-            }
-            Layer::Attn { ch, heads, .. } => {
-                out.norms.push((side, ch));
-                out.attention.push((side, ch, heads));
-                conv(&mut out, 1, ch, 3 * ch, side, Resample::None, Pre::Norm);
-                conv(&mut out, 1, ch, ch, side, Resample::None, Pre::Raw);
-            }
-        }
-    }
-    if spec.kind == NetKind::Unet {
-        out.norms.push((side, spec.head_ch));
-        let (cin, cout) = (spec.head_ch, spec.out_channels);
-        conv(&mut out, 3, cin, cout, side, Resample::None, Pre::NormSilu);
-    }
-    out
-}
-
-/// The distinct members of `v`, in order.
-fn distinct<T: Ord + Clone>(v: &[T]) -> Vec<T> {
-    let mut seen = BTreeSet::new();
-    v.iter()
-        .filter(|x| seen.insert((*x).clone()))
-        .cloned()
-        .collect()
 }
 
 /// The median of `reps` event-timed calls of `f(i)` (i counts calls, for
@@ -329,7 +181,7 @@ fn conv_entries(
     };
 
     // The timed operands, at the run's batch.
-    let d = l.dims(opts.batch);
+    let d = fused_dims(l, opts.batch);
     let (sh, sw) = d.source_hw();
     let shape = if l.bwd {
         [d.b, d.h, d.w, l.cin]
@@ -502,20 +354,56 @@ fn report(
     })
 }
 
-/// Runs the tournament on the networks of `cfg`; the report as JSON, also
-/// handed to `save` after each precision, so that a run stopped part-way
-/// leaves what it measured.
+/// One network's layer shapes, as the tournament takes them.
+pub struct NetLayers {
+    /// "unet" or "classifier", in the report.
+    pub name: &'static str,
+    /// The head order of its attention layers.
+    pub legacy_attention: bool,
+    pub layers: Layers,
+}
+
+impl NetLayers {
+    /// Both networks of `cfg`: the UNet's forward, the classifier's forward and input
+    /// gradient.
+    pub fn of_config(cfg: &Config) -> [NetLayers; 2] {
+        let unet = NetSpec::build(&cfg.unet, NetKind::Unet);
+        let cls = NetSpec::build(&cfg.classifier, NetKind::Classifier);
+        [
+            NetLayers {
+                name: "unet",
+                legacy_attention: unet.legacy_attention,
+                layers: layers(&unet, false),
+            },
+            NetLayers {
+                name: "classifier",
+                legacy_attention: cls.legacy_attention,
+                layers: layers(&cls, true),
+            },
+        ]
+    }
+}
+
+/// The tensor-core kernels' dimensions of layer `l` at batch `b`.
+fn fused_dims(l: &ConvLayer, b: usize) -> FusedDims {
+    FusedDims {
+        b,
+        h: l.h,
+        w: l.w,
+        cin: l.cin,
+        cout: l.cout,
+        k: l.k,
+        resample: l.resample(),
+    }
+}
+
+/// Runs the tournament on the layers of `nets`; the report as JSON, also handed to `save`
+/// after each precision, so that a run stopped part-way leaves what it measured.
 pub fn run(
-    cfg: &Config,
+    nets: &[NetLayers],
     opts: &Options,
     mut save: impl FnMut(&Value) -> Result<()>,
 ) -> Result<Value> {
-    let unet = NetSpec::build(&cfg.unet, NetKind::Unet);
-    let cls = NetSpec::build(&cfg.classifier, NetKind::Classifier);
-    let nets = [
-        ("unet", &unet, layers(&unet, false)),
-        ("classifier", &cls, layers(&cls, true)),
-    ];
     let mut rng = ChaCha8Rng::seed_from_u64(20261202);
     let mut convs = Vec::new();
     let mut others = Vec::new();
@@ -534,9 +422,10 @@ pub fn run(
             vec![ConvKernel::V1]
         };
         let mut seen = BTreeSet::new();
-        for (net, spec, l) in &nets {
+        for n in nets {
+            let (net, l) = (n.name, &n.layers);
             for l in distinct(&l.convs) {
-                let key = ConvShape::new(p, &l.dims(opts.batch));
+                let key = ConvShape::new(p, &fused_dims(&l, opts.batch));
                 let rows = conv_entries(&g, opts, net, &l, &kernels, &mut rng)
                     .with_context(|| format!("{net} {l:?}"))?;
                 let mut best: Option<(f64, ConvKernel)> = None;
@@ -570,7 +459,7 @@ pub fn run(
                     opts,
                     net,
                     a,
-                    spec.legacy_attention,
+                    n.legacy_attention,
                     &mut rng,
                 )?);
             }
@@ -595,52 +484,4 @@ pub fn run(
         &others,
         &winners,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::Path;
-
-    /// The layers the tournament times are the networks' own: their
-    /// products add up to `NetSpec::forward_flops`, counted independently.
-    #[test]
-    fn the_layers_are_the_networks_work() {
-        let cfg = Config::load(
-            &Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/published/config_t1_cond_multiclass_cg.yaml"),
-        )
-        .unwrap();
-        for (kind, net) in [
-            (NetKind::Unet, &cfg.unet),
-            (NetKind::Classifier, &cfg.classifier),
-        ] {
-            let spec = NetSpec::build(net, kind);
-            let l = layers(&spec, kind == NetKind::Classifier);
-            let fwd: f64 = l.convs.iter().filter(|c| !c.bwd).map(|c| c.flops(1)).sum();
-            let bwd: f64 = l.convs.iter().filter(|c| c.bwd).map(|c| c.flops(1)).sum();
-            let attn: f64 = l
-                .attention
-                .iter()
-                .map(|&(side, ch, _)| 4.0 * (side * side * side * side * ch) as f64)
-                .sum();
-            let want = spec.forward_flops();
-            assert!(
-                ((fwd + attn) / want - 1.0).abs() < 1e-12,
-                "{kind:?}: {} vs {want}",
-                fwd + attn
-            );
-            if kind == NetKind::Classifier {
-                assert_eq!(bwd, fwd, "every forward conv has its backward-data product");
-            }
-            let shapes = distinct(&l.convs);
-            assert!(shapes.len() < l.convs.len(), "{kind:?}: repeats merged");
-            assert!(shapes.iter().any(|c| c.resample == 2));
-            println!(
-                "{kind:?}: {} convolutions, {} distinct",
-                l.convs.len(),
-                shapes.len()
-            );
-        }
-    }
 }

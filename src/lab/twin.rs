@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Result};
 use rand::{Rng, RngExt};
 use rand_distr::StandardNormal;
 
-use super::backend::Cuda;
+use crate::backend::cuda::backend::Cuda;
 use crate::backend::cpu_ref::CpuRef;
 use crate::backend::{Backend, ConvPost, ConvPre, Norm, Resample};
 use crate::precision::{Half, Precision};

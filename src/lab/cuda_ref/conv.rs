@@ -2,15 +2,16 @@
 //! of the CPU twin `crate::backend::cpu_ref::CpuConv` / `conv_nhwc`: a k = 1
 //! convolution is one GEMM of the pixels `[P, cin]` with the `[cin, cout]`
 //! weights; a k = 3 one first gathers each pixel's 3x3 neighbourhood into
-//! an im2col matrix `[P, 9 cin]` (kernels/conv.cu), in chunks of pixels so
+//! an im2col matrix `[P, 9 cin]` (kernels/lab/conv.cu), in chunks of pixels so
 //! that the workspace stays bounded.
 
 use anyhow::{ensure, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaSlice;
 
-use super::gemm::sgemm;
-use super::{launch, Gpu};
+use crate::backend::cuda::gemm::sgemm;
+use crate::backend::cuda::launch::lab as launch;
+use crate::backend::cuda::Gpu;
 use crate::backend::shapes::{ConvDims, GemmShape};
 
 /// Bound on the im2col workspace of one convolution.
@@ -83,7 +84,7 @@ pub fn conv_with_chunk(
     match bias {
         Some(bias) => broadcast_rows(gpu, y, bias, p, d.cout)?,
         // No inputs: the output is the (absent) bias alone.
-        None if row == 0 => super::ops::fill(gpu, y, 0.0)?,
+        None if row == 0 => crate::backend::cuda::ops::fill(gpu, y, 0.0)?,
         None => {}
     }
     if row == 0 {
