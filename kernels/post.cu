@@ -172,11 +172,13 @@ __device__ double interp_levels(double x, const double* xp) {
     return __dadd_rn(__dmul_rn(slope, __dsub_rn(x, xp[j])), fj);
 }
 
-// A = norm01(|norm01(x0) - healed|), healed = norm01(xhat), or with
-// hist_match norm01(histogram_match(xhat, x0)).
+// A = norm01(d), d = |norm01(x0) - healed|, healed = norm01(xhat), or with
+// hist_match norm01(histogram_match(xhat, x0)); d goes to diff (it ranks
+// peaks across slices).
 extern "C" __global__ void __launch_bounds__(POST_THREADS)
     post_anomaly(const float* __restrict__ x0, const float* __restrict__ xhat,
-                 float* __restrict__ out, unsigned long long hw, int hist_match) {
+                 float* __restrict__ out, float* __restrict__ diff, unsigned long long hw,
+                 int hist_match) {
     __shared__ float s_lo[MAX_WARPS];
     __shared__ float s_hi[MAX_WARPS];
     __shared__ unsigned hist_src[LEVELS];
@@ -190,6 +192,7 @@ extern "C" __global__ void __launch_bounds__(POST_THREADS)
     const float* a = x0 + base;
     const float* h = xhat + base;
     float* o = out + base;
+    float* df = diff + base;
 
     const float inf = __int_as_float(0x7f800000);
     float a_lo = inf, a_hi = -inf, h_lo = inf, h_hi = -inf;
@@ -276,6 +279,7 @@ extern "C" __global__ void __launch_bounds__(POST_THREADS)
         const float healed = hist_match ? healed_of_level[grey_level(vh, h_lo, h_hi)]
                                         : norm01(vh, h_lo, h_hi);
         const float d = fabsf(__fsub_rn(norm01(a[i], a_lo, a_hi), healed));
+        df[i] = d;
         o[i] = norm01(d, d_lo, d_hi);
     }
 }

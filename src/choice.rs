@@ -5,7 +5,12 @@ use anyhow::{anyhow, Result};
 
 /// The member of `all` whose `label` is `s` (ignoring ASCII case); an error naming `what`
 /// and listing the labels otherwise.
-pub(crate) fn parse<T: Copy>(s: &str, what: &str, all: &[T], label: fn(T) -> &'static str) -> Result<T> {
+pub(crate) fn parse<T: Copy>(
+    s: &str,
+    what: &str,
+    all: &[T],
+    label: fn(T) -> &'static str,
+) -> Result<T> {
     all.iter()
         .copied()
         .find(|&v| label(v).eq_ignore_ascii_case(s))

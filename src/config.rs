@@ -394,11 +394,6 @@ impl Config {
         Ok(self)
     }
 
-    /// The classifier of a classifier training config (`model.params`).
-    pub fn load_classifier(file: &Path) -> Result<NetConfig> {
-        classifier_config(&read_yaml(file)?, file)
-    }
-
     /// One network of either layout: the UNet or the classifier of a diffusion config, or
     /// the classifier of a classifier training config. The layout is told by its keys, so
     /// an error is the one of the layout the file has.

@@ -164,13 +164,14 @@ pub fn difference(x0: &[f32], xhat: &[f32], hist_match: bool) -> Vec<f32> {
         .collect()
 }
 
-/// [`anomaly_map`] over stacks of slices of `hw` pixels each.
+/// [`anomaly_map`] over stacks of slices of `hw` pixels each, and the [`difference`]s the
+/// maps normalise: `(maps, differences)`.
 pub fn anomaly_map_batch(
     x0: &[f32],
     xhat: &[f32],
     hw: usize,
     hist_match: bool,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, Vec<f32>)> {
     check_stack(x0.len(), hw)?;
     if x0.len() != xhat.len() {
         bail!(
@@ -179,11 +180,13 @@ pub fn anomaly_map_batch(
             xhat.len()
         );
     }
-    let mut out = Vec::with_capacity(x0.len());
+    let (mut maps, mut differences) = (Vec::with_capacity(x0.len()), Vec::with_capacity(x0.len()));
     for (a, b) in x0.chunks_exact(hw).zip(xhat.chunks_exact(hw)) {
-        out.extend(anomaly_map(a, b, hist_match));
+        let d = difference(a, b, hist_match);
+        maps.extend(norm01(&d));
+        differences.extend(d);
     }
-    Ok(out)
+    Ok((maps, differences))
 }
 
 fn check_stack(len: usize, hw: usize) -> Result<()> {

@@ -57,35 +57,13 @@ impl<B: Backend> Sampler<'_, B> {
         vec![0; self.backend.dims(x)[0]]
     }
 
-    /// One inversion step at `t` on state `x` (`[B,H,W,1]`) with condition `cond`.
-    pub fn inversion_step(&self, x: &mut B::T, cond: &B::T, t: usize) -> Result<()> {
-        let b = self.backend;
-        let y = self.labels(x);
-        let eps = self
-            .unet
-            .unet(b, &b.concat(x, cond)?, &vec![t; y.len()], &y)?;
-        b.ddim_invert(x, &eps, DdimCoefs::inversion(&self.abar, t))
-    }
-
-    /// One guided denoising step at `t`.
-    pub fn guided_step(&self, x: &mut B::T, cond: &B::T, t: usize) -> Result<()> {
-        let b = self.backend;
-        let y = self.labels(x);
-        let ts = vec![t; y.len()];
-        let eps = self.unet.unet(b, &b.concat(x, cond)?, &ts, &y)?;
-        b.ddim_denoise(x, &eps, DdimCoefs::denoising(&self.abar, t))?;
-        let (_, g) = self.classifier.classifier_grad(b, x, &ts, &y)?;
-        b.axpy(x, self.guidance, &g)
-    }
-
     /// The pseudo-healthy FLAIR for normalised FLAIR `x0` and T1 `cond`
     /// (both `[B,H,W,1]`, on the device) from initial noise `noise`.
     /// `progress` is called after every network step.
     ///
-    /// The same operations as `inversion_step` and `guided_step`, arranged
-    /// so that each network pass is the same device work on the same
-    /// buffers at every step (`Backend::repeat`): the timestep embeddings of
-    /// all steps are made first, and each step copies its own into a slot.
+    /// Each network pass is the same device work on the same buffers at
+    /// every step (`Backend::repeat`): the timestep embeddings of all steps
+    /// are made first, and each step copies its own into a slot.
     pub fn run(
         &self,
         x0: &B::T,

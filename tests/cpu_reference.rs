@@ -88,9 +88,7 @@ fn one_inversion_step() {
     let (unet, cls) = nets(&cfg);
     let mut x = nhwc("inv_x.npy");
     let t = manifest()["inv_t"].as_u64().unwrap() as usize;
-    sampler(&unet, &cls, 100)
-        .inversion_step(&mut x, &nhwc("cond.npy"), t)
-        .unwrap();
+    inversion_step(&sampler(&unet, &cls, 100), &mut x, &nhwc("cond.npy"), t).unwrap();
     let e = rel(&x.data, &array("inv_out_ref.npy").1);
     println!(
         "inversion step rel-L2 {e:.3e} (floor {:.3e})",
@@ -106,9 +104,7 @@ fn one_guided_step() {
     let x_in = nhwc("guided_x.npy");
     let mut x = x_in.clone();
     let t = manifest()["guided_t"].as_u64().unwrap() as usize;
-    sampler(&unet, &cls, 100)
-        .guided_step(&mut x, &nhwc("cond.npy"), t)
-        .unwrap();
+    guided_step(&sampler(&unet, &cls, 100), &mut x, &nhwc("cond.npy"), t).unwrap();
     let r = array("guided_out_ref.npy").1;
     let e = rel(&x.data, &r);
     println!(

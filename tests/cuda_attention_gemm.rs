@@ -1,13 +1,14 @@
 //! Attention's input gradient in the GEMM form the fast backends use
 //! (`fcd::backend::cuda::attention_gemm`: cuBLAS batched SGEMMs over the materialised
-//! weights) against the CPU twin on fresh random inputs; skipped, with the
-//! reason printed, where no GPU is usable.
+//! weights) against the CPU twin on fresh random inputs.
 
 mod common;
 
+use common::*;
+
 use fcd::backend::cpu_ref::CpuRef;
-use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
+use fcd::precision::Precision;
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
@@ -19,17 +20,9 @@ fn normals(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_attention_bwd_gemm_matches_cpu() {
-    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return;
-    }
-    let g = Cuda::new(0).expect("a usable GPU");
+    let g = cuda(Precision::Fp32);
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xa9));
     let mut worst = 0f64;
     // The classifier's shapes (T = 1024 at d = 64, the 65-token pool with

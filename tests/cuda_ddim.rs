@@ -1,9 +1,11 @@
 //! The embedded kernel images, and the DDIM kernels against their CPU twins.
 //!
-//! `gpu_*` tests need a CUDA device; without one they print
-//! "skipped: no CUDA device (...)" and return.
+//! `gpu_*` tests are `#[gpu_test]`s (see `tests/common`): ignored where the build found no
+//! CUDA driver, failing, never passing, where a driver is present but no GPU is usable.
 
 mod common;
+
+use common::*;
 
 use fcd::backend::cuda::kernels::{self, ImageKind};
 use fcd::backend::cuda::{self, Gpu};
@@ -68,22 +70,6 @@ fn embedded_kernels_cover_every_source() {
     );
 }
 
-fn gpu_or_skip() -> Option<Gpu> {
-    if let Some(reason) = cuda::unavailable_reason() {
-        println!("skipped: no CUDA device ({reason})");
-        return None;
-    }
-    let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}"));
-    let (major, minor) = gpu.compute_capability();
-    println!(
-        "device: {} (sm_{major}{minor}, {}), NVRTC {}",
-        gpu.name(),
-        gpu.image_kind().label(),
-        kernels::nvrtc_version().unwrap_or("?")
-    );
-    Some(gpu)
-}
-
 /// The step's own coefficients (`DdimCoefs::inversion` or `::denoising`) at
 /// both ends of the schedule and between; t = 0 is where `a` (inversion) or
 /// `a'` (denoising) is exactly 1.
@@ -135,7 +121,7 @@ fn compare_with_cpu(
     cpu_step: CpuStep,
     gpu_step: GpuStep,
 ) {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     let mut worst = 0.0f32;
     let mut differing_bits = 0usize;
@@ -166,11 +152,7 @@ fn compare_with_cpu(
     );
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_ddim_invert_matches_cpu() {
     compare_with_cpu(
         "invert_step",
@@ -180,11 +162,7 @@ fn gpu_ddim_invert_matches_cpu() {
     );
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_ddim_denoise_matches_cpu() {
     compare_with_cpu(
         "denoise_step",
@@ -195,13 +173,9 @@ fn gpu_ddim_denoise_matches_cpu() {
 }
 
 /// A NaN from a broken network must survive the clamps on both sides.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_ddim_propagates_nan_like_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let abar = alphas_cumprod(&Schedule {
         timesteps: 1000,
         linear_start: 0.0015,
@@ -242,13 +216,9 @@ fn gpu_ddim_propagates_nan_like_cpu() {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_ddim_rejects_mismatched_lengths() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let stream = gpu.stream();
     let mut x = stream.clone_htod(&vec![0.0f32; 8]).unwrap();
     let eps = stream.clone_htod(&vec![0.0f32; 7]).unwrap();

@@ -14,10 +14,12 @@
 //! unrounded, input, and with a float64 attention computed here (the
 //! fixtures' parity is against PyTorch float64); see `TF32X3_TOL`.
 //!
-//! `gpu_*` tests need a CUDA device; without one they print
-//! "skipped: <reason>" and return.
+//! `gpu_*` tests are `#[gpu_test]`s (see `tests/common`): ignored where the build found no
+//! CUDA driver, failing, never passing, where a driver is present but no GPU is usable.
 
 mod common;
+
+use common::*;
 
 use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::attention::AttnDims;
@@ -267,16 +269,6 @@ fn label(half: Half) -> &'static str {
     }
 }
 
-fn gpu_or_skip() -> Option<Gpu> {
-    if let Some(reason) = cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return None;
-    }
-    let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}"));
-    println!("device: {} ({})", gpu.name(), gpu.image_kind().label());
-    Some(gpu)
-}
-
 fn normals(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     (0..n)
         .map(|_| std * rng.sample::<f32, _>(StandardNormal))
@@ -414,13 +406,9 @@ fn heads_for(d: usize) -> usize {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_flash_attention_matches_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a5));
     for half in [Half::Bf16, Half::Fp16] {
         // std 1: logits of std ~1 (spread weights, the largest P rounding
@@ -462,13 +450,9 @@ fn gpu_flash_attention_matches_cpu() {
 /// Head dims other than the network's (the d <= 64 kernel's smallest
 /// padding, and the d <= 128 kernel), the largest token count, and a wide
 /// grid (b = 64, 16 heads).
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_flash_attention_other_shapes() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a6));
     for half in [Half::Bf16, Half::Fp16] {
         let mut stats = Stats::default();
@@ -555,13 +539,9 @@ fn tf32x3_extra_checks(
 /// The fp32 mode's kernel against the CPU twin, the SIMT kernel and (b = 1
 /// cases) float64 over the network's head dims, odd and even t, both head
 /// orders; NaN-poisoned outputs.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_flash_tf32x3_matches_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a8));
     let kind = Kind::Tf32x3;
     for std in [1.0f32, 3.0] {
@@ -604,13 +584,9 @@ fn gpu_flash_tf32x3_matches_cpu() {
 
 /// The fp32 mode's kernel on the other head dims (the d <= 128 kernel, key
 /// tiles of 32), the largest token counts and wide grids.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_flash_tf32x3_other_shapes() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a9));
     let kind = Kind::Tf32x3;
     let mut stats = Stats::default();
@@ -650,13 +626,9 @@ fn gpu_flash_tf32x3_other_shapes() {
     exact.report("flash tf32x3 other shapes, to float64", kind);
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_flash_tf32x3_rejects_bad_sizes() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let qkv = up(&gpu, &[0.0; 3 * 5 * 40]);
     let mut out = poisoned(&gpu, 5 * 40);
     let err = cuda::flash::attention_tf32x3(
@@ -722,13 +694,9 @@ fn gpu_flash_tf32x3_rejects_bad_sizes() {
     assert!(err.contains("qkv has 600 elements, expected 720"), "{err}");
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_flash_attention_rejects_bad_sizes() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     // c = 40 over 2 heads: d = 20, not a multiple of 8.
     let qkv = up(&gpu, &[0.0; 3 * 5 * 40]);
     let mut out = poisoned(&gpu, 5 * 40);
@@ -803,13 +771,9 @@ fn gpu_flash_attention_rejects_bad_sizes() {
 /// and d = 48 at 16 x 16; classifier: d = 64): the SIMT float32 kernel, the
 /// 3xTF32 one and the 16-bit ones.
 /// Prints only; correctness is the other tests' business.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_flash_attention_timing() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xf1a7));
     const REPS: u32 = 20;
     for (b, t, c, heads) in [(8, 1024, 192, 8), (8, 256, 384, 8), (8, 1024, 64, 1)] {

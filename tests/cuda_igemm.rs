@@ -7,21 +7,14 @@
 
 mod common;
 
-use fcd::backend::cuda::backend::Cuda;
+use common::*;
+
 use fcd::backend::cuda::dispatch::ConvKernel;
-use fcd::lab::twin::{self, ConvCase as Case};
 use fcd::backend::Resample;
+use fcd::lab::twin::{self, ConvCase as Case};
 use fcd::precision::Precision;
 use rand::rngs::ChaCha8Rng;
 use rand::SeedableRng;
-
-fn gpu(p: Precision) -> Option<Cuda> {
-    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return None;
-    }
-    Some(Cuda::with_precision(0, p).expect("a usable GPU"))
-}
 
 fn cases() -> Vec<Case> {
     let base = Case {
@@ -183,7 +176,7 @@ fn cases() -> Vec<Case> {
 /// Every case with every kernel version that precision `p` runs (version 2
 /// in the 16-bit modes only; where it cannot take a case, version 1 runs).
 fn check_all(p: Precision, salt: u64) {
-    let Some(g) = gpu(p) else { return };
+    let g = cuda(p);
     let tol = twin::tolerance(p);
     let kernels = if p.half().is_some() {
         ConvKernel::candidates()
@@ -217,55 +210,35 @@ fn check_all(p: Precision, salt: u64) {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_igemm_bf16_matches_rounded_twin() {
     check_all(Precision::Bf16, 1);
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_igemm_fp16_matches_rounded_twin() {
     check_all(Precision::Fp16, 2);
 }
 
 /// The tf32 mode's single TF32 product against the twin on TF32-rounded
 /// operands.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_igemm_tf32_matches_rounded_twin() {
     check_all(Precision::Tf32, 5);
 }
 
 /// The fp32 mode's 3xTF32 products against the unrounded float32 twin.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_igemm_tf32x3_matches_float32_twin() {
     check_all(Precision::Fp32, 4);
 }
 
 /// The backward-data product runs the same kernels on the flipped,
 /// transposed weights.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_igemm_conv_bwd_matches_rounded_twin() {
     for p in Precision::ALL {
-        let Some(g) = gpu(p) else { return };
+        let g = cuda(p);
         let tol = twin::tolerance(p);
         let mut rng = ChaCha8Rng::seed_from_u64(common::seed(3));
         let kernels = [ConvKernel::V1]

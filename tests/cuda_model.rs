@@ -1,7 +1,6 @@
 //! The networks, a sampler step and the whole sampler on the GPU, against the
 //! PyTorch fixtures with the tolerances the CPU path meets (tests/cpu_reference.rs),
-//! and against the CPU backend on the same inputs. Skipped, with the reason
-//! printed, where no GPU is usable.
+//! and against the CPU backend on the same inputs.
 
 mod common;
 
@@ -10,19 +9,12 @@ use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::Cuda;
 use fcd::backend::Backend;
 use fcd::ddim::alphas_cumprod;
-use fcd::lab::cuda_ref::CudaRef;
 use fcd::engine::{DetectOptions, Device, Engine};
+use fcd::lab::cuda_ref::CudaRef;
 use fcd::model::{Net, NetKind};
+use fcd::precision::Precision;
 use fcd::sampler::Sampler;
 use fcd::tensor::{rel_l2, Tensor};
-
-fn gpu() -> Option<Cuda> {
-    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return None;
-    }
-    Some(Cuda::new(0).expect("a usable GPU"))
-}
 
 fn gpu_nets<B: Backend>(g: &B) -> (Net<B>, Net<B>) {
     let cfg = config();
@@ -52,13 +44,9 @@ fn down<B: Backend>(g: &B, t: &B::T) -> Tensor {
 // N = 100 samplers at 0.74 and 0.67 of their float32 floors.
 const SINGLE: f64 = 1e-5;
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_unet_forward() {
-    let Some(g) = gpu() else { return };
+    let g = cuda(Precision::Fp32);
     let (unet, _) = gpu_nets(&g);
     let m = manifest();
     let x = nhwc("unet_in.npy");
@@ -76,13 +64,9 @@ fn gpu_unet_forward() {
 /// The fast path (implicit-GEMM convolutions with fused prologues, flash
 /// attention) against the GPU oracle, the lab's `CudaRef` (im2col + SGEMM,
 /// SIMT attention, one op per kernel), on the same device and weights.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_fast_path_matches_reference_backend() {
-    let Some(g) = gpu() else { return };
+    let g = cuda(Precision::Fp32);
     let oracle = CudaRef::new(0).expect("the reference backend");
     let m = manifest();
     let x = nhwc("unet_in.npy");
@@ -97,13 +81,9 @@ fn gpu_fast_path_matches_reference_backend() {
     assert!(e <= SINGLE, "{e}");
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_classifier_gradient() {
-    let Some(g) = gpu() else { return };
+    let g = cuda(Precision::Fp32);
     let (_, cls) = gpu_nets(&g);
     let t = usizes(&manifest()["cls_t"]);
     let (logits, grad) = cls
@@ -132,24 +112,18 @@ fn sampler<'a>(
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_sampler_steps() {
-    let Some(g) = gpu() else { return };
+    let g = cuda(Precision::Fp32);
     let (unet, cls) = gpu_nets(&g);
     let m = manifest();
     let s = sampler(&g, &unet, &cls, 100);
     let cond = up(&g, &nhwc("cond.npy"));
     let mut x = up(&g, &nhwc("inv_x.npy"));
-    s.inversion_step(&mut x, &cond, m["inv_t"].as_u64().unwrap() as usize)
-        .unwrap();
+    inversion_step(&s, &mut x, &cond, m["inv_t"].as_u64().unwrap() as usize).unwrap();
     let ei = rel(&down(&g, &x).data, &array("inv_out_ref.npy").1);
     let mut x = up(&g, &nhwc("guided_x.npy"));
-    s.guided_step(&mut x, &cond, m["guided_t"].as_u64().unwrap() as usize)
-        .unwrap();
+    guided_step(&s, &mut x, &cond, m["guided_t"].as_u64().unwrap() as usize).unwrap();
     let eg = rel(&down(&g, &x).data, &array("guided_out_ref.npy").1);
     println!("gpu steps: inversion rel-L2 {ei:.3e}, guided rel-L2 {eg:.3e}");
     assert!(ei <= SINGLE, "{ei}");
@@ -157,7 +131,7 @@ fn gpu_sampler_steps() {
 }
 
 fn whole(steps: usize) {
-    let Some(g) = gpu() else { return };
+    let g = cuda(Precision::Fp32);
     let (unet, cls) = gpu_nets(&g);
     let s = sampler(&g, &unet, &cls, steps);
     let (x0, c, n) = (
@@ -176,33 +150,19 @@ fn whole(steps: usize) {
     assert!(e <= 5.0 * fl, "{e} > 5 x {fl}");
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_sampler_n10() {
     whole(10);
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_sampler_n100() {
     whole(100);
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_detect_matches_cpu_detect() {
-    if gpu().is_none() {
-        return;
-    }
+    gpu();
     let (flair, t1, noise) = (nhwc("flair_raw.npy"), nhwc("t1_raw.npy"), nhwc("noise.npy"));
     let run = |device| {
         let engine = Engine::builder(fixture("config_small.yaml"))
@@ -246,13 +206,9 @@ fn gpu_detect_matches_cpu_detect() {
 /// The sampler's network passes recorded as CUDA graphs and replayed give
 /// the same bits as running them kernel by kernel (the same kernels on the
 /// same buffers), and the replays do happen.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_sampler_graph_replay_is_exact() {
-    let Some(g) = gpu() else { return };
+    let g = cuda(Precision::Fp32);
     let (unet, cls) = gpu_nets(&g);
     let (x0, c, n) = (
         up(&g, &nhwc("x0.npy")),

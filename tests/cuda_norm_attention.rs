@@ -1,10 +1,12 @@
 //! GroupNorm and attention kernels (forward and input gradient) against
 //! their CPU twins, the `CpuRef` backend, on fresh random inputs.
 //!
-//! `gpu_*` tests need a CUDA device; without one they print
-//! "skipped: <reason>" and return.
+//! `gpu_*` tests are `#[gpu_test]`s (see `tests/common`): ignored where the build found no
+//! CUDA driver, failing, never passing, where a driver is present but no GPU is usable.
 
 mod common;
+
+use common::*;
 
 use fcd::backend::cpu_ref::{self, CpuRef};
 use fcd::backend::cuda::attention::AttnDims;
@@ -15,16 +17,6 @@ use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::StandardNormal;
-
-fn gpu_or_skip() -> Option<Gpu> {
-    if let Some(reason) = cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return None;
-    }
-    let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}"));
-    println!("device: {} ({})", gpu.name(), gpu.image_kind().label());
-    Some(gpu)
-}
 
 fn normals(rng: &mut ChaCha8Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
     (0..n)
@@ -137,13 +129,9 @@ fn gn_variants(n: usize) -> &'static [(bool, bool)] {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_group_norm_matches_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0x6e));
     let (mut worst_fwd, mut worst_bwd) = (0f64, 0f64);
     for case in gn_cases() {
@@ -231,13 +219,9 @@ fn gpu_group_norm_matches_cpu() {
     println!("group_norm: worst rel-L2 {worst_fwd:e}; group_norm_bwd: worst rel-L2 {worst_bwd:e}");
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_group_norm_affine_matches_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0x6f));
     let mut worst = 0f64;
     for case in gn_cases() {
@@ -373,13 +357,9 @@ fn group_norm_affine_twin_matches_group_norm() {
     println!("group_norm_affine twin vs group_norm: worst rel-L2 {worst:e}");
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_attention_matches_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0xa7));
     let (mut worst_fwd, mut worst_bwd) = (0f64, 0f64);
     for b in [1, 2] {
@@ -453,13 +433,9 @@ fn gpu_attention_matches_cpu() {
     println!("attention: worst rel-L2 {worst_fwd:e}; attention_bwd: worst rel-L2 {worst_bwd:e}");
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_norm_attention_reject_bad_sizes() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let x = up(&gpu, &[0.0; 2 * 48]);
     let g = up(&gpu, &[1.0; 48]);
     let mut y = poisoned(&gpu, 2 * 48);

@@ -7,20 +7,22 @@
 //! with NaN before its kernel, so an element a kernel misses shows up as NaN
 //! (the inputs are finite, so the CPU results never are).
 //!
-//! `gpu_*` tests are ignored where the build found no CUDA driver (run them
-//! with `--include-ignored` on a GPU); with a driver but no usable device they
-//! print "skipped: ..." and return.
+//! `gpu_*` tests are `#[gpu_test]`s (see `tests/common`): ignored where the build found no
+//! CUDA driver, failing, never passing, where a driver is present but no GPU is usable.
 
 mod common;
 
+use common::*;
+
 use fcd::backend::cpu_ref::CpuRef;
 use fcd::backend::cuda::backend::{Cuda, GpuTensor};
-use fcd::lab::cuda_ref::conv::{conv_with_chunk, ConvWeights};
-use fcd::lab::cuda_ref::CudaRef;
-use fcd::backend::cuda::{self, ops};
+use fcd::backend::cuda::ops;
 use fcd::backend::shapes::ConvDims;
 use fcd::backend::Backend;
 use fcd::ddim::DdimCoefs;
+use fcd::lab::cuda_ref::conv::{conv_with_chunk, ConvWeights};
+use fcd::lab::cuda_ref::CudaRef;
+use fcd::precision::Precision;
 use fcd::tensor::{rel_l2, Tensor};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
@@ -29,15 +31,11 @@ use rand_distr::StandardNormal;
 /// float32 unit roundoff, 2^-24.
 const U: f64 = 5.960_464_477_539_063e-8;
 
-fn cuda_or_skip() -> Option<Cuda> {
-    if let Some(reason) = cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return None;
-    }
-    let g = Cuda::new(0).unwrap_or_else(|e| panic!("{e:#}"));
+/// The CUDA backend in fp32 with every output poisoned with NaN before its kernel runs.
+fn poisoned() -> Cuda {
+    let g = cuda(Precision::Fp32);
     g.set_poison(true);
-    println!("device: {}", g.gpu().name());
-    Some(g)
+    g
 }
 
 /// A seeded generator (see `common::seed`).
@@ -151,13 +149,9 @@ fn conv_weights(rng: &mut ChaCha8Rng, cin: usize, cout: usize, k: usize) -> (Ten
     (w, bias)
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_conv_matches_cpu() {
-    let Some(g) = cuda_or_skip() else { return };
+    let g = poisoned();
     let mut rng = rng();
     for (b, h, w, cin, cout, k) in CONV_SHAPES {
         let (wt, bias) = conv_weights(&mut rng, cin, cout, k);
@@ -184,13 +178,9 @@ fn gpu_conv_matches_cpu() {
 /// Many small chunks (1 pixel, a prime number of pixels, a last partial
 /// chunk) into NaN-filled outputs: the GEMMs must cover every pixel, and with
 /// no bias (beta = 0) overwrite the NaN rather than add to it.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_conv_chunks_cover_the_image() {
-    let Some(g) = cuda_or_skip() else { return };
+    let g = poisoned();
     // The float32 matrices of the reference backend, which runs this chunked product.
     let r = CudaRef::new(0).unwrap();
     let mut rng = rng();
@@ -296,13 +286,9 @@ const SHAPES: [[usize; 4]; 6] = [
 /// half an ulp; 4 ulp bounds the difference. Everything else in this test is
 /// the CPU's own sequence of correctly rounded float operations (intrinsics
 /// forbid FMA contraction), so bit parity is expected.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_elementwise_ops_match_cpu() {
-    let Some(g) = cuda_or_skip() else { return };
+    let g = poisoned();
     let mut rng = rng();
     for shape in SHAPES {
         let [b, h, w, c] = shape;
@@ -417,13 +403,9 @@ fn gpu_elementwise_ops_match_cpu() {
 
 /// The token ops: copies, sums of two rounded floats, and a mean summed in
 /// double in token order on both sides, so bit parity is expected.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_token_ops_match_cpu() {
-    let Some(g) = cuda_or_skip() else { return };
+    let g = poisoned();
     let mut rng = rng();
     for [b, h, w, c] in [
         [1, 1, 1, 1],
@@ -482,13 +464,9 @@ fn gpu_token_ops_match_cpu() {
 /// 1 - p) and round once to float; CUDA's and the host's double exp differ
 /// by at most an ulp of double, which moves the float result by at most one
 /// ulp where it lands next to a rounding boundary.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_timestep_embedding_matches_cpu() {
-    let Some(g) = cuda_or_skip() else { return };
+    let g = poisoned();
     let mut rng = rng();
     for (b, dim) in [(1, 2), (3, 32), (2, 96), (5, 128)] {
         let ts: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000usize)).collect();
@@ -504,13 +482,9 @@ fn gpu_timestep_embedding_matches_cpu() {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_log_softmax_grad_matches_cpu() {
-    let Some(g) = cuda_or_skip() else { return };
+    let g = poisoned();
     let mut rng = rng();
     for (b, k) in [(1, 1), (1, 2), (5, 3), (16, 16), (7, 2), (300, 5)] {
         let logits = randn(&mut rng, &[b, 1, 1, k], 3.0);
@@ -524,13 +498,9 @@ fn gpu_log_softmax_grad_matches_cpu() {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_ops_reject_bad_shapes_like_cpu() {
-    let Some(g) = cuda_or_skip() else { return };
+    let g = poisoned();
     let t = |shape: &[usize]| up(&g, &Tensor::zeros(shape));
     let err = |r: anyhow::Result<GpuTensor>| format!("{:#}", r.expect_err("an error"));
     assert!(err(g.add(&t(&[2, 3, 3, 4]), &t(&[2, 1, 1, 5]))).contains("cannot broadcast"));

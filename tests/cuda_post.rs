@@ -8,10 +8,12 @@
 //! levels, so any rounding difference would show as a whole-level jump rather
 //! than as noise a tolerance could absorb.
 //!
-//! `gpu_*` tests need a CUDA device; without one they print
-//! "skipped: <reason>" and return.
+//! `gpu_*` tests are `#[gpu_test]`s (see `tests/common`): ignored where the build found no
+//! CUDA driver, failing, never passing, where a driver is present but no GPU is usable.
 
 mod common;
+
+use common::*;
 
 use std::path::PathBuf;
 
@@ -25,14 +27,6 @@ use rand_distr::StandardNormal;
 /// (H, W) pairs: a single column, odd sizes, and the model's full slice.
 const SIZES: [(usize, usize); 4] = [(1, 5), (17, 23), (61, 47), (256, 256)];
 const BATCHES: [usize; 2] = [1, 3];
-
-fn gpu_or_skip() -> Option<Gpu> {
-    if let Some(reason) = cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return None;
-    }
-    Some(Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}")))
-}
 
 fn fixture(name: &str) -> Vec<f32> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -99,13 +93,22 @@ fn gpu_normalize(gpu: &Gpu, x: &[f32], b: usize, hw: usize) -> anyhow::Result<Ve
     Ok(download(gpu, &y))
 }
 
-fn gpu_anomaly(gpu: &Gpu, x0: &[f32], xhat: &[f32], b: usize, hw: usize, hm: bool) -> Vec<f32> {
+/// The maps and the differences they normalise.
+fn gpu_anomaly(
+    gpu: &Gpu,
+    x0: &[f32],
+    xhat: &[f32],
+    b: usize,
+    hw: usize,
+    hm: bool,
+) -> (Vec<f32>, Vec<f32>) {
     let x0_dev = gpu.stream().clone_htod(x0).unwrap();
     let xhat_dev = gpu.stream().clone_htod(xhat).unwrap();
     let mut out = nan_buffer(gpu, x0.len());
-    cuda::post::anomaly(gpu, &x0_dev, &xhat_dev, &mut out, b, hw, hm)
+    let mut diff = nan_buffer(gpu, x0.len());
+    cuda::post::anomaly(gpu, &x0_dev, &xhat_dev, (&mut out, &mut diff), b, hw, hm)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    download(gpu, &out)
+    (download(gpu, &out), download(gpu, &diff))
 }
 
 /// Bit equality (see the module note), after checking the output was fully
@@ -133,13 +136,9 @@ fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_normalize_matches_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     for (h, w) in SIZES {
         let hw = h * w;
@@ -159,13 +158,9 @@ fn gpu_normalize_matches_cpu() {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_normalize_errors_match_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     let hw = 37 * 41;
     let good = |rng: &mut ChaCha8Rng| mri_like(rng, hw, None);
@@ -202,13 +197,9 @@ fn gpu_normalize_errors_match_cpu() {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_anomaly_matches_cpu() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(common::seed(0));
     for (h, w) in SIZES {
         let hw = h * w;
@@ -229,19 +220,21 @@ fn gpu_anomaly_matches_cpu() {
             for hm in [false, true] {
                 let want = anomaly_map_batch(&x0, &xhat, hw, hm).unwrap();
                 let got = gpu_anomaly(&gpu, &x0, &xhat, b, hw, hm);
-                assert_bits(&format!("anomaly {b}x{h}x{w} hist_match={hm}"), &got, &want);
+                assert_bits(
+                    &format!("anomaly {b}x{h}x{w} hist_match={hm}"),
+                    &got.0,
+                    &want.0,
+                );
+                let what = format!("difference {b}x{h}x{w} hist_match={hm}");
+                assert_bits(&what, &got.1, &want.1);
             }
         }
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_anomaly_matches_fixtures() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let shape = fixture_shape("post_x0.npy");
     let (h, w) = (shape[shape.len() - 2], shape[shape.len() - 1]);
     let hw = h * w;
@@ -249,24 +242,24 @@ fn gpu_anomaly_matches_fixtures() {
     let xhat = fixture("post_xhat.npy");
     let b = x0.len() / hw;
     for (hm, name) in [(true, "anomaly_hm.npy"), (false, "anomaly_nohm.npy")] {
-        let got = gpu_anomaly(&gpu, &x0, &xhat, b, hw, hm);
-        let cpu = anomaly_map_batch(&x0, &xhat, hw, hm).unwrap();
+        let got = gpu_anomaly(&gpu, &x0, &xhat, b, hw, hm).0;
+        let cpu = anomaly_map_batch(&x0, &xhat, hw, hm).unwrap().0;
         assert_bits(&format!("{name} (vs CPU)"), &got, &cpu);
         assert_bits(&format!("{name} (vs numpy)"), &got, &fixture(name));
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_post_rejects_bad_lengths() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let gpu = gpu();
     let x = gpu.stream().clone_htod(&[1.0f32, 2.0, 3.0]).unwrap();
     let mut y = nan_buffer(&gpu, 3);
     let err = cuda::post::normalize(&gpu, &x, &mut y, 2, 2).unwrap_err();
     assert!(format!("{err:#}").contains("normalize: x has 3 elements, expected 4"));
-    let err = cuda::post::anomaly(&gpu, &x, &x, &mut y, 1, 0, true).unwrap_err();
+    let mut d = nan_buffer(&gpu, 3);
+    let err = cuda::post::anomaly(&gpu, &x, &x, (&mut y, &mut d), 1, 0, true).unwrap_err();
     assert!(format!("{err:#}").contains("slices of 0 pixels"));
+    let mut short = nan_buffer(&gpu, 2);
+    let err = cuda::post::anomaly(&gpu, &x, &x, (&mut y, &mut short), 1, 3, true).unwrap_err();
+    assert!(format!("{err:#}").contains("anomaly: diff has 2 elements, expected 3"));
 }

@@ -1,7 +1,7 @@
 //! The bf16 and fp16 modes end to end on the fixture model: each network
 //! against PyTorch's float64 result, and the anomaly maps of the whole
 //! detection against the fp32 engine's (issue 4's fidelity goal, PSNR of at
-//! least 35 dB). Skipped, with the reason printed, where no GPU is usable.
+//! least 35 dB).
 
 mod common;
 
@@ -12,14 +12,6 @@ use fcd::engine::{DetectOptions, Device, Engine};
 use fcd::metrics::psnr;
 use fcd::model::{Net, NetKind};
 use fcd::precision::Precision;
-
-fn gpu(p: Precision) -> Option<Cuda> {
-    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return None;
-    }
-    Some(Cuda::with_precision(0, p).expect("a usable GPU"))
-}
 
 fn gpu_nets(g: &Cuda) -> (Net<Cuda>, Net<Cuda>) {
     let cfg = config();
@@ -50,14 +42,10 @@ fn bounds(p: Precision) -> (f64, f64) {
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_fast_networks_against_pytorch() {
     for p in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
-        let Some(g) = gpu(p) else { return };
+        let g = cuda(p);
         let (unet, cls) = gpu_nets(&g);
         let m = manifest();
         let x = g.upload(&nhwc("unet_in.npy")).unwrap();
@@ -86,15 +74,11 @@ fn gpu_fast_networks_against_pytorch() {
 
 /// Issue 4: the fast modes' anomaly maps within 35 dB PSNR of the fp32
 /// engine's, on the fixture slices at the fixture's N = 100.
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_fast_anomaly_maps_within_35_db() {
     let (flair, t1, noise) = (nhwc("flair_raw.npy"), nhwc("t1_raw.npy"), nhwc("noise.npy"));
+    gpu();
     let detect = |p: Precision| {
-        gpu(p)?;
         let engine = Engine::builder(fixture("config_small.yaml"))
             .unet(fixture("unet.pt"))
             .device(Device::Cuda)
@@ -107,18 +91,14 @@ fn gpu_fast_anomaly_maps_within_35_db() {
             noise: Some(noise.clone()),
             ..Default::default()
         };
-        Some(
-            engine
-                .detect(flair.clone(), t1.clone(), options)
-                .unwrap()
-                .anomaly,
-        )
+        engine
+            .detect(flair.clone(), t1.clone(), options)
+            .unwrap()
+            .anomaly
     };
-    let Some(reference) = detect(Precision::Fp32) else {
-        return;
-    };
+    let reference = detect(Precision::Fp32);
     for p in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
-        let a = detect(p).expect("the GPU went away");
+        let a = detect(p);
         let db = psnr(&reference.data, &a.data).expect("non-constant fp32 maps");
         println!("{p}: anomaly-map PSNR {db:.2} dB against fp32");
         assert!(db >= 35.0, "{p}: PSNR {db:.2} dB < 35");

@@ -5,8 +5,8 @@ mod common;
 
 use common::fixture;
 use fcd::io::volume::{encode_like, read_volume, Volume};
-use fcd::montage::GAP;
-use fcd::overlay::OUTLINE;
+use fcd::outputs::montage::GAP;
+use fcd::outputs::overlay::OUTLINE;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, gpu, gpu_test};
 use fcd::io::volume::{self, Volume};
 use fcd::metrics;
 use serde_json::Value;
@@ -606,16 +606,9 @@ fn eval_nifti_subjects_over_a_slice_range() {
 
 /// Issue 4: the bf16 and fp16 modes recall the same lesions at 5 and 10
 /// peaks as the fp32 engine on the fixture metric case (the PNG dataset).
-#[test]
-#[cfg_attr(
-    not(fcd_cuda_driver),
-    ignore = "needs a CUDA GPU: built without a CUDA driver; run with --include-ignored on a GPU machine"
-)]
+#[gpu_test]
 fn gpu_fast_precisions_recall_as_fp32() {
-    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
-        println!("skipped: {reason}");
-        return;
-    }
+    gpu();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     png_dataset(&data);

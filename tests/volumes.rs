@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use fcd::io::png::read_gray;
 use fcd::io::volume::{encode_like, read_volume, same_grid, world, Volume};
-use fcd::overlay::{self, jet};
+use fcd::outputs::overlay::{self, jet};
 use fcd::slices::{axial, from_network, network_to_voxel, resize_bilinear, to_network, SliceRange};
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;

@@ -49,6 +49,10 @@ class Detection:
     def guidance(self) -> float: ...
     @property
     def batch(self) -> int: ...
+    def save(self, dir: _Path) -> None:
+        """Writes pseudo_healthy.npy, anomaly.npy and summary.json into ``dir``, as
+        ``fcd detect`` does, all at once. Raises FcdError on a failure (nothing is left in
+        ``dir``), and for the network-grid results of a VolumeDetection (save that)."""
 
 class VolumePeak:
     """A peak in the volume: axial slice z, voxel position, world position (mm)."""
@@ -92,6 +96,10 @@ class VolumeDetection:
     @property
     def network(self) -> Detection:
         """The results on the network's grid."""
+    def save(self, dir: _Path) -> None:
+        """Writes anomaly.nii.gz and pseudo_healthy.nii.gz on the input's grid, the overlays,
+        montage.png and summary.json into ``dir``, as ``fcd detect`` does, all at once.
+        Raises FcdError on a failure (nothing is left in ``dir``)."""
 
 class Engine:
     """The diffusion config and both networks, loaded once on a device."""

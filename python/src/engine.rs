@@ -1,9 +1,10 @@
 //! `fcd.Engine`: the engine behind a mutex, run with the GIL released.
 
 use crate::arrays;
-use crate::results::{Detection, VolumeDetection};
+use crate::results::{Detection, ToSave, VolumeDetection};
 use crate::{engine_error, error};
 use fcd::engine::{self as eng, DetectOptions, Device, Progress};
+use fcd::outputs::{Noise, Run};
 use fcd::precision::Precision;
 use fcd::slices::SliceRange;
 use pyo3::prelude::*;
@@ -37,6 +38,21 @@ struct Settings {
 }
 
 impl Settings {
+    /// What summary.json records of a call on `engine` with these settings.
+    fn run(&self, engine: &Engine, noise_given: bool) -> Run {
+        Run {
+            files: Vec::new(),
+            noise: if noise_given {
+                Noise::Given
+            } else {
+                Noise::Seed(self.seed)
+            },
+            device: engine.device.clone(),
+            timings_s: Vec::new(),
+            started: None,
+        }
+    }
+
     fn options<'a>(
         self,
         noise: Option<fcd::tensor::Tensor>,
@@ -148,10 +164,13 @@ impl Engine {
             hist_match,
             batch,
         };
-        let det = self.run(py, progress, move |engine, report| {
-            engine.detect(flair, t1, settings.options(noise, report))
+        let run = settings.run(self, noise.is_some());
+        let (inputs, det) = self.run(py, progress, move |engine, report| {
+            let inputs = engine.prepare_slices(flair, t1)?;
+            let det = engine.detect_prepared(&inputs, settings.options(noise, report))?;
+            Ok((inputs, det))
         })?;
-        Detection::new(py, det)
+        Detection::new(py, det, Some(ToSave::new(inputs, run)))
     }
 
     /// Detection on the axial slices ``slices`` = (first, last), inclusive, of co-registered
@@ -205,11 +224,14 @@ impl Engine {
             hist_match,
             batch,
         };
-        let vd = self.run(py, progress, move |engine, report| {
-            let options = settings.options(noise, report);
-            engine.detect_volume(flair, &t1, mask.as_ref(), range, options)
+        let run = settings.run(self, noise.is_some());
+        let (inputs, vd) = self.run(py, progress, move |engine, report| {
+            let inputs = engine.prepare_volumes(flair, &t1, mask.as_ref(), range)?;
+            let det = engine.detect_prepared(&inputs, settings.options(noise, report))?;
+            let vd = eng::VolumeDetection::new(&inputs, det)?;
+            Ok((inputs, vd))
         })?;
-        VolumeDetection::new(py, vd)
+        VolumeDetection::new(py, vd, ToSave::new(inputs, run))
     }
 }
 

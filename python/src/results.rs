@@ -1,31 +1,82 @@
 //! What detection returns to Python: numpy maps, peaks, and the settings used.
 
 use crate::arrays::{c_array, volume_array};
-use crate::error;
+use crate::{engine_error, error};
+use fcd::inputs::Prepared;
+use fcd::outputs::{self, Run};
 use numpy::{PyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What `save` writes from: the inputs as the engine prepared them, the detection on the
+/// network's grid, and what summary.json records of the call.
+pub struct Saved {
+    inputs: Prepared,
+    detection: fcd::engine::Detection,
+    run: Run,
+}
+
+/// A `Saved` waiting for its detection.
+pub struct ToSave {
+    inputs: Prepared,
+    run: Run,
+}
+
+impl ToSave {
+    pub fn new(inputs: Prepared, run: Run) -> ToSave {
+        ToSave { inputs, run }
+    }
+
+    fn with(self, detection: fcd::engine::Detection) -> Arc<Saved> {
+        Arc::new(Saved {
+            inputs: self.inputs,
+            detection,
+            run: self.run,
+        })
+    }
+}
+
+/// Writes the files of `fcd detect` for `saved` into `dir`, with the GIL released.
+fn save(py: Python<'_>, saved: &Saved, dir: PathBuf) -> PyResult<()> {
+    py.detach(|| outputs::save(&dir, &saved.inputs, saved.detection.clone(), &saved.run))
+        .map_err(engine_error)
+}
 
 /// Detection on slices: `pseudo_healthy` (B, 1, H, W) float32 in [-1, 1] and `anomaly`
 /// (B, H, W) float32 in [0, 1], as `fcd detect` writes them to pseudo_healthy.npy and
 /// anomaly.npy; `peaks`, strongest first; the noise level `steps`, the `guidance` scale and
 /// the slices per sampler run `batch` that were used.
-#[pyclass(module = "fcd", frozen, get_all)]
+#[pyclass(module = "fcd", frozen)]
 pub struct Detection {
+    #[pyo3(get)]
     pseudo_healthy: Py<PyArrayDyn<f32>>,
+    #[pyo3(get)]
     anomaly: Py<PyArrayDyn<f32>>,
+    #[pyo3(get)]
     peaks: Vec<Peak>,
+    #[pyo3(get)]
     steps: usize,
+    #[pyo3(get)]
     guidance: f64,
+    #[pyo3(get)]
     batch: usize,
+    /// None for the network-grid results inside a `VolumeDetection`, which saves them.
+    saved: Option<Arc<Saved>>,
 }
 
 impl Detection {
-    pub fn new(py: Python<'_>, det: fcd::engine::Detection) -> PyResult<Self> {
+    pub fn new(
+        py: Python<'_>,
+        det: fcd::engine::Detection,
+        saved: Option<ToSave>,
+    ) -> PyResult<Self> {
         let [s, h, w, _] = *det.pseudo_healthy.shape.as_slice() else {
             return Err(error(
                 "internal: pseudo-healthy slices are not [S, H, W, 1]",
             ));
         };
+        let saved = saved.map(|p| p.with(det.clone()));
         Ok(Detection {
             pseudo_healthy: c_array(py, &[s, 1, h, w], det.pseudo_healthy.data)?,
             anomaly: c_array(py, &det.anomaly.shape, det.anomaly.data)?,
@@ -33,12 +84,25 @@ impl Detection {
             steps: det.steps,
             guidance: det.guidance,
             batch: det.batch,
+            saved,
         })
     }
 }
 
 #[pymethods]
 impl Detection {
+    /// Writes the files ``fcd detect`` writes for these slices into the folder ``dir``
+    /// (``pseudo_healthy.npy``, ``anomaly.npy`` and ``summary.json``), all at once: a
+    /// failure leaves nothing there.
+    fn save(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
+        match &self.saved {
+            Some(s) => save(py, s, dir),
+            None => Err(error(
+                "these are a VolumeDetection's network-grid results: save the VolumeDetection",
+            )),
+        }
+    }
+
     fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "Detection(slices={}, steps={}, guidance={:?}, batch={}, peaks={})",
@@ -88,21 +152,31 @@ impl Peak {
 /// grid (zero outside the slices; the pseudo-healthy FLAIR in each slice's intensity range),
 /// `peaks` in voxel and world coordinates, the axial `slices` (first, last), the settings
 /// used, and `network`, the results on the network's grid.
-#[pyclass(module = "fcd", frozen, get_all)]
+#[pyclass(module = "fcd", frozen)]
 pub struct VolumeDetection {
+    #[pyo3(get)]
     anomaly: Py<PyArrayDyn<f32>>,
+    #[pyo3(get)]
     pseudo_healthy: Py<PyArrayDyn<f32>>,
+    #[pyo3(get)]
     peaks: Vec<VolumePeak>,
+    #[pyo3(get)]
     slices: (usize, usize),
+    #[pyo3(get)]
     steps: usize,
+    #[pyo3(get)]
     guidance: f64,
+    #[pyo3(get)]
     batch: usize,
+    #[pyo3(get)]
     network: Py<Detection>,
+    saved: Arc<Saved>,
 }
 
 impl VolumeDetection {
-    pub fn new(py: Python<'_>, vd: fcd::engine::VolumeDetection) -> PyResult<Self> {
+    pub fn new(py: Python<'_>, vd: fcd::engine::VolumeDetection, saved: ToSave) -> PyResult<Self> {
         let (steps, guidance, batch) = (vd.network.steps, vd.network.guidance, vd.network.batch);
+        let saved = saved.with(vd.network.clone());
         Ok(VolumeDetection {
             anomaly: volume_array(py, vd.anomaly)?,
             pseudo_healthy: volume_array(py, vd.pseudo_healthy)?,
@@ -111,13 +185,21 @@ impl VolumeDetection {
             steps,
             guidance,
             batch,
-            network: Py::new(py, Detection::new(py, vd.network)?)?,
+            network: Py::new(py, Detection::new(py, vd.network, None)?)?,
+            saved,
         })
     }
 }
 
 #[pymethods]
 impl VolumeDetection {
+    /// Writes the files ``fcd detect`` writes for a volume into the folder ``dir``
+    /// (``anomaly.nii.gz`` and ``pseudo_healthy.nii.gz`` on the input's grid, the overlays,
+    /// ``montage.png`` and ``summary.json``), all at once: a failure leaves nothing there.
+    fn save(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
+        save(py, &self.saved, dir)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "VolumeDetection(slices={:?}, steps={}, guidance={:?}, batch={}, peaks={})",

@@ -1,8 +1,11 @@
 """The package and the C ABI give the command line's results, bit for bit."""
 
+import json
 import subprocess
 
 import numpy as np
+
+import fcd
 
 from conftest import CONFIG, STEPS, UNET
 
@@ -64,3 +67,43 @@ def test_c_example_reports_the_engines_error(c_example, flair, tmp_path):
     assert run.returncode == 1
     assert run.stderr.startswith("fcd: ") and str(missing) in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_save_writes_the_command_lines_files(engine, flair, t1, cli, tmp_path):
+    det = engine.detect(flair, t1, steps=STEPS, seed=7)
+    out = tmp_path / "saved"
+    det.save(out)
+    pseudo_healthy, anomaly, summary = cli(seed=7)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "anomaly.npy", "pseudo_healthy.npy", "summary.json"
+    ]
+    assert np.array_equal(np.load(out / "pseudo_healthy.npy"), pseudo_healthy)
+    assert np.array_equal(np.load(out / "anomaly.npy"), anomaly)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["peaks"] == summary["peaks"]
+    assert saved["outputs"] == summary["outputs"]
+    for key in ("steps", "guidance", "batch", "hist_match", "noise"):
+        assert saved["settings"][key] == summary["settings"][key], key
+
+
+def test_volume_save_writes_maps_overlays_and_montage(engine, flair, t1, tmp_path):
+    vol = lambda a: np.ascontiguousarray(np.transpose(a[:, 0], (2, 1, 0)))  # noqa: E731
+    det = engine.detect_volume(vol(flair), vol(t1), slices=(0, 1), steps=STEPS, seed=7)
+    out = tmp_path / "saved"
+    det.save(out)
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert names == [
+        "anomaly.nii.gz", "montage.png", "overlays/slice_000.png", "overlays/slice_001.png",
+        "pseudo_healthy.nii.gz", "summary.json",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["slice"], p["voxel_x"], p["voxel_y"]) for p in summary["peaks"]] == [
+        (p.slice, p.voxel_x, p.voxel_y) for p in det.peaks
+    ]
+    try:
+        det.network.save(tmp_path / "network")
+    except fcd.FcdError as e:
+        assert "save the VolumeDetection" in str(e)
+    else:
+        raise AssertionError("the network-grid results of a volume were saved")
+    assert not (tmp_path / "network").exists()

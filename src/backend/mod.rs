@@ -65,6 +65,13 @@ impl<T> Default for ConvPost<'_, T> {
     }
 }
 
+/// What `Backend::anomaly` makes of a batch: the anomaly maps `[B,H,W,1]` in [0, 1], and
+/// the differences they normalise (`crate::post::difference`), which compare across slices.
+pub struct Anomaly<T> {
+    pub map: T,
+    pub difference: T,
+}
+
 /// The largest stage `Backend::flag_non_finite` takes: its flag is a float32 tensor,
 /// exact for integers up to 2^24.
 pub const MAX_FLAG: u32 = 1 << 24;
@@ -246,6 +253,6 @@ pub trait Backend {
     /// first constant or non-finite slice.
     fn normalize(&self, raw: &Self::T) -> Result<Self::T>;
     /// Anomaly maps `[B,H,W,1]` of FLAIR `x0` and pseudo-healthy `xhat`,
-    /// histogram-matched first when `hist_match`.
-    fn anomaly(&self, x0: &Self::T, xhat: &Self::T, hist_match: bool) -> Result<Self::T>;
+    /// histogram-matched first when `hist_match`, with their differences.
+    fn anomaly(&self, x0: &Self::T, xhat: &Self::T, hist_match: bool) -> Result<Anomaly<Self::T>>;
 }

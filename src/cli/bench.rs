@@ -2,11 +2,11 @@
 //! published checkpoints or random weights ([`Engine::bench`] counts the work); with
 //! `--kernels`, in a build with the lab, the kernel tournament (`fcd::lab::tournament`).
 
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
 use fcd::engine::{BenchRun, BenchSetup, Device, Engine, Weights};
 use fcd::metrics;
 use fcd::precision::Precision;
-use anyhow::{bail, ensure, Context, Result};
-use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
 

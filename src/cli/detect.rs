@@ -1,17 +1,14 @@
 //! `fcd detect`: FLAIR + T1 slices in, pseudo-healthy FLAIR and anomaly maps out.
 
+use anyhow::Result;
+use clap::Args;
 use fcd::config::Config;
-use fcd::engine::{DetectOptions, Detection, Device, Progress, VolumeDetection, Weights};
-use fcd::inputs::{self, Origin, Prepared};
-use fcd::io::{absolute, volume};
-use fcd::io::{atomic::Staged, npy};
+use fcd::engine::{DetectOptions, Device, Progress, Weights};
+use fcd::inputs;
+use fcd::outputs::{Noise, Output, Run};
 use fcd::precision::Precision;
 use fcd::sampler::Phase;
 use fcd::slices::SliceRange;
-use fcd::{montage, overlay, slices};
-use anyhow::{Context, Result};
-use clap::Args;
-use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -86,12 +83,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
 
     // Fail on an unwritable output before the long part, not after it.
-    let mut staged = Staged::new(&args.out).with_context(|| {
-        format!(
-            "{}: cannot prepare the output directory",
-            args.out.display()
-        )
-    })?;
+    let output = Output::create(&args.out)?;
 
     let bar = super::progress_bar("{msg:>10} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})")?;
     let mut progress = |p: Progress| {
@@ -121,201 +113,31 @@ pub fn run(args: DetectArgs) -> Result<()> {
     bar.finish_and_clear();
     let sample_s = t_sample.elapsed().as_secs_f64();
 
-    let outputs = write_maps(&mut staged, &inputs, det)?;
     let s = inputs.slices();
-    let summary = json!({
-        "fcd_version": env!("CARGO_PKG_VERSION"),
-        "inputs": {
-            "config": absolute(&args.model.config), "unet": absolute(&file(engine.unet_weights())),
-            "classifier": absolute(&file(engine.classifier_weights())),
-            "flair": absolute(&args.flair), "t1": absolute(&args.t1), "mask": args.mask.as_deref().map(absolute),
-            "slices": s, "height": size, "width": size,
-            "slice_range": match &inputs.origin { Origin::Volume { range, .. } => Some(range.to_string()), _ => None },
+    let run = Run {
+        files: vec![
+            ("config", Some(args.model.config.clone())),
+            ("unet", Some(file(engine.unet_weights()))),
+            ("classifier", Some(file(engine.classifier_weights()))),
+            ("flair", Some(args.flair.clone())),
+            ("t1", Some(args.t1.clone())),
+            ("mask", args.mask.clone()),
+        ],
+        noise: match &args.init_noise {
+            Some(p) => Noise::File(p.clone()),
+            None => Noise::Seed(args.seed),
         },
-        "settings": {
-            "steps": outputs.steps, "guidance": outputs.guidance, "hist_match": !args.no_hist_match,
-            "noise": match &args.init_noise { Some(p) => json!({"file": absolute(p)}), None => json!({"seed": args.seed}) },
-            "device": engine.device(), "threads": rayon::current_num_threads(), "batch": outputs.batch,
-            "label": 0,
-        },
-        "timings_s": { "load": load_s, "sample": sample_s, "total": t_start.elapsed().as_secs_f64() },
-        "outputs": outputs.files,
-        "peaks": outputs.peaks,
-    });
-    staged.write(
-        "summary.json",
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    staged.commit()?;
+        device: engine.device(),
+        timings_s: vec![("load", load_s), ("sample", sample_s)],
+        started: Some(t_start),
+    };
+    output.finish(&inputs, det, &run)?;
     eprintln!(
         "wrote {s} slices to {} in {:.1} s",
         args.out.display(),
         t_start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// What `write_maps` wrote, for summary.json.
-struct Written {
-    files: serde_json::Map<String, serde_json::Value>,
-    peaks: Vec<serde_json::Value>,
-    steps: usize,
-    guidance: f64,
-    batch: usize,
-}
-
-/// The slices a montage may show and the peaks on their grid.
-type Shown = (Vec<montage::Slice>, Vec<montage::Peak>);
-
-/// Writes the maps in the input's form: volumes on its grid with an overlay per slice, or
-/// `.npy` arrays (with an overlay for a PNG slice); a montage for a volume or a PNG slice.
-fn write_maps(staged: &mut Staged, inputs: &Prepared, det: Detection) -> Result<Written> {
-    let size = det.anomaly.shape[1];
-    let s = inputs.slices();
-    let mut files = serde_json::Map::new();
-    let (steps, guidance, batch) = (det.steps, det.guidance, det.batch);
-    let (peaks, shown): (Vec<serde_json::Value>, Option<Shown>) = match &inputs.origin {
-        Origin::Volume {
-            flair,
-            lesion,
-            range,
-        } => {
-            let vd = VolumeDetection::new(inputs, det)?;
-            staged.write(
-                "anomaly.nii.gz",
-                &volume::encode_like(flair, &vd.anomaly.data)?,
-            )?;
-            staged.write(
-                "pseudo_healthy.nii.gz",
-                &volume::encode_like(flair, &vd.pseudo_healthy.data)?,
-            )?;
-            let [nx, ny, _] = flair.dims;
-            let plane = nx * ny;
-            let mut shown = Vec::with_capacity(s);
-            for z in range.first..=range.last {
-                let lesion = lesion.as_ref().map(|l| &l[z * plane..(z + 1) * plane]);
-                let slice = shown_slice(
-                    &slices::axial(flair, z),
-                    &slices::axial(&vd.anomaly, z),
-                    lesion,
-                    (ny, nx),
-                    Some(z),
-                )?;
-                staged.write(
-                    &format!("overlays/slice_{z:03}.png"),
-                    &overlay::png(&slice.overlay)?,
-                )?;
-                shown.push(slice);
-            }
-            let marks = vd
-                .peaks
-                .iter()
-                .map(|p| montage::Peak {
-                    slice: p.slice - range.first,
-                    x: p.voxel_x.round() as u32,
-                    y: p.voxel_y.round() as u32,
-                })
-                .collect();
-            files.insert("anomaly".into(), json!("anomaly.nii.gz"));
-            files.insert("pseudo_healthy".into(), json!("pseudo_healthy.nii.gz"));
-            files.insert(
-                "overlays".into(),
-                json!("overlays/slice_ZZZ.png (the input's grid)"),
-            );
-            let peaks = vd
-                .peaks
-                .iter()
-                .map(|p| {
-                    json!({"slice": p.slice, "voxel_x": p.voxel_x, "voxel_y": p.voxel_y,
-                           "world_mm": p.world_mm, "score": p.score, "strength": p.strength})
-                })
-                .collect();
-            (peaks, Some((shown, marks)))
-        }
-        Origin::Slices | Origin::Png { .. } => {
-            staged.write(
-                "pseudo_healthy.npy",
-                &npy::encode_f32(&[s, 1, size, size], &det.pseudo_healthy.data)?,
-            )?;
-            staged.write(
-                "anomaly.npy",
-                &npy::encode_f32(&[s, size, size], &det.anomaly.data)?,
-            )?;
-            files.insert("pseudo_healthy".into(), json!("pseudo_healthy.npy"));
-            files.insert("anomaly".into(), json!("anomaly.npy"));
-            let shown = if let Origin::Png {
-                height,
-                width,
-                flair,
-                lesion,
-            } = &inputs.origin
-            {
-                let (h, w) = (*height, *width);
-                let anomaly = slices::resize_bilinear(&det.anomaly.data, size, size, h, w);
-                let slice = shown_slice(flair, &anomaly, lesion.as_deref(), (h, w), None)?;
-                staged.write("overlay.png", &overlay::png(&slice.overlay)?)?;
-                let marks = det
-                    .peaks
-                    .iter()
-                    .map(|p| {
-                        let (x, y) = slices::network_to_voxel(p.row, p.col, size, w, h);
-                        montage::Peak {
-                            slice: 0,
-                            x: x.round() as u32,
-                            y: y.round() as u32,
-                        }
-                    })
-                    .collect();
-                files.insert("overlay".into(), json!("overlay.png (the PNG's size)"));
-                Some((vec![slice], marks))
-            } else {
-                None
-            };
-            let peaks = det
-                .peaks
-                .iter()
-                .map(|p| {
-                    json!({"slice": p.slice, "row": p.row, "col": p.col, "score": p.score,
-                           "strength": p.strength})
-                })
-                .collect();
-            (peaks, shown)
-        }
-    };
-    if let Some((tiles, marks)) = shown {
-        let png = overlay::png(&montage::montage(&tiles, &marks)?)?;
-        staged.write("montage.png", &png)?;
-        files.insert(
-            "montage".into(),
-            json!(
-                "montage.png (overlays of the slices of the strongest peaks and the largest \
-                 lesions, the peaks numbered by their rank in peaks)"
-            ),
-        );
-    }
-    Ok(Written {
-        files,
-        peaks,
-        steps,
-        guidance,
-        batch,
-    })
-}
-
-/// One slice at the input's resolution (`(h, w)`, row-major) ready for the montage, its
-/// overlay made of the FLAIR, the anomaly map and the lesion on that grid.
-fn shown_slice(
-    flair: &[f32],
-    anomaly: &[f32],
-    lesion: Option<&[bool]>,
-    (h, w): (usize, usize),
-    label: Option<usize>,
-) -> Result<montage::Slice> {
-    Ok(montage::Slice {
-        overlay: overlay::overlay(flair, anomaly, lesion, h, w)?,
-        label,
-        lesion_pixels: lesion.map_or(0, |l| l.iter().filter(|&&v| v).count()),
-    })
 }
 
 /// The checkpoint of weights the engine loaded.

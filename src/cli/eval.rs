@@ -1,14 +1,14 @@
 //! `fcd eval`: a dataset in, per-slice results and the set's metrics (SPEC 8) out; also a
 //! shard of it, the merge of the shards, and their status.
 
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, ValueEnum};
 use fcd::config::Config;
 use fcd::engine::{self, Device};
 use fcd::eval::{self, Event, Job, Maps, Sampling, Settings, Shard};
 use fcd::metrics::Evaluation;
 use fcd::precision::Precision;
 use fcd::slices::SliceRange;
-use anyhow::{bail, ensure, Context, Result};
-use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 

@@ -1,10 +1,10 @@
 //! `fcd inspect`: what a checkpoint holds, and whether it fits a config.
 
+use anyhow::{bail, Result};
+use clap::ValueEnum;
 use fcd::config::{Config, NetConfig};
 use fcd::io::checkpoint;
 use fcd::model::{weights, NetKind, NetSpec};
-use anyhow::{bail, Result};
-use clap::ValueEnum;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

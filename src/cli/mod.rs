@@ -5,11 +5,11 @@ mod detect;
 mod eval;
 mod inspect;
 
-use fcd::engine::{Device, Engine, EngineBuilder};
-use fcd::precision::Precision;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use fcd::engine::{Device, Engine, EngineBuilder};
+use fcd::precision::Precision;
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -83,7 +83,7 @@ pub(super) fn run<B: Backend>(
         out.data.iter().all(|v| v.is_finite()),
         "the sampler produced non-finite values"
     );
-    let anomaly = backend.download(&backend.anomaly(&x0, &xhat, true)?)?;
+    let anomaly = backend.download(&backend.anomaly(&x0, &xhat, true)?.map)?;
     let n = setup.steps as f64;
     Ok(BenchRun {
         batch,

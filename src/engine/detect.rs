@@ -2,13 +2,12 @@
 //! device, in batches of slices, and the strongest peaks.
 
 use super::Loaded;
-use crate::backend::Backend;
+use crate::backend::{Anomaly, Backend};
 use crate::config::{Config, MAX_GUIDANCE};
 use crate::ddim::alphas_cumprod;
 use crate::inputs::{self, Prepared};
 use crate::metrics;
 use crate::model::NetSpec;
-use crate::post;
 use crate::sampler::{Phase, Sampler};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
@@ -107,6 +106,7 @@ pub struct Detection {
     pub steps: usize,
     pub guidance: f64,
     pub batch: usize,
+    pub hist_match: bool,
 }
 
 /// Beyond this, larger batches stop paying on one GPU and only delay the first results.
@@ -224,7 +224,7 @@ pub(super) fn run<B: Backend>(
         steps,
         guidance: guidance as f32,
     };
-    let (mut healthy, mut anomaly) = (Vec::new(), Vec::new());
+    let (mut healthy, mut anomaly, mut difference) = (Vec::new(), Vec::new(), Vec::new());
     for start in (0..n).step_by(batch) {
         let end = (start + batch).min(n);
         let whole = batch >= n;
@@ -246,17 +246,11 @@ pub(super) fn run<B: Backend>(
             }
         })?;
         healthy.extend(x.data);
-        anomaly.extend(a.data);
+        anomaly.extend(a.map.data);
+        difference.extend(a.difference.data);
     }
     let pseudo_healthy = Tensor::new(shape.clone(), healthy)?;
     let anomaly = Tensor::new(shape[..3].to_vec(), anomaly)?;
-    let difference: Vec<f32> = inputs
-        .flair
-        .data
-        .chunks(size * size)
-        .zip(pseudo_healthy.data.chunks(size * size))
-        .flat_map(|(x0, xhat)| post::difference(x0, xhat, hist_match))
-        .collect();
     let peaks = strongest_peaks(&anomaly.data, &difference, size, peaks);
     Ok(Detection {
         pseudo_healthy,
@@ -265,6 +259,7 @@ pub(super) fn run<B: Backend>(
         steps,
         guidance,
         batch,
+        hist_match,
     })
 }
 
@@ -283,27 +278,32 @@ fn slices_of(t: &Tensor, start: usize, end: usize) -> Result<Cow<'_, Tensor>> {
 }
 
 /// One sampler run on `[flair, t1, noise]` (raw `[B,H,W,1]`), everything after the upload
-/// on the device: the pseudo-healthy FLAIR `[B,H,W,1]` and the anomaly maps `[B,H,W,1]`.
+/// on the device: the pseudo-healthy FLAIR `[B,H,W,1]`, and the anomaly maps `[B,H,W,1]`
+/// with their differences.
 fn sample<B: Backend>(
     sampler: &Sampler<B>,
     [flair, t1, noise]: [&Tensor; 3],
     hist_match: bool,
     report: &mut impl FnMut(Phase) -> Result<()>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Anomaly<Tensor>)> {
     let b = sampler.backend;
     let x0 = b.normalize(&b.upload(flair)?).context("FLAIR")?;
     let cond = b.normalize(&b.upload(t1)?).context("T1")?;
     let noise = b.upload(noise)?;
     let xhat = sampler.run(&x0, &cond, &noise, |phase, _| report(phase))?;
     let a = b.anomaly(&x0, &xhat, hist_match)?;
-    let (xhat, a) = (b.download(&xhat)?, b.download(&a)?);
+    let xhat = b.download(&xhat)?;
+    let a = Anomaly {
+        map: b.download(&a.map)?,
+        difference: b.download(&a.difference)?,
+    };
     // A NaN would otherwise pass as a result: NaN-blind maxima make the maps look normal.
     let g = sampler.guidance;
     all_finite(
         &xhat,
         &format!("the guided sampler (guidance {g}, weights or inputs out of range?)"),
     )?;
-    all_finite(&a, "the anomaly maps")?;
+    all_finite(&a.map, "the anomaly maps")?;
     Ok((xhat, a))
 }
 

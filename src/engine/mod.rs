@@ -7,7 +7,7 @@
 //! graph recordings) that one call at a time may use.
 //!
 //! ```
-//! use fcd::engine::{DetectOptions, Device, Engine};
+//! use fcd::{DetectOptions, Device, Engine};
 //! use fcd::tensor::Tensor;
 //!
 //! let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -50,7 +50,9 @@ mod detect;
 mod volume;
 
 pub use bench::{BenchRun, BenchSetup};
-pub use detect::{seeded_noise, DetectOptions, Detection, Peak, Progress, MAX_AUTO_BATCH};
+pub use detect::{
+    seeded_noise, DetectOptions, Detection, Peak, PeakOptions, Progress, MAX_AUTO_BATCH,
+};
 pub use volume::{VolumeDetection, VolumePeak};
 
 use crate::backend::cpu_ref::CpuRef;
@@ -282,12 +284,28 @@ impl Engine {
     /// or `[H, W]` with `H = W =` the config's `image_size`, raw intensities (each slice is
     /// normalised to [-1, 1] on its own).
     pub fn detect(&self, flair: Tensor, t1: Tensor, options: DetectOptions) -> Result<Detection> {
-        let prepared = inputs::from_slices(
+        self.detect_prepared(&self.prepare_slices(flair, t1)?, options)
+    }
+
+    /// The inputs of [`Engine::detect`], checked and ready (what [`crate::outputs`] needs
+    /// besides the detection).
+    pub fn prepare_slices(&self, flair: Tensor, t1: Tensor) -> Result<Prepared> {
+        inputs::from_slices(
             (as_slices(flair, "FLAIR")?, "FLAIR"),
             (as_slices(t1, "T1")?, "T1"),
             self.cfg.unet.image_size,
-        )?;
-        self.detect_prepared(&prepared, options)
+        )
+    }
+
+    /// The inputs of [`Engine::detect_volume`], checked and ready.
+    pub fn prepare_volumes(
+        &self,
+        flair: Volume,
+        t1: &Volume,
+        mask: Option<&Volume>,
+        range: SliceRange,
+    ) -> Result<Prepared> {
+        inputs::from_volumes(flair, t1, mask, range, self.cfg.unet.image_size)
     }
 
     /// Detection on slices that [`crate::inputs`] prepared.
@@ -331,7 +349,7 @@ impl Engine {
         range: SliceRange,
         options: DetectOptions,
     ) -> Result<VolumeDetection> {
-        let prepared = inputs::from_volumes(flair, t1, mask, range, self.cfg.unet.image_size)?;
+        let prepared = self.prepare_volumes(flair, t1, mask, range)?;
         let det = self.detect_prepared(&prepared, options)?;
         VolumeDetection::new(&prepared, det)
     }

@@ -8,7 +8,6 @@ use super::{Job, Maps, ModelFiles, MAPS_DIR, METRICS_FILE, RECORDS_FILE, RUN_FIL
 use crate::io::absolute;
 use crate::io::atomic::write_atomic;
 use crate::io::dataset::Problem;
-use crate::io::npy;
 use crate::metrics::Evaluation;
 use crate::precision::Precision;
 use anyhow::{bail, ensure, Context, Result};
@@ -261,7 +260,8 @@ impl Sink {
     pub(super) fn append(&mut self, rows: &[Row], maps: &[&[f32]], size: usize) -> Result<()> {
         if let Some(dir) = &self.maps {
             for (r, a) in rows.iter().zip(maps) {
-                npy::write_f32(&dir.join(format!("{}.npy", r.id)), &[size, size], a)?;
+                let bytes = crate::outputs::slice_map_npy(a, size)?;
+                write_atomic(&dir.join(format!("{}.npy", r.id)), &bytes)?;
             }
         }
         let mut lines = String::new();

@@ -13,8 +13,8 @@ use anyhow::{bail, ensure, Result};
 use rand::{Rng, RngExt};
 use rand_distr::StandardNormal;
 
-use crate::backend::cuda::backend::Cuda;
 use crate::backend::cpu_ref::CpuRef;
+use crate::backend::cuda::backend::Cuda;
 use crate::backend::{Backend, ConvPost, ConvPre, Norm, Resample};
 use crate::precision::{Half, Precision};
 use crate::tensor::{rel_l2, Tensor};

@@ -1,11 +1,21 @@
-//! Shared helpers of the integration tests: fixtures and comparisons.
+//! Shared helpers of the integration tests: fixtures, comparisons, and the GPU of the GPU
+//! tests.
 #![allow(dead_code)]
 
+#[allow(unused_imports)] // by the files without GPU tests
+pub use fcd_gpu_test::gpu_test;
+
 use fcd::backend::cpu_ref::CpuRef;
+use fcd::backend::cuda::backend::Cuda;
+use fcd::backend::cuda::{kernels, Gpu};
+use fcd::backend::Backend;
 use fcd::config::Config;
+use fcd::ddim::DdimCoefs;
 use fcd::io::npy;
 use fcd::model::load_net;
 use fcd::model::{Net, NetKind};
+use fcd::precision::Precision;
+use fcd::sampler::Sampler;
 use fcd::tensor::Tensor;
 use std::path::PathBuf;
 
@@ -95,4 +105,58 @@ pub fn seed(salt: u64) -> u64 {
         });
     println!("seed {seed} (set FCD_TEST_SEED to replay)");
     seed
+}
+
+/// One inversion step of the sampler at `t` on state `x` (`[B,H,W,1]`) with condition
+/// `cond` (SPEC 6 step 2), op by op: what `Sampler::run` does at each step.
+pub fn inversion_step<B: Backend>(
+    s: &Sampler<B>,
+    x: &mut B::T,
+    cond: &B::T,
+    t: usize,
+) -> anyhow::Result<()> {
+    let b = s.backend;
+    let y = vec![0; b.dims(x)[0]];
+    let eps = s.unet.unet(b, &b.concat(x, cond)?, &vec![t; y.len()], &y)?;
+    b.ddim_invert(x, &eps, DdimCoefs::inversion(&s.abar, t))
+}
+
+/// One guided denoising step at `t` (SPEC 6 step 3), op by op.
+pub fn guided_step<B: Backend>(
+    s: &Sampler<B>,
+    x: &mut B::T,
+    cond: &B::T,
+    t: usize,
+) -> anyhow::Result<()> {
+    let b = s.backend;
+    let y = vec![0; b.dims(x)[0]];
+    let ts = vec![t; y.len()];
+    let eps = s.unet.unet(b, &b.concat(x, cond)?, &ts, &y)?;
+    b.ddim_denoise(x, &eps, DdimCoefs::denoising(&s.abar, t))?;
+    let (_, g) = s.classifier.classifier_grad(b, x, &ts, &y)?;
+    b.axpy(x, s.guidance, &g)
+}
+
+/// The GPU of a `#[gpu_test]`, device 0, described on stdout. The test fails here, saying
+/// why, when no GPU is usable (no driver, no device, a binary built without kernels): a GPU
+/// test never passes without running.
+pub fn gpu() -> Gpu {
+    if let Some(reason) = fcd::backend::cuda::unavailable_reason() {
+        panic!("a GPU test without a usable GPU: {reason}");
+    }
+    let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("{e:#}"));
+    let (major, minor) = gpu.compute_capability();
+    println!(
+        "device: {} (sm_{major}{minor}, {}), NVRTC {}",
+        gpu.name(),
+        gpu.image_kind().label(),
+        kernels::nvrtc_version().unwrap_or("?")
+    );
+    gpu
+}
+
+/// The CUDA backend of a `#[gpu_test]` on [`gpu`]'s device, in precision `p`.
+pub fn cuda(p: Precision) -> Cuda {
+    drop(gpu());
+    Cuda::with_precision(0, p).unwrap_or_else(|e| panic!("{e:#}"))
 }

@@ -11,7 +11,7 @@ pub use conv::CpuConv;
 pub use norm::group_norm_affine;
 
 use super::shapes::{self, nhwc, ConvDims};
-use super::{flag_value, Backend};
+use super::{flag_value, Anomaly, Backend};
 use crate::ddim::{self, DdimCoefs};
 use crate::post;
 use crate::tensor::Tensor;
@@ -391,12 +391,13 @@ impl Backend for CpuRef {
         Tensor::new(shape, post::normalize_batch(&raw.data, h * w)?)
     }
 
-    fn anomaly(&self, x0: &Tensor, xhat: &Tensor, hist_match: bool) -> Result<Tensor> {
+    fn anomaly(&self, x0: &Tensor, xhat: &Tensor, hist_match: bool) -> Result<Anomaly<Tensor>> {
         let shape = shapes::anomaly(&x0.shape, &xhat.shape)?;
         let (_, h, w, _) = nhwc(&shape)?;
-        Tensor::new(
-            shape,
-            post::anomaly_map_batch(&x0.data, &xhat.data, h * w, hist_match)?,
-        )
+        let (map, difference) = post::anomaly_map_batch(&x0.data, &xhat.data, h * w, hist_match)?;
+        Ok(Anomaly {
+            map: Tensor::new(shape.clone(), map)?,
+            difference: Tensor::new(shape, difference)?,
+        })
     }
 }

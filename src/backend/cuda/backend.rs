@@ -32,7 +32,9 @@ use super::igemm::{self, Arith, FusedDims, PackedWeights};
 use super::norm::{NormDims, NormParams};
 use super::{attention_gemm, ddim, flash, norm, ops, post, Gpu};
 use crate::backend::shapes::{self, nhwc};
-use crate::backend::{compose_conv_fused, flag_value, Backend, ConvPost, ConvPre, Resample};
+use crate::backend::{
+    compose_conv_fused, flag_value, Anomaly, Backend, ConvPost, ConvPre, Resample,
+};
 use crate::ddim::DdimCoefs;
 use crate::precision::Precision;
 use crate::tensor::Tensor;
@@ -276,6 +278,25 @@ impl Cuda {
     }
 }
 
+/// The checked dimensions and the parameters of a GroupNorm of `x` (forward or backward).
+fn norm_call<'a>(
+    x: &GpuTensor,
+    gamma: &'a GpuTensor,
+    beta: &'a GpuTensor,
+    ss: Option<&'a GpuTensor>,
+    silu: bool,
+) -> Result<(NormDims, NormParams<'a>)> {
+    let shape = shapes::group_norm(
+        &x.shape,
+        &gamma.shape,
+        &beta.shape,
+        ss.map(|s| &s.shape[..]),
+    )?;
+    let (b, h, w, c) = nhwc(&shape)?;
+    let dims = NormDims { b, hw: h * w, c };
+    Ok((dims, norm_params(gamma, beta, ss, silu)))
+}
+
 /// The device buffers of `Backend::group_norm`'s parameters.
 fn norm_params<'a>(
     gamma: &'a GpuTensor,
@@ -363,21 +384,9 @@ impl Backend for Cuda {
         ss: Option<&GpuTensor>,
         silu: bool,
     ) -> Result<GpuTensor> {
-        let shape = shapes::group_norm(
-            &x.shape,
-            &gamma.shape,
-            &beta.shape,
-            ss.map(|s| &s.shape[..]),
-        )?;
-        let (b, h, w, c) = nhwc(&shape)?;
-        let mut y = self.output("group_norm", shape)?;
-        norm::group_norm(
-            &self.gpu,
-            &x.buf,
-            &mut y.buf,
-            NormDims { b, hw: h * w, c },
-            norm_params(gamma, beta, ss, silu),
-        )?;
+        let (dims, params) = norm_call(x, gamma, beta, ss, silu)?;
+        let mut y = self.output("group_norm", x.shape.clone())?;
+        norm::group_norm(&self.gpu, &x.buf, &mut y.buf, dims, params)?;
         Ok(y)
     }
 
@@ -512,22 +521,9 @@ impl Backend for Cuda {
         dy: &GpuTensor,
     ) -> Result<GpuTensor> {
         shapes::same("group_norm_bwd", &x.shape, &dy.shape)?;
-        let shape = shapes::group_norm(
-            &x.shape,
-            &gamma.shape,
-            &beta.shape,
-            ss.map(|s| &s.shape[..]),
-        )?;
-        let (b, h, w, c) = nhwc(&shape)?;
-        let mut dx = self.output("group_norm_bwd", shape)?;
-        norm::group_norm_bwd(
-            &self.gpu,
-            &x.buf,
-            &dy.buf,
-            &mut dx.buf,
-            NormDims { b, hw: h * w, c },
-            norm_params(gamma, beta, ss, silu),
-        )?;
+        let (dims, params) = norm_call(x, gamma, beta, ss, silu)?;
+        let mut dx = self.output("group_norm_bwd", x.shape.clone())?;
+        norm::group_norm_bwd(&self.gpu, &x.buf, &dy.buf, &mut dx.buf, dims, params)?;
         Ok(dx)
     }
 
@@ -645,19 +641,18 @@ impl Backend for Cuda {
         Ok(y)
     }
 
-    fn anomaly(&self, x0: &GpuTensor, xhat: &GpuTensor, hist_match: bool) -> Result<GpuTensor> {
+    fn anomaly(
+        &self,
+        x0: &GpuTensor,
+        xhat: &GpuTensor,
+        hist_match: bool,
+    ) -> Result<Anomaly<GpuTensor>> {
         let shape = shapes::anomaly(&x0.shape, &xhat.shape)?;
         let (b, h, w, _) = nhwc(&shape)?;
-        let mut y = self.output("anomaly", shape)?;
-        post::anomaly(
-            &self.gpu,
-            &x0.buf,
-            &xhat.buf,
-            &mut y.buf,
-            b,
-            h * w,
-            hist_match,
-        )?;
-        Ok(y)
+        let mut map = self.output("anomaly", shape.clone())?;
+        let mut difference = self.output("anomaly", shape)?;
+        let outs = (&mut map.buf, &mut difference.buf);
+        post::anomaly(&self.gpu, &x0.buf, &xhat.buf, outs, b, h * w, hist_match)?;
+        Ok(Anomaly { map, difference })
     }
 }

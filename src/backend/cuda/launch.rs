@@ -203,8 +203,8 @@ declare_kernels! {
         x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, status: &mut CudaSlice<u32>, hw: u64,
     );
     post_anomaly in "post": (
-        x0: &CudaSlice<f32>, xhat: &CudaSlice<f32>, out: &mut CudaSlice<f32>, hw: u64,
-        hist_match: i32,
+        x0: &CudaSlice<f32>, xhat: &CudaSlice<f32>, out: &mut CudaSlice<f32>,
+        diff: &mut CudaSlice<f32>, hw: u64, hist_match: i32,
     );
 
     softmax_rows in "softmax": (s: &mut CudaSlice<f32>, t: u32);
@@ -423,7 +423,12 @@ mod tests {
             modules.extend(self::modules(&dir.join("lab")));
             all.extend(super::lab::TABLE);
         }
-        let table = |m: &str| all.iter().copied().filter(move |e| e.2 == m).collect::<Vec<_>>();
+        let table = |m: &str| {
+            all.iter()
+                .copied()
+                .filter(move |e| e.2 == m)
+                .collect::<Vec<_>>()
+        };
         let as_strings = |ps: &[(&str, &str)]| -> Vec<(String, String)> {
             ps.iter()
                 .map(|(n, t)| (n.to_string(), t.replace(' ', "")))
@@ -435,7 +440,9 @@ mod tests {
             let found = kernels(&src);
             assert!(!found.is_empty(), "{m}.cu: no kernels found");
             for (kernel, ps) in &found {
-                let fits = table(m).iter().any(|e| (e.0 == kernel || e.1) && as_strings(e.3) == *ps);
+                let fits = table(m)
+                    .iter()
+                    .any(|e| (e.0 == kernel || e.1) && as_strings(e.3) == *ps);
                 assert!(
                     fits,
                     "{m}.cu: kernel {kernel}{ps:?} has no entry in the launch table with its parameters"

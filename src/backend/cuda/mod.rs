@@ -251,7 +251,13 @@ impl Gpu {
 
     /// Fails unless `buf` holds `len` elements on this Gpu's stream: the
     /// one length check of the launchers, which tests call with wrong sizes.
-    pub(crate) fn expect_len<T>(&self, op: &str, what: &str, buf: &CudaSlice<T>, len: usize) -> Result<()> {
+    pub(crate) fn expect_len<T>(
+        &self,
+        op: &str,
+        what: &str,
+        buf: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<()> {
         ensure!(
             buf.len() == len,
             "{op}: {what} has {} elements, expected {len}",

@@ -60,12 +60,13 @@ pub fn normalize(
 
 /// `crate::post::anomaly_map_batch` on `b` slices of `hw` pixels: the anomaly
 /// map of each FLAIR slice of `x0` against its pseudo-healthy slice of `xhat`,
-/// histogram-matched first when `hist_match`.
+/// histogram-matched first when `hist_match`, into `out`, and the difference
+/// it normalises into `diff`.
 pub fn anomaly(
     gpu: &Gpu,
     x0: &CudaSlice<f32>,
     xhat: &CudaSlice<f32>,
-    out: &mut CudaSlice<f32>,
+    (out, diff): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
     b: usize,
     hw: usize,
     hist_match: bool,
@@ -74,11 +75,12 @@ pub fn anomaly(
     gpu.expect_len("anomaly", "x0", x0, n)?;
     gpu.expect_len("anomaly", "xhat", xhat, n)?;
     gpu.expect_len("anomaly", "out", out, n)?;
+    gpu.expect_len("anomaly", "diff", diff, n)?;
     if b == 0 {
         return Ok(());
     }
-    let p = (x0, xhat, out, hw as u64, i32::from(hist_match));
-    // SAFETY: the three buffers hold b * hw floats and block i touches slice
+    let p = (x0, xhat, out, diff, hw as u64, i32::from(hist_match));
+    // SAFETY: the four buffers hold b * hw floats and block i touches slice
     // i only.
     unsafe { launch::post_anomaly(gpu, slice_config(b)?, p) }
 }

@@ -13,7 +13,7 @@ use crate::backend::cuda::attention::AttnDims;
 use crate::backend::cuda::backend::{Cuda, GpuTensor};
 use crate::backend::cuda::conv_plan::F32Conv;
 use crate::backend::shapes::{self, nhwc, ConvDims};
-use crate::backend::Backend;
+use crate::backend::{Anomaly, Backend};
 use crate::ddim::DdimCoefs;
 use crate::precision::Precision;
 use crate::tensor::Tensor;
@@ -245,7 +245,12 @@ impl Backend for CudaRef {
         self.fast.normalize(raw)
     }
 
-    fn anomaly(&self, x0: &GpuTensor, xhat: &GpuTensor, hist_match: bool) -> Result<GpuTensor> {
+    fn anomaly(
+        &self,
+        x0: &GpuTensor,
+        xhat: &GpuTensor,
+        hist_match: bool,
+    ) -> Result<Anomaly<GpuTensor>> {
         self.fast.anomaly(x0, xhat, hist_match)
     }
 }

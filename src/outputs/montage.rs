@@ -2,7 +2,7 @@
 //! resolution, with the strongest peaks ringed and numbered by rank and each tile's slice
 //! index in its corner.
 
-use crate::digits;
+use super::digits;
 use anyhow::{bail, ensure, Result};
 use image::{GenericImage, RgbImage};
 
@@ -207,7 +207,7 @@ impl Style {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::overlay::{self, OUTLINE};
+    use crate::outputs::overlay::{self, OUTLINE};
 
     /// A grey overlay of `w` x `h`.
     fn grey(w: u32, h: u32) -> RgbImage {
