@@ -1,5 +1,5 @@
 //! The arithmetic a run uses for its matrix products. GroupNorm statistics,
-//! softmax and the sampler state stay float32 in every mode (DESIGN.md).
+//! softmax and the sampler state stay float32 in every mode.
 
 use std::fmt;
 

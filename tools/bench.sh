@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's throughput report, taken in one device call: runs on the lent GPU
+# The throughput report, engine and PyTorch peer in one run: runs on a GPU
 # machine from the repository root, with .device/ made by tools/gpu_pack.sh
 # carried along. The engine (`fcd bench`) and the PyTorch peer
 # (benches/pytorch_peer.py) run the same sampler on the same GPU, one after

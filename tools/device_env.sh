@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced, not run, by tools/gpu_check.sh and tools/device_run.sh on the lent
+# Sourced, not run, by tools/gpu_check.sh and tools/device_run.sh on a
 # GPU machine, from the repository root, once the .device/ of
 # tools/gpu_pack.sh is unpacked there. It changes no shell option and leaves
 # no variable behind.

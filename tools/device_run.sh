@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# One device call for the whole GPU picture of a commit: op tests, the conv
-# kernel tournament, network and sampler tests, `fcd bench` in every
+# The whole GPU picture of a commit in one run of about 8 minutes: op tests,
+# the conv kernel tournament, network and sampler tests, `fcd bench` in every
 # precision, the PyTorch peer, memcheck on the op tests and one ncu look at
-# the top conv kernel. Runs on the lent GPU machine from the repository root,
-# with .device/ from tools/gpu_pack.sh unpacked. Every stage has its own time
-# limit (together 450 s, inside the 8-minute call with room for unpacking and
-# the report); one that fails or runs out of time does not stop the next.
+# the top conv kernel. Runs on a GPU machine from the repository root, with
+# .device/ from tools/gpu_pack.sh unpacked. Every stage has its own time
+# limit (together 450 s, with room for unpacking and the report in 8
+# minutes); one that fails or runs out of time does not stop the next.
 #
-# How to run it:
-#   here:   bash tools/gpu_pack.sh                  # builds; writes .device.tar.xz
-#   device: run(command="tar xJf .device.tar.xz && bash tools/device_run.sh",
-#               carry=[".device.tar.xz"], timeout_s=480)
+# How to run it (docs/gpu.md):
+#   build machine: bash tools/gpu_pack.sh           # writes .device.tar.xz
+#   GPU machine:   tar xJf .device.tar.xz && bash tools/device_run.sh
 #   Read bench.json first (commit, GPU, stages, bench lines, test counts),
 #   stages.json for what failed or timed out, op_tests.log, and the other
 #   logs in logs.tar.gz (tar xzf). Some stages alone: STAGES="bench peer"
@@ -51,11 +50,11 @@ if [ "$COMPILE" = 1 ]; then : "${LIMIT_PEER:=400}"; else : "${LIMIT_PEER:=40}"; 
 : "${LIMIT_MEMCHECK:=50}"
 : "${LIMIT_NCU:=30}"
 
-# The device tool brings back at most 8 files from $OUT, so $OUT holds
-# only 7: stages.json, bench.json, bench.jsonl, kernels.json, op_tests.log,
-# ncu.csv and logs.tar.gz. Every other log and raw output (the ncu report
-# too) lives in $WORK and travels back packed as logs.tar.gz, repacked
-# after each stage so that a call killed part-way still returns what ran.
+# $OUT holds 7 files, few enough to copy back from any remote runner:
+# stages.json, bench.json, bench.jsonl, kernels.json, op_tests.log, ncu.csv
+# and logs.tar.gz. Every other log and raw output (the ncu report too) lives
+# in $WORK and travels back packed as logs.tar.gz, repacked after each stage
+# so that a run killed part-way still leaves what ran.
 WORK=$(mktemp -d /tmp/device-run.XXXXXX)
 mkdir -p "$OUT" "$WORK/logs"
 rm -f "$OUT/stages.json" "$OUT/bench.json" "$OUT/kernels.json" "$OUT/ncu.csv" "$OUT/logs.tar.gz"

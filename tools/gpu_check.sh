@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine, from the repository root, with .device/ made
+# Runs on a GPU machine, from the repository root, with .device/ made
 # by tools/gpu_pack.sh carried along: every test executable, the GPU tests
 # under compute-sanitizer (memcheck, racecheck), and the full-configuration
 # check; writes $OUT/gpu-tests.json and the logs.

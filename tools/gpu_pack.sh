@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Builds the release binaries, the test executables and the GPU benches with
-# kernels, copies them stripped into .device/ (git-ignored), and packs that
-# into .device.tar.xz for the lent GPU machine: every executable embeds the
-# same kernel images, which xz's 64 MiB window stores once, so the archive
-# fits the device tool's carry limit where the folder does not. There:
+# Builds the release binary (with the lab: the kernel tournament), the test
+# executables and the GPU benches with kernels, copies them stripped into
+# .device/ (git-ignored), and packs that into .device.tar.xz for a GPU machine
+# that does not build: every executable embeds the same kernel images, which
+# xz's 64 MiB window stores once, so the archive is a fraction of the folder.
+# Works from a fresh clone (it installs NVRTC into .venv). On the GPU machine,
+# in a checkout of the same commit (docs/gpu.md):
 #   tar xJf .device.tar.xz && bash tools/device_run.sh   (or tools/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash .ci/cuda_wheels.sh
 source .ci/env.sh
 export FCD_REQUIRE_KERNELS=1
 rm -rf .device && mkdir -p .device/tests
-cargo build --release --bins
+cargo build --release --bins --features lab
 cp target/release/fcd .device/fcd
 cargo test --release --no-run --message-format=json |
     python3 -c '
