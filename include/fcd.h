@@ -57,7 +57,8 @@ struct FcdEngine *fcd_engine_new(const char *config,
 size_t fcd_engine_image_size(const struct FcdEngine *engine);
 
 // Detection on `slices` slices of `height` x `width` (the engine's image size), FLAIR and T1
-// raw intensities, each slice normalised on its own.
+// raw intensities, each slice normalised on its own. Other sizes, or more than 2^30 values,
+// are refused before any buffer is read.
 //
 // `seed` seeds the initial noise; `steps` is the noise level N (0: the config's);
 // `guidance` the classifier scale (NaN: the config's); `hist_match` histogram-matches the

@@ -6,9 +6,9 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
-    let result = fcd::io::atomic::install_signal_handlers()
-        .and_then(|()| cli::run(args))
-        .and_then(|()| fcd::io::atomic::interrupted());
+    // A run that finished is a success, whatever signal came during its last steps: its
+    // outputs are complete.
+    let result = fcd::io::atomic::install_signal_handlers().and_then(|()| cli::run(args));
     if let Err(e) = result {
         // One line, whatever names from the files the message quotes.
         eprintln!("error: {}", fcd::io::one_line(&e));

@@ -344,7 +344,7 @@ fn eval_png_dataset_reports_bad_cases_and_resumes() {
     // A partial line left by a killed run is dropped, not an error.
     let mut text = first.join("\n") + "\n";
     std::fs::write(&records, text.clone() + "{\"id\":\"p0").unwrap();
-    let r = eval(&data, &out, &[]);
+    let r = eval(&data, &out, &["--save-maps"]);
     assert_ok(&r);
     assert!(stdout(&r).contains("evaluated 0 slices"), "{}", stdout(&r));
     assert_eq!(std::fs::read_to_string(&records).unwrap(), text);
@@ -575,7 +575,7 @@ fn eval_nifti_subjects_over_a_slice_range() {
     assert_metrics_match(&out, &ids, &masks);
 
     // Resuming a NIfTI run does nothing more.
-    let r = eval(&data, &out, &["--slices", "4:6"]);
+    let r = eval(&data, &out, &["--slices", "4:6", "--save-maps"]);
     assert_ok(&r);
     assert!(
         stdout(&r).contains("evaluated 0 slices (6 recorded earlier)"),

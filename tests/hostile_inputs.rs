@@ -414,8 +414,9 @@ fn a_blocked_output_moves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
     std::fs::create_dir_all(out.join("summary.json")).unwrap();
+    // A folder fcd did not write is not replaced, and it is said before any work.
     let r = detect(&fixture("config_small.yaml"), &out, &[]);
-    assert_one_line_error(&r, &["summary.json", "is a directory"]);
+    assert_one_line_error(&r, &["o", "holds files fcd did not write"]);
     let left: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -21,7 +21,14 @@ pub use status::{fcd_last_error, FcdStatus};
 /// handle; calls on one handle run one at a time.
 pub struct FcdEngine {
     engine: Mutex<Engine>,
+    /// The config's `image_size`, read without the lock: sizes are checked before a call
+    /// waits for the engine or reads a caller's buffer.
+    image_size: usize,
 }
+
+/// The most values one input buffer may hold: 2^30, 4 GiB of float32. Checked from the sizes
+/// before a buffer is read, as a bound on what one call allocates.
+const MAX_VALUES: usize = 1 << 30;
 
 /// Loads an engine. `config`: the diffusion YAML; `unet`: the UNet checkpoint; `classifier`:
 /// its checkpoint, or NULL for the config's `ckpt_path`; `device`: "auto", "cpu" or "cuda"
@@ -60,8 +67,10 @@ pub unsafe extern "C" fn fcd_engine_new(
             Some(c) => builder.classifier(c),
             None => builder,
         };
+        let built = builder.build()?;
         let loaded = FcdEngine {
-            engine: Mutex::new(builder.build()?),
+            image_size: built.config().unet.image_size,
+            engine: Mutex::new(built),
         };
         engine = Box::into_raw(Box::new(loaded));
         Ok(())
@@ -79,14 +88,15 @@ pub unsafe extern "C" fn fcd_engine_image_size(engine: *const FcdEngine) -> usiz
     let mut size = 0;
     call(|| {
         let engine = engine.as_ref().ok_or_else(|| invalid("engine is NULL"))?;
-        size = lock(engine).config().unet.image_size;
+        size = engine.image_size;
         Ok(())
     });
     size
 }
 
 /// Detection on `slices` slices of `height` x `width` (the engine's image size), FLAIR and T1
-/// raw intensities, each slice normalised on its own.
+/// raw intensities, each slice normalised on its own. Other sizes, or more than 2^30 values,
+/// are refused before any buffer is read.
 ///
 /// `seed` seeds the initial noise; `steps` is the noise level N (0: the config's);
 /// `guidance` the classifier scale (NaN: the config's); `hist_match` histogram-matches the
@@ -116,13 +126,20 @@ pub unsafe extern "C" fn fcd_detect(
 ) -> FcdStatus {
     call(|| {
         let engine = engine.as_ref().ok_or_else(|| invalid("engine is NULL"))?;
+        let size = engine.image_size;
+        if (height, width) != (size, size) {
+            return Err(invalid(format!(
+                "slices of {height} x {width}: the engine takes {size} x {size}"
+            )));
+        }
         let n = slices
             .checked_mul(height)
             .and_then(|n| n.checked_mul(width))
-            .filter(|&n| n > 0)
+            .filter(|&n| n > 0 && n <= MAX_VALUES)
             .ok_or_else(|| {
                 invalid(format!(
-                    "{slices} slices of {height} x {width}: not a positive size"
+                    "{slices} slices of {height} x {width}: not a positive size of at most \
+                     {MAX_VALUES} values"
                 ))
             })?;
         let input = |p: *const f32, what: &str| -> Result<Tensor, Failure> {

@@ -102,15 +102,22 @@ class VolumeDetection:
         Raises FcdError on a failure (nothing is left in ``dir``)."""
 
 class Engine:
-    """The diffusion config and both networks, loaded once on a device."""
+    """The diffusion config and both networks, loaded once on a device.
+
+    Every bad argument of every method (a wrong type, None where a value is needed, an
+    integer out of range, an array of the wrong shape or of more than 2**30 values) raises
+    FcdError, a ValueError. None is the default of every optional argument. A call from
+    inside the progress callback of a call on the same engine raises FcdError ("the engine
+    is busy"); calls from other threads wait their turn, answering Ctrl-C meanwhile.
+    """
 
     def __init__(
         self,
         config: _Path,
         unet: _Path,
         classifier: Optional[_Path] = None,
-        device: str = "auto",
-        precision: str = "fp32",
+        device: Optional[str] = "auto",
+        precision: Optional[str] = "fp32",
     ) -> None: ...
     @property
     def device(self) -> str: ...
@@ -123,9 +130,9 @@ class Engine:
         *,
         steps: Optional[int] = None,
         guidance: Optional[float] = None,
-        seed: int = 0,
+        seed: Optional[int] = 0,
         noise: Optional[_Floats] = None,
-        hist_match: bool = True,
+        hist_match: Optional[bool] = True,
         batch: Optional[int] = None,
         progress: Optional[_Progress] = None,
     ) -> Detection: ...
@@ -134,14 +141,14 @@ class Engine:
         flair: _Floats,
         t1: _Floats,
         *,
-        slices: Tuple[int, int] = (75, 125),
+        slices: Optional[Tuple[int, int]] = (75, 125),
         mask: Optional[npt.ArrayLike] = None,
         affine: Optional[Union[npt.ArrayLike, Sequence[Sequence[float]]]] = None,
         steps: Optional[int] = None,
         guidance: Optional[float] = None,
-        seed: int = 0,
+        seed: Optional[int] = 0,
         noise: Optional[_Floats] = None,
-        hist_match: bool = True,
+        hist_match: Optional[bool] = True,
         batch: Optional[int] = None,
         progress: Optional[_Progress] = None,
     ) -> VolumeDetection: ...

@@ -18,31 +18,71 @@ enum Order {
     Fortran,
 }
 
-/// Slices `(H, W)`, `(B, H, W)` or `(B, 1, H, W)`, float32 or float64, as the engine's
-/// `[B, H, W, 1]`.
-pub fn slices(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
-    let (shape, data) = floats(obj, what, Order::C)?;
-    let slices = match *shape.as_slice() {
-        [h, w] => vec![1, h, w, 1],
-        [b, h, w] | [b, 1, h, w] => vec![b, h, w, 1],
-        _ => {
-            return Err(error(format!(
-                "{what}: an array of shape {}; expected (H, W), (B, H, W) or (B, 1, H, W)",
-                tuple(&shape)
-            )))
+/// The most values one array argument may hold: 2^30, 4 GiB as float32. Checked from the
+/// shape, before anything is copied, so that a huge view (a zero-stride `as_strided` of one
+/// float, say) is refused rather than copied.
+const MAX_VALUES: usize = 1 << 30;
+
+/// Slices `(H, W)`, `(B, H, W)` or `(B, 1, H, W)` with `H = W = size`, float32 or float64,
+/// as the engine's `[B, H, W, 1]`.
+pub fn slices(obj: &Bound<'_, PyAny>, what: &str, size: usize) -> PyResult<Tensor> {
+    let shape = checked_shape(obj, what, |shape| {
+        let (b, h, w) = match *shape {
+            [h, w] => (1, h, w),
+            [b, h, w] | [b, 1, h, w] => (b, h, w),
+            _ => return Err("expected (H, W), (B, H, W) or (B, 1, H, W)".to_string()),
+        };
+        if (h, w) != (size, size) {
+            return Err(format!(
+                "expected slices of {size} x {size} (the engine's image_size)"
+            ));
         }
-    };
-    Tensor::new(slices, data).map_err(crate::engine_error)
+        Ok(vec![b, h, w, 1])
+    })?;
+    let (_, data) = floats(obj, what, Order::C)?;
+    Tensor::new(shape, data).map_err(crate::engine_error)
 }
 
 /// A volume `(x, y, z)`, float32 or float64, named `what` in messages.
 pub fn volume(obj: &Bound<'_, PyAny>, what: &str, affine: [[f64; 4]; 4]) -> PyResult<Volume> {
+    checked_shape(obj, what, volume_shape)?;
     let (shape, data) = floats(obj, what, Order::Fortran)?;
     on_grid(shape, data, what, affine)
 }
 
+/// A volume's shape, `(x, y, z)`.
+fn volume_shape(shape: &[usize]) -> Result<Vec<usize>, String> {
+    match shape {
+        [_, _, _] => Ok(shape.to_vec()),
+        _ => Err("expected a volume (x, y, z)".to_string()),
+    }
+}
+
+/// The shape `accept` makes of a numpy array's shape, refused (in one line naming `what`)
+/// when `accept` refuses it or it holds more than [`MAX_VALUES`], before any copy. Objects
+/// that are not numpy arrays pass through (their conversion says what is wrong with them).
+fn checked_shape(
+    obj: &Bound<'_, PyAny>,
+    what: &str,
+    accept: impl Fn(&[usize]) -> Result<Vec<usize>, String>,
+) -> PyResult<Vec<usize>> {
+    let Ok(a) = obj.cast::<PyUntypedArray>() else {
+        return Ok(Vec::new());
+    };
+    let shape = a.shape();
+    let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if n.is_none_or(|n| n > MAX_VALUES) {
+        return Err(error(format!(
+            "{what}: an array of shape {} holds more than {MAX_VALUES} values",
+            tuple(shape)
+        )));
+    }
+    accept(shape).map_err(|why| error(format!("{what}: an array of shape {}; {why}", tuple(shape))))
+}
+
 /// A lesion mask `(x, y, z)` of any numeric or boolean dtype (`> 0` is lesion).
 pub fn mask(obj: &Bound<'_, PyAny>, affine: [[f64; 4]; 4]) -> PyResult<Volume> {
+    checked_shape(obj, "mask", volume_shape)?;
     let m: PyArrayLikeDyn<'_, f32, AllowTypeChange> = obj.extract().map_err(|_| {
         error(format!(
             "mask: expected a numeric numpy array, got {}",

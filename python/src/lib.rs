@@ -1,6 +1,7 @@
 //! `fcd._fcd`, the extension module behind the Python package `fcd` (python/fcd/): the
 //! engine, its results, and `FcdError`. A thin layer over `fcd::engine`.
 
+mod args;
 mod arrays;
 mod engine;
 mod results;

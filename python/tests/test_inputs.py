@@ -59,7 +59,7 @@ def test_options_are_used(engine, flair, t1):
     "change, message",
     [
         (lambda f, t: (np.where(f == f.max(), np.nan, f), t), "non-finite value"),
-        (lambda f, t: (f[..., :16, :16], t[..., :16, :16]), "image_size is 32"),
+        (lambda f, t: (f[..., :16, :16], t[..., :16, :16]), "expected slices of 32 x 32"),
         (lambda f, t: (np.concatenate([f, f], 1), t), r"expected \(H, W\), \(B, H, W\)"),
         (lambda f, t: (f[0, 0, 0], t[0, 0, 0]), r"an array of shape \(32,\)"),
         (lambda f, t: (f.astype(np.int32), t), "float32 or float64 numpy array, got an array"),
@@ -79,9 +79,10 @@ def test_bad_slices_raise_the_message(engine, flair, t1, change, message):
     [
         ({"noise": np.zeros((1, 32, 32), np.float32)}, "noise of shape"),
         ({"noise": np.full((2, 32, 32), np.inf, np.float32)}, "non-finite noise"),
-        ({"steps": 0}, "--steps 0 must be in 1..=1000"),
+        ({"steps": 0}, r"steps: 0 is out of range 1\.\."),
+        ({"steps": 5000}, "--steps 5000 must be in 1..=1000"),
         ({"guidance": float("nan")}, "not a finite number"),
-        ({"batch": 0}, "at least 1 slice"),
+        ({"batch": 0}, r"batch: 0 is out of range 1\.\."),
         ({"progress": 3}, "progress: expected a callable, got a int"),
     ],
 )

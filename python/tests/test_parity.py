@@ -75,7 +75,7 @@ def test_save_writes_the_command_lines_files(engine, flair, t1, cli, tmp_path):
     det.save(out)
     pseudo_healthy, anomaly, summary = cli(seed=7)
     assert sorted(p.name for p in out.iterdir()) == [
-        "anomaly.npy", "pseudo_healthy.npy", "summary.json"
+        ".fcd-output", "anomaly.npy", "pseudo_healthy.npy", "summary.json"
     ]
     assert np.array_equal(np.load(out / "pseudo_healthy.npy"), pseudo_healthy)
     assert np.array_equal(np.load(out / "anomaly.npy"), anomaly)
@@ -93,8 +93,8 @@ def test_volume_save_writes_maps_overlays_and_montage(engine, flair, t1, tmp_pat
     det.save(out)
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert names == [
-        "anomaly.nii.gz", "montage.png", "overlays/slice_000.png", "overlays/slice_001.png",
-        "pseudo_healthy.nii.gz", "summary.json",
+        ".fcd-output", "anomaly.nii.gz", "montage.png", "overlays/slice_000.png",
+        "overlays/slice_001.png", "pseudo_healthy.nii.gz", "summary.json",
     ]
     summary = json.loads((out / "summary.json").read_text())
     assert [(p["slice"], p["voxel_x"], p["voxel_y"]) for p in summary["peaks"]] == [

@@ -84,6 +84,9 @@ pub fn run(args: DetectArgs) -> Result<()> {
 
     // Fail on an unwritable output before the long part, not after it.
     let output = Output::create(&args.out)?;
+    for line in output.recovered() {
+        eprintln!("note: {line}");
+    }
 
     let bar = super::progress_bar("{msg:>10} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})")?;
     let mut progress = |p: Progress| {

@@ -232,6 +232,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 bar.set_length(bar.length().unwrap_or(0).saturating_sub(slices as u64));
             }
             Event::Done { slices } => bar.inc(slices as u64),
+            Event::Note(note) => bar.suspend(|| eprintln!("note: {note}")),
         },
     };
     let report = eval::run(maps, &job);

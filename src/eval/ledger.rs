@@ -12,6 +12,7 @@ use crate::metrics::Evaluation;
 use crate::precision::Precision;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,11 @@ pub(super) fn run_key(maps: &Maps, job: &Job) -> Result<Value> {
         // Diffusion runs keep the key they had before the baseline existed.
         Maps::Flair { .. } => key["anomaly_map"] = json!(FLAIR),
     }
+    // What a run writes is part of what it is: a resumed run without the maps of the slices
+    // done before would look complete. Runs without maps keep their earlier key.
+    if job.save_maps {
+        key["save_maps"] = json!(true);
+    }
     Ok(serde_json::from_str(&key.to_string())?)
 }
 
@@ -101,16 +107,19 @@ pub(super) fn earlier_records(out: &Path, key: &Value) -> Result<(Vec<Row>, Opti
         return Ok((Vec::new(), None));
     };
     if &old != key {
-        let differ: Vec<String> = key
+        let none = Value::Null;
+        let names: BTreeSet<&String> = key
             .as_object()
             .into_iter()
-            .flatten()
-            .filter(|(k, v)| old.get(k.as_str()) != Some(v))
-            .map(|(k, v)| {
-                format!(
-                    "{k} {} (now {v})",
-                    old.get(k.as_str()).unwrap_or(&Value::Null)
-                )
+            .chain(old.as_object())
+            .flat_map(|m| m.keys())
+            .collect();
+        let differ: Vec<String> = names
+            .into_iter()
+            .filter(|k| old.get(k.as_str()) != key.get(k.as_str()))
+            .map(|k| {
+                let was = old.get(k.as_str()).unwrap_or(&none);
+                format!("{k} {was} (now {})", key.get(k.as_str()).unwrap_or(&none))
             })
             .collect();
         bail!(
@@ -133,7 +142,9 @@ pub(super) fn read_records(dir: &Path) -> Result<(Vec<Row>, Option<u64>)> {
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let text = std::str::from_utf8(&bytes[..complete])
         .with_context(|| format!("{}: not UTF-8 text", rec_path.display()))?;
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    // Each slice's place in `rows` and its line.
+    let mut seen: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -148,6 +159,21 @@ pub(super) fn read_records(dir: &Path) -> Result<(Vec<Row>, Option<u64>)> {
                     i + 1
                 )
             })?;
+        if let Some(&(at, first)) = seen.get(&row.id) {
+            // One writer per folder makes a repeat impossible; a folder that has one was
+            // written by two runs at once, or edited.
+            ensure!(
+                rows[at] == row,
+                "{} line {}: slice {} recorded again, differently from line {}: the records \
+                 of two runs are mixed (use --restart, or a new --out)",
+                rec_path.display(),
+                i + 1,
+                row.id,
+                first
+            );
+            continue;
+        }
+        seen.insert(row.id.clone(), (rows.len(), i + 1));
         rows.push(row);
     }
     let truncate = (complete < bytes.len()).then_some(complete as u64);

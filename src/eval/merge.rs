@@ -8,8 +8,9 @@
 use super::ledger;
 use super::rows::Row;
 use super::shard::{Shard, SHARDS_DIR};
-use super::{expected_ids, RUN_FILE};
+use super::{expected_ids, LOCK_FILE, RUN_FILE};
 use crate::io::dataset::{self, Problem};
+use crate::io::lock::FolderLock;
 use crate::metrics::{self, Evaluation};
 use crate::slices::SliceRange;
 use anyhow::{bail, ensure, Context, Result};
@@ -162,6 +163,20 @@ pub fn status(out: &Path) -> Result<Vec<ShardStatus>> {
 /// Writes slices.csv and metrics.json of the sharded evaluation in `out` from its shards,
 /// which must all be complete.
 pub fn merge(out: &Path) -> Result<Merged> {
+    // The folder's and every shard's lock, held to the end: no shard runs while its
+    // records are merged, and no second merge or one-process run writes here.
+    let mut locks = vec![FolderLock::acquire(&out.join(LOCK_FILE), out)?];
+    let root = out.join(SHARDS_DIR);
+    if root.is_dir() {
+        for entry in fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))? {
+            let dir = entry
+                .with_context(|| format!("reading {}", root.display()))?
+                .path();
+            if dir.is_dir() {
+                locks.push(FolderLock::acquire(&dir.join(LOCK_FILE), &dir)?);
+            }
+        }
+    }
     ensure!(
         !out.join(RUN_FILE).exists(),
         "{} holds a one-process run ({RUN_FILE}); merging shards there would overwrite its results",

@@ -35,7 +35,9 @@ pub use shard::{Shard, SHARDS_DIR};
 
 use crate::engine::{Engine, Weights};
 use crate::io::absolute;
+use crate::io::atomic;
 use crate::io::dataset::{self, Case, Problem};
+use crate::io::lock::FolderLock;
 use crate::metrics::{self, Evaluation};
 use crate::precision::Precision;
 use crate::slices::SliceRange;
@@ -52,6 +54,8 @@ pub const RECORDS_FILE: &str = "records.jsonl";
 pub const SLICES_FILE: &str = "slices.csv";
 pub const METRICS_FILE: &str = "metrics.json";
 pub const MAPS_DIR: &str = "maps";
+/// The lock file of a ledger's folder (one writer per folder, `crate::io::lock`).
+pub const LOCK_FILE: &str = ".fcd.lock";
 
 /// What the results depend on, besides the inputs and the anomaly maps' source.
 #[derive(Clone, Debug, PartialEq)]
@@ -147,6 +151,8 @@ pub enum Event<'a> {
     },
     /// `slices` more slices were evaluated and recorded.
     Done { slices: usize },
+    /// Something the user should know that does not stop the run.
+    Note(&'a str),
 }
 
 /// What a run did.
@@ -197,6 +203,11 @@ pub fn run(mut maps: Maps, job: &Job) -> Result<Report> {
         ds.problems.retain(|p| shard.owns(&p.id));
     }
     let dir = job.dir();
+    // Held to the end: no other process reads or writes this ledger meanwhile.
+    let _lock = FolderLock::acquire(&dir.join(LOCK_FILE), &dir)?;
+    for line in atomic::recover(&dir)? {
+        (job.events)(Event::Note(&line));
+    }
     let key = ledger::run_key(&maps, job)?;
     let (mut rows, truncate) = earlier_rows(job, &dir, &ds.cases, &key)?;
     let earlier = rows.len();
@@ -285,11 +296,12 @@ fn earlier_rows(
     let (kept, stale): (Vec<Row>, Vec<Row>) =
         old_rows.into_iter().partition(|r| expected.contains(&r.id));
     if !stale.is_empty() {
-        eprintln!(
-            "note: {} records of slices no longer in {} are left out of the metrics",
+        let note = format!(
+            "{} records of slices no longer in {} are left out of the metrics",
             stale.len(),
             job.data.display()
         );
+        (job.events)(Event::Note(&note));
     }
     Ok((
         kept.into_iter().map(|r| (r.id.clone(), r)).collect(),

@@ -1,7 +1,7 @@
 //! Atomic output: a file is either absent or complete, and a failed run adds nothing to its
 //! output directory.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::fs;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
@@ -50,9 +50,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     interrupted()
 }
 
-/// Files of one run, written into a hidden staging directory next to the target directory and
-/// moved into the target only by [`Staged::commit`]. Dropping an uncommitted `Staged` deletes
-/// the staging directory, so a failed run leaves no half-written output behind.
+/// A folder of outputs, written into a hidden staging folder beside its final place and
+/// moved there whole by [`Staged::commit`]: the folder appears complete under its name in
+/// one rename, or not at all. Dropping an uncommitted `Staged` deletes the staging folder.
+///
+/// A folder it replaces must be one it wrote (it holds [`MARKER`]) or empty: it is swapped
+/// with the new one in one atomic exchange where the file system offers it (Linux's
+/// `renameat2`), else renamed aside first and removed after. A crash leaves the complete old
+/// folder or the complete new one under the name (in the second case, for the instant
+/// between the two renames, the old one aside, which [`recover`] puts back), and leftovers
+/// beside it that the next run on the folder removes ([`recover`]).
 #[derive(Debug)]
 pub struct Staged {
     target: PathBuf,
@@ -62,27 +69,47 @@ pub struct Staged {
     _live: Live,
 }
 
+/// The file every folder [`Staged`] commits holds: what makes an existing folder one fcd
+/// may replace.
+pub const MARKER: &str = ".fcd-output";
+
+/// The kinds of leftovers a killed run leaves beside a folder `name`: `.name.staging-*`
+/// (a folder never committed) and `.name.replaced-*` (a replaced folder not yet removed).
+const STAGING: &str = "staging";
+const REPLACED: &str = "replaced";
+
+fn sibling(target: &Path, kind: &str) -> Result<PathBuf> {
+    let name = target
+        .file_name()
+        .with_context(|| format!("{}: not a directory path", target.display()))?;
+    Ok(parent_dir(target).join(format!(
+        ".{}.{kind}-{}",
+        name.to_string_lossy(),
+        unique_suffix()
+    )))
+}
+
 impl Staged {
-    /// Starts staging output for the directory `target` (which need not exist yet).
+    /// Starts staging the folder `target` (which need not exist yet); fails at once when
+    /// `target` exists and is not a folder fcd may replace.
     pub fn new(target: &Path) -> Result<Self> {
-        let name = target
-            .file_name()
-            .with_context(|| format!("{}: not a directory path", target.display()))?;
         let parent = parent_dir(target);
         fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+        check_replaceable(target)?;
         let live = Live::new();
-        let staging = parent.join(format!(
-            ".{}.staging-{}",
-            name.to_string_lossy(),
-            unique_suffix()
-        ));
+        let staging = sibling(target, STAGING)?;
         fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
-        Ok(Self {
+        let mut staged = Self {
             target: target.to_path_buf(),
             staging,
             files: Vec::new(),
             _live: live,
-        })
+        };
+        staged.write(
+            MARKER,
+            b"written by fcd; the folder is replaced whole by the next run\n",
+        )?;
+        Ok(staged)
     }
 
     /// The directory the files will end up in.
@@ -115,95 +142,36 @@ impl Staged {
         Ok(())
     }
 
-    /// Moves every staged file into the target directory (replacing files of the same name)
-    /// and removes the staging directory. Every destination is checked before anything moves;
-    /// should a move still fail, the files moved before it are taken back and the files they
-    /// replaced restored, so the target is as it was.
-    pub fn commit(self) -> Result<()> {
+    /// Puts the staged folder in place of the target, whole: see the type's note. A
+    /// signal that arrives once the commit has begun lets it finish.
+    pub fn commit(mut self) -> Result<()> {
         interrupted()?;
-        let created = create_dirs(&self.target)?;
-        let checked = self.check_destinations();
-        let mut moved = Vec::new();
-        let result = checked.and_then(|()| {
-            self.files.iter().try_for_each(|rel| {
-                self.move_in(rel)?;
-                moved.push(rel.as_path());
-                Ok(())
-            })
-        });
-        if let Err(e) = result {
-            self.roll_back(&moved);
-            for dir in created.iter().rev() {
-                // Only directories this commit made, and only while empty.
-                let _ = fs::remove_dir(dir);
-            }
-            return Err(e);
+        check_replaceable(&self.target)?;
+        for dir in dirs_of(&self.files) {
+            sync_dir(&self.staging.join(dir));
         }
-        sync_dir(&self.target);
-        // Drop removes the (now empty of files) staging directory.
+        sync_dir(&self.staging);
+        fault_point("commit:staged");
+        let target = self.target.clone();
+        let context = || format!("moving the output into {}", target.display());
+        if !target.exists() {
+            fs::rename(&self.staging, &target).with_context(context)?;
+        } else if !exchange_disabled() && exchange(&self.staging, &target)? {
+            // The old folder is where the staging folder was: Drop removes it.
+            fault_point("commit:exchanged");
+        } else {
+            let aside = sibling(&target, REPLACED)?;
+            fs::rename(&target, &aside).with_context(context)?;
+            fault_point("commit:aside");
+            if let Err(e) = fs::rename(&self.staging, &target) {
+                let _ = fs::rename(&aside, &target);
+                return Err(e).with_context(context);
+            }
+            self.staging = aside;
+        }
+        sync_dir(&parent_dir(&target));
+        fault_point("commit:done");
         Ok(())
-    }
-
-    /// Refuses a destination that is a directory, or lies under a file.
-    fn check_destinations(&self) -> Result<()> {
-        for rel in &self.files {
-            let to = self.target.join(rel);
-            for dir in to.ancestors().skip(1) {
-                if dir == self.target {
-                    break;
-                }
-                if dir.exists() && !dir.is_dir() {
-                    bail!(
-                        "{}: exists and is not a directory; nothing was written",
-                        dir.display()
-                    );
-                }
-            }
-            if to.is_dir() {
-                bail!(
-                    "{}: exists and is a directory; nothing was written",
-                    to.display()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Where the file a move replaces waits until the commit is through.
-    fn backup(&self, rel: &Path) -> PathBuf {
-        self.staging.join(".replaced").join(rel)
-    }
-
-    fn move_in(&self, rel: &Path) -> Result<()> {
-        let to = self.target.join(rel);
-        if let Some(dir) = to.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        if to.exists() {
-            let backup = self.backup(rel);
-            if let Some(dir) = backup.parent() {
-                fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            }
-            fs::rename(&to, &backup).with_context(|| format!("replacing {}", to.display()))?;
-        }
-        let moved = fs::rename(self.staging.join(rel), &to)
-            .with_context(|| format!("moving output into {}", to.display()));
-        if moved.is_err() && self.backup(rel).exists() {
-            let _ = fs::rename(self.backup(rel), &to);
-        }
-        moved
-    }
-
-    /// Undoes the moves of `moved`, newest first.
-    fn roll_back(&self, moved: &[&Path]) {
-        for rel in moved.iter().rev() {
-            let to = self.target.join(rel);
-            let backup = self.backup(rel);
-            let _ = fs::rename(&to, self.staging.join(rel));
-            if backup.exists() {
-                let _ = fs::rename(&backup, &to);
-            }
-        }
     }
 }
 
@@ -214,16 +182,169 @@ impl Drop for Staged {
     }
 }
 
-/// `dir` and its missing ancestors created; returns those it created, outermost first.
-fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut missing: Vec<PathBuf> = dir
-        .ancestors()
-        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+/// Refuses a `target` that exists and is not a folder fcd wrote, or an empty one.
+fn check_replaceable(target: &Path) -> Result<()> {
+    let meta = match fs::symlink_metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other.with_context(|| format!("reading {}", target.display()))?,
+    };
+    ensure!(
+        meta.is_dir(),
+        "{}: exists and is not a directory; nothing was written",
+        target.display()
+    );
+    let mut entries =
+        fs::read_dir(target).with_context(|| format!("listing {}", target.display()))?;
+    ensure!(
+        target.join(MARKER).is_file() || entries.next().is_none(),
+        "{}: exists and holds files fcd did not write (no {MARKER}); choose a new or empty \
+         folder, nothing was written",
+        target.display()
+    );
+    Ok(())
+}
+
+/// The folders holding `files`, outermost first.
+fn dirs_of(files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .flat_map(|f| f.ancestors().skip(1))
+        .filter(|d| !d.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .collect();
-    missing.reverse();
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(missing)
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Swaps the folders `a` and `b` in one atomic step where the file system can (Linux's
+/// `renameat2` with `RENAME_EXCHANGE`): `Ok(false)` where it cannot, having changed nothing.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes());
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e).with_context(|| format!("swapping the output into {}", b.display())),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> Result<bool> {
+    Ok(false)
+}
+
+/// Cleans up after runs on the folder `target` that were killed: puts back a replaced
+/// folder whose replacement never arrived, and removes staging folders, folders left aside
+/// and temporary files of [`write_atomic`] beside it (and, for a folder written file by
+/// file, inside it). Call it holding the folder's lock ([`super::lock`]), so that no live
+/// run owns them. Returns what it did, one line each.
+pub fn recover(target: &Path) -> Result<Vec<String>> {
+    let name = target
+        .file_name()
+        .with_context(|| format!("{}: not a directory path", target.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = parent_dir(target);
+    let mut done = Vec::new();
+    let leftovers = |dir: &Path, prefix: &str| -> Result<Vec<PathBuf>> {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for e in entries {
+            let e = e.with_context(|| format!("listing {}", dir.display()))?;
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                found.push(e.path());
+            }
+        }
+        found.sort();
+        Ok(found)
+    };
+    let mut replaced = leftovers(&parent, &format!(".{name}.{REPLACED}-"))?;
+    if !target.exists() {
+        if let Some(old) = replaced.pop() {
+            fs::rename(&old, target).with_context(|| {
+                format!("restoring {} from {}", target.display(), old.display())
+            })?;
+            done.push(format!(
+                "restored {} from a run killed while replacing it",
+                target.display()
+            ));
+        }
+    }
+    let mut stale = leftovers(&parent, &format!(".{name}.{STAGING}-"))?;
+    stale.extend(replaced);
+    stale.extend(leftovers(&parent, &format!(".{name}.tmp-"))?);
+    // A folder written file by file (an evaluation's): its temporary files and its
+    // subfolders' (maps/).
+    if target.is_dir() {
+        let mut dirs = vec![target.to_path_buf()];
+        for e in fs::read_dir(target).with_context(|| format!("listing {}", target.display()))? {
+            let p = e
+                .with_context(|| format!("listing {}", target.display()))?
+                .path();
+            if p.is_dir() {
+                dirs.push(p);
+            }
+        }
+        for dir in dirs {
+            stale.extend(leftovers(&dir, ".")?.into_iter().filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(".tmp-"))
+            }));
+        }
+    }
+    for p in stale {
+        let gone = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        gone.with_context(|| format!("removing {}, left by a killed run", p.display()))?;
+        done.push(format!("removed {}, left by a killed run", p.display()));
+    }
+    Ok(done)
+}
+
+/// Test hooks of the fault suite (`lab` builds only): `FCD_FAULT_AT=<point>` aborts the
+/// process there, as a kill -9 would; `FCD_SIGNAL_AT=<point>` sends it SIGTERM there.
+fn fault_point(point: &str) {
+    #[cfg(feature = "lab")]
+    {
+        let at = |var: &str| std::env::var(var).is_ok_and(|p| p == point);
+        if at("FCD_FAULT_AT") {
+            std::process::abort();
+        }
+        if at("FCD_SIGNAL_AT") {
+            // SAFETY: raise only delivers a signal to this thread.
+            unsafe { libc::raise(libc::SIGTERM) };
+        }
+    }
+    #[cfg(not(feature = "lab"))]
+    let _ = point;
+}
+
+/// Whether a test asked for the two-rename commit where the exchange would work
+/// (`FCD_NO_EXCHANGE=1`, `lab` builds only), so that the fault suite reaches its points.
+fn exchange_disabled() -> bool {
+    cfg!(feature = "lab") && std::env::var("FCD_NO_EXCHANGE").is_ok_and(|v| v == "1")
 }
 
 /// Staging directories and temporary files alive in this process; a signal with none alive
@@ -329,39 +450,50 @@ mod tests {
     }
 
     #[test]
-    fn a_blocked_destination_moves_nothing() {
+    fn a_folder_of_other_files_is_refused_untouched() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("o");
         fs::create_dir_all(out.join("z")).unwrap();
-        let e = staged(&out, &["a", "z"]).commit().unwrap_err().to_string();
-        assert!(e.contains("is a directory"), "{e}");
+        let e = Staged::new(&out).unwrap_err().to_string();
+        assert!(e.contains("holds files fcd did not write"), "{e}");
         assert_eq!(names(&out), ["z"]);
-        assert_eq!(names(tmp.path()), ["o"], "the staging folder is gone");
-    }
-
-    #[test]
-    fn a_file_in_place_of_a_folder_moves_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("o");
-        fs::create_dir_all(&out).unwrap();
-        fs::write(out.join("overlays"), b"x").unwrap();
-        let e = staged(&out, &["a", "overlays/s.png"])
-            .commit()
-            .unwrap_err()
-            .to_string();
+        assert_eq!(names(tmp.path()), ["o"], "no staging folder");
+        fs::write(tmp.path().join("f"), b"x").unwrap();
+        let e = Staged::new(&tmp.path().join("f")).unwrap_err().to_string();
         assert!(e.contains("is not a directory"), "{e}");
-        assert_eq!(names(&out), ["overlays"]);
     }
 
     #[test]
-    fn files_of_the_same_name_are_replaced() {
+    fn a_folder_is_replaced_whole() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("o");
-        fs::create_dir_all(&out).unwrap();
-        fs::write(out.join("a"), b"old").unwrap();
+        staged(&out, &["a", "old/only"]).commit().unwrap();
+        assert_eq!(names(&out), [MARKER, "a", "old"]);
         staged(&out, &["a", "b/c"]).commit().unwrap();
-        assert_eq!(fs::read(out.join("a")).unwrap(), b"a");
+        assert_eq!(names(&out), [MARKER, "a", "b"]);
         assert_eq!(fs::read(out.join("b/c")).unwrap(), b"b/c");
+        assert_eq!(names(tmp.path()), ["o"], "nothing left beside it");
+        // An empty folder is taken too.
+        let empty = tmp.path().join("e");
+        fs::create_dir(&empty).unwrap();
+        staged(&empty, &["a"]).commit().unwrap();
+        assert_eq!(names(&empty), [MARKER, "a"]);
+    }
+
+    #[test]
+    fn leftovers_are_recovered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("o");
+        staged(&out, &["a"]).commit().unwrap();
+        // A run killed between renaming the old folder aside and moving the new one in.
+        let aside = tmp.path().join(".o.replaced-1-0");
+        fs::rename(&out, &aside).unwrap();
+        fs::create_dir(tmp.path().join(".o.staging-1-1")).unwrap();
+        fs::write(tmp.path().join(".o.tmp-1-2"), b"x").unwrap();
+        let done = recover(&out).unwrap();
+        assert_eq!(done.len(), 3, "{done:?}");
         assert_eq!(names(tmp.path()), ["o"]);
+        assert_eq!(names(&out), [MARKER, "a"]);
+        assert!(recover(&out).unwrap().is_empty());
     }
 }

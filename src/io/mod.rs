@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod dataset;
+pub mod lock;
 pub mod npy;
 pub mod pickle;
 pub mod png;

@@ -21,23 +21,44 @@ pub use summary::{Noise, Run};
 
 use crate::engine::Detection;
 use crate::inputs::Prepared;
-use crate::io::atomic::Staged;
+use crate::io::atomic::{self, Staged};
+use crate::io::lock::FolderLock;
 use anyhow::{Context, Result};
 use std::path::Path;
 
 /// An output folder being written: the files go to a staging folder beside it and appear
 /// under its name together, at [`Output::finish`]; dropped unfinished, nothing appears.
+/// One process at a time writes a folder: another gets an error naming the holder.
 pub struct Output {
     staged: Staged,
+    recovered: Vec<String>,
+    /// Released after the commit (declared last, dropped last).
+    _lock: FolderLock,
 }
 
 impl Output {
-    /// Prepares the folder `dir`; fails at once when it cannot be written, so that a
-    /// caller learns it before the long part.
+    /// Takes the folder `dir` (its lock, `.<name>.lock` beside it), cleans up after runs on
+    /// it that were killed, and prepares it; fails at once when it cannot be written, so that
+    /// a caller learns it before the long part.
     pub fn create(dir: &Path) -> Result<Output> {
+        let name = dir
+            .file_name()
+            .with_context(|| format!("{}: not a directory path", dir.display()))?;
+        let lock_file = dir.with_file_name(format!(".{}.lock", name.to_string_lossy()));
+        let lock = FolderLock::acquire(&lock_file, dir)?;
+        let recovered = atomic::recover(dir)?;
         let staged = Staged::new(dir)
             .with_context(|| format!("{}: cannot prepare the output directory", dir.display()))?;
-        Ok(Output { staged })
+        Ok(Output {
+            staged,
+            recovered,
+            _lock: lock,
+        })
+    }
+
+    /// What [`Output::create`] cleaned up after killed runs, one line each.
+    pub fn recovered(&self) -> &[String] {
+        &self.recovered
     }
 
     /// Writes the maps, overlays and montage of `det` on `inputs` (which it was computed
